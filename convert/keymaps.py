@@ -1,0 +1,186 @@
+"""Key maps from foreign checkpoint layouts to mlxflux's (= BFL's) parameter names.
+
+Each layout is one pure, table-driven function `key -> Target | None`; `assemble` runs it over a
+stream of (key, tensor) pairs, joins fused tensors (diffusers keeps q, k, v apart; BFL fuses
+them) as soon as their parts have arrived, and fails on any key it cannot place.
+"""
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+class KeyMapError(ValueError):
+    pass
+
+
+def _identity(x: mx.array) -> mx.array:
+    return x
+
+
+def swap_halves(x: mx.array) -> mx.array:
+    """diffusers' AdaLayerNormContinuous is (scale, shift); BFL's final layer is (shift, scale)."""
+    a, b = mx.split(x, 2, axis=0)
+    return mx.concatenate([b, a], axis=0)
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    part: int = 0  # index of this tensor among the pieces concatenated along axis 0
+    parts: int = 1
+    fn: Callable[[mx.array], mx.array] = _identity
+
+
+def assemble(
+    items: Iterable[tuple[str, mx.array]],
+    mapper: Callable[[str], Target | None],
+    source: str,
+) -> Iterator[tuple[str, mx.array]]:
+    """Map (key, tensor) pairs to mlxflux keys, concatenating multi-part targets in order."""
+    pending: dict[str, dict[int, mx.array]] = {}
+    seen: set[str] = set()
+    for key, value in items:
+        target = mapper(key)
+        if target is None:
+            raise KeyMapError(f"{source}: tensor {key} has no place in this layout")
+        slot = (target.key, target.part)
+        if slot in seen:
+            raise KeyMapError(f"{source}: tensor {key} maps to {target.key} twice")
+        seen.add(slot)
+        if target.parts == 1:
+            yield target.key, target.fn(value)
+            continue
+        got = pending.setdefault(target.key, {})
+        got[target.part] = value
+        if len(got) == target.parts:
+            del pending[target.key]
+            yield target.key, target.fn(mx.concatenate([got[i] for i in range(target.parts)]))
+    if pending:
+        missing = ", ".join(sorted(pending))
+        raise KeyMapError(f"{source}: incomplete fused tensors (some parts missing): {missing}")
+
+
+def _rules(table: list[tuple[str, str | Callable]]) -> list[tuple[re.Pattern, object]]:
+    return [(re.compile(pattern + r"$"), repl) for pattern, repl in table]
+
+
+def _apply(rules, key: str) -> Target | None:
+    for pattern, repl in rules:
+        m = pattern.match(key)
+        if m:
+            return repl(m) if callable(repl) else Target(m.expand(repl))
+    return None
+
+
+# ---- transformer ---------------------------------------------------------------------------
+
+BFL_PREFIXES = ("model.diffusion_model.",)
+
+
+def bfl_transformer(key: str) -> Target:
+    """BFL / ComfyUI transformer files already use mlxflux's names, maybe behind a prefix."""
+    for prefix in BFL_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return Target(key)
+
+
+def _part(name: str, part: int, parts: int):
+    return lambda m: Target(m.expand(name), part, parts)
+
+
+_P = r"(weight|bias)"
+_DIFFUSERS_TRANSFORMER = _rules(
+    [
+        (rf"x_embedder\.{_P}", r"img_in.\1"),
+        (rf"context_embedder\.{_P}", r"txt_in.\1"),
+        (rf"time_text_embed\.timestep_embedder\.linear_1\.{_P}", r"time_in.in_layer.\1"),
+        (rf"time_text_embed\.timestep_embedder\.linear_2\.{_P}", r"time_in.out_layer.\1"),
+        (rf"time_text_embed\.guidance_embedder\.linear_1\.{_P}", r"guidance_in.in_layer.\1"),
+        (rf"time_text_embed\.guidance_embedder\.linear_2\.{_P}", r"guidance_in.out_layer.\1"),
+        (rf"time_text_embed\.text_embedder\.linear_1\.{_P}", r"vector_in.in_layer.\1"),
+        (rf"time_text_embed\.text_embedder\.linear_2\.{_P}", r"vector_in.out_layer.\1"),
+        (
+            rf"norm_out\.linear\.{_P}",
+            lambda m: Target(f"final_layer.adaLN_modulation.1.{m[1]}", fn=swap_halves),
+        ),
+        (rf"proj_out\.{_P}", r"final_layer.linear.\1"),
+        # double-stream blocks
+        (rf"transformer_blocks\.(\d+)\.norm1\.linear\.{_P}", r"double_blocks.\1.img_mod.lin.\2"),
+        (
+            rf"transformer_blocks\.(\d+)\.norm1_context\.linear\.{_P}",
+            r"double_blocks.\1.txt_mod.lin.\2",
+        ),
+        *[
+            (
+                rf"transformer_blocks\.(\d+)\.attn\.{src}\.{_P}",
+                _part(rf"double_blocks.\1.{dst}.qkv.\2", i, 3),
+            )
+            for dst, names in (
+                ("img_attn", ("to_q", "to_k", "to_v")),
+                ("txt_attn", ("add_q_proj", "add_k_proj", "add_v_proj")),
+            )
+            for i, src in enumerate(names)
+        ],
+        (
+            r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight",
+            r"double_blocks.\1.img_attn.norm.query_norm.scale",
+        ),
+        (
+            r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight",
+            r"double_blocks.\1.img_attn.norm.key_norm.scale",
+        ),
+        (
+            r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight",
+            r"double_blocks.\1.txt_attn.norm.query_norm.scale",
+        ),
+        (
+            r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight",
+            r"double_blocks.\1.txt_attn.norm.key_norm.scale",
+        ),
+        (
+            rf"transformer_blocks\.(\d+)\.attn\.to_out\.0\.{_P}",
+            r"double_blocks.\1.img_attn.proj.\2",
+        ),
+        (
+            rf"transformer_blocks\.(\d+)\.attn\.to_add_out\.{_P}",
+            r"double_blocks.\1.txt_attn.proj.\2",
+        ),
+        (rf"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.{_P}", r"double_blocks.\1.img_mlp.0.\2"),
+        (rf"transformer_blocks\.(\d+)\.ff\.net\.2\.{_P}", r"double_blocks.\1.img_mlp.2.\2"),
+        (
+            rf"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj\.{_P}",
+            r"double_blocks.\1.txt_mlp.0.\2",
+        ),
+        (rf"transformer_blocks\.(\d+)\.ff_context\.net\.2\.{_P}", r"double_blocks.\1.txt_mlp.2.\2"),
+        # single-stream blocks: linear1 = [to_q; to_k; to_v; proj_mlp]
+        (
+            rf"single_transformer_blocks\.(\d+)\.norm\.linear\.{_P}",
+            r"single_blocks.\1.modulation.lin.\2",
+        ),
+        *[
+            (
+                rf"single_transformer_blocks\.(\d+)\.{src}\.{_P}",
+                _part(r"single_blocks.\1.linear1.\2", i, 4),
+            )
+            for i, src in enumerate(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+        ],
+        (
+            r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight",
+            r"single_blocks.\1.norm.query_norm.scale",
+        ),
+        (
+            r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight",
+            r"single_blocks.\1.norm.key_norm.scale",
+        ),
+        (rf"single_transformer_blocks\.(\d+)\.proj_out\.{_P}", r"single_blocks.\1.linear2.\2"),
+    ]
+)
+
+
+def diffusers_transformer(key: str) -> Target | None:
+    """diffusers `FluxTransformer2DModel` keys -> mlxflux keys (REFERENCE.md, key maps)."""
+    return _apply(_DIFFUSERS_TRANSFORMER, key)

@@ -1,0 +1,1 @@
+"""One module per separately trained component: transformer, autoencoder, t5, clip."""
