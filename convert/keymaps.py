@@ -184,3 +184,85 @@ _DIFFUSERS_TRANSFORMER = _rules(
 def diffusers_transformer(key: str) -> Target | None:
     """diffusers `FluxTransformer2DModel` keys -> mlxflux keys (REFERENCE.md, key maps)."""
     return _apply(_DIFFUSERS_TRANSFORMER, key)
+
+
+# ---- autoencoder ---------------------------------------------------------------------------
+
+
+def conv_to_mlx(x: mx.array) -> mx.array:
+    """torch conv weight [O, I, kh, kw] -> MLX [O, kh, kw, I]; 1x1 attention convs -> Linear."""
+    if x.ndim != 4:
+        return x
+    if x.shape[2:] == (1, 1) and x.shape[0] == x.shape[1]:
+        return x.reshape(x.shape[0], x.shape[1])
+    return x.transpose(0, 2, 3, 1)
+
+
+def _vae_fn(key: str):
+    """nin_shortcut is a 1x1 conv in both layouts and stays one (O != I, or O == I in theory)."""
+    if ".nin_shortcut." in key or ".conv_shortcut." in key:
+        return lambda x: x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+    return conv_to_mlx
+
+
+BFL_VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def bfl_vae(key: str) -> Target | None:
+    """`ae.safetensors` keys are mlxflux's; only conv layouts change."""
+    for prefix in BFL_VAE_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    if not key.startswith(("encoder.", "decoder.")):
+        return None
+    return Target(key, fn=_vae_fn(key))
+
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2"}
+_RESNET["conv_shortcut"] = "nin_shortcut"
+_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def diffusers_vae(num_levels: int) -> Callable[[str], Target | None]:
+    """diffusers `AutoencoderKL` keys -> mlxflux keys; decoder.up_blocks run in reverse order."""
+    res = "|".join(re.escape(k) for k in _RESNET)
+    att = "|".join(re.escape(k) for k in _ATTN)
+
+    def level(side: str, i: str) -> int:
+        return int(i) if side == "encoder" else num_levels - 1 - int(i)
+
+    rules = _rules(
+        [
+            (rf"(encoder|decoder)\.(conv_in|conv_out)\.{_P}", r"\1.\2.\3"),
+            (rf"(encoder|decoder)\.conv_norm_out\.{_P}", r"\1.norm_out.\2"),
+            (
+                rf"(encoder|decoder)\.(?:down|up)_blocks\.(\d+)\.resnets\.(\d+)\.({res})\.{_P}",
+                lambda m: Target(
+                    f"{m[1]}.{'down' if m[1] == 'encoder' else 'up'}.{level(m[1], m[2])}"
+                    f".block.{m[3]}.{_RESNET[m[4]]}.{m[5]}"
+                ),
+            ),
+            (
+                rf"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.{_P}",
+                r"encoder.down.\1.downsample.conv.\2",
+            ),
+            (
+                rf"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.{_P}",
+                lambda m: Target(f"decoder.up.{level('decoder', m[1])}.upsample.conv.{m[2]}"),
+            ),
+            (
+                rf"(encoder|decoder)\.mid_block\.resnets\.([01])\.({res})\.{_P}",
+                lambda m: Target(f"{m[1]}.mid.block_{int(m[2]) + 1}.{_RESNET[m[3]]}.{m[4]}"),
+            ),
+            (
+                rf"(encoder|decoder)\.mid_block\.attentions\.0\.({att})\.{_P}",
+                lambda m: Target(f"{m[1]}.mid.attn_1.{_ATTN[m[2]]}.{m[3]}"),
+            ),
+        ]
+    )
+
+    def mapper(key: str) -> Target | None:
+        t = _apply(rules, key)
+        return None if t is None else Target(t.key, fn=_vae_fn(t.key))
+
+    return mapper

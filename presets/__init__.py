@@ -1,0 +1,1 @@
+"""Cover presets: one TOML file each (data, read when asked for)."""

@@ -1,0 +1,152 @@
+"""The FLUX autoencoder against diffusers' AutoencoderKL, fp32 on the CPU."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+
+from mlxflux.convert.keymaps import assemble, bfl_vae, diffusers_vae
+from mlxflux.models.autoencoder import AutoEncoder, AutoencoderConfig
+from mlxflux.weights import load_strict
+
+from .conftest import randomize_, rel_err, to_mx
+
+SCALE, SHIFT = 0.3611, 0.1159  # REFERENCE.md
+
+
+def make_reference(block_out=(32, 64), layers=2, seed=0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(block_out),
+        up_block_types=["UpDecoderBlock2D"] * len(block_out),
+        block_out_channels=list(block_out),
+        layers_per_block=layers,
+        latent_channels=16,
+        norm_num_groups=32,
+        scaling_factor=SCALE,
+        shift_factor=SHIFT,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+    )
+    return randomize_(vae, seed)
+
+
+def config_of(vae) -> AutoencoderConfig:
+    ch = vae.config.block_out_channels[0]
+    return AutoencoderConfig(
+        ch=ch,
+        ch_mult=tuple(c // ch for c in vae.config.block_out_channels),
+        num_res_blocks=vae.config.layers_per_block,
+    )
+
+
+def from_diffusers(vae) -> AutoEncoder:
+    cfg = config_of(vae)
+    items = ((k, to_mx(v)) for k, v in vae.state_dict().items())
+    weights = dict(assemble(items, diffusers_vae(len(cfg.ch_mult)), "vae"))
+    return load_strict(AutoEncoder(cfg), weights, "vae")
+
+
+def diffusers_to_bfl(vae) -> dict[str, torch.Tensor]:
+    """ae.safetensors layout from diffusers weights via diffusers' own single-file map, inverted.
+
+    diffusers' `convert_ldm_vae_checkpoint` maps BFL -> diffusers; we check that it maps this
+    file back onto the reference's exact state dict, so the file is what BFL would have shipped.
+    """
+    sd = vae.state_dict()
+    n = len(vae.config.block_out_channels)
+    out = {}
+    for k, v in sd.items():
+        t = k
+        for side, word, blk in (("encoder", "down", "down_blocks"), ("decoder", "up", "up_blocks")):
+            if t.startswith(f"{side}.{blk}."):
+                i = int(t.split(".")[2])
+                lvl = i if side == "encoder" else n - 1 - i
+                rest = ".".join(t.split(".")[3:])
+                rest = rest.replace("resnets.", "block.").replace("downsamplers.0", "downsample")
+                rest = rest.replace("upsamplers.0", "upsample")
+                t = f"{side}.{word}.{lvl}.{rest}"
+        t = t.replace("mid_block.resnets.0", "mid.block_1").replace(
+            "mid_block.resnets.1", "mid.block_2"
+        )
+        t = t.replace("mid_block.attentions.0", "mid.attn_1").replace("conv_norm_out", "norm_out")
+        t = t.replace("conv_shortcut", "nin_shortcut").replace("attn_1.group_norm", "attn_1.norm")
+        for a, b in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            t = t.replace(f"attn_1.{a}.", f"attn_1.{b}.")
+        if ".attn_1." in t and t.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # BFL stores attention as 1x1 convs
+        out[t] = v.contiguous()
+    return out
+
+
+def check_bfl_file_with_diffusers(vae, bfl: dict[str, torch.Tensor]) -> None:
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    back = convert_ldm_vae_checkpoint(dict(bfl), dict(vae.config))
+    sd = vae.state_dict()
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k].reshape(sd[k].shape), sd[k]), k
+
+
+def reference_decode(vae, z: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():  # FluxPipeline: latents / scaling_factor + shift_factor, then decode
+        x = vae.decode(z / SCALE + SHIFT).sample
+    return ((x / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
+
+
+def reference_encode(vae, img: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        mean = vae.encode(img.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode()
+    return ((mean - SHIFT) * SCALE).numpy()
+
+
+@pytest.mark.parametrize("block_out,layers", [((32, 64), 2), ((32, 32, 64), 1)])
+def test_decode_and_encode_match_diffusers(block_out, layers):
+    vae = make_reference(block_out, layers)
+    ae = from_diffusers(vae)
+    g = torch.Generator().manual_seed(1)
+    down = 2 ** (len(block_out) - 1)
+    z = torch.randn(2, 16, 48 // down // 2, 32 // down // 2, generator=g)  # non-square
+    err = rel_err(np.array(ae.decode(to_mx(z))), reference_decode(vae, z))
+    img = torch.rand(2, 40, 24, 3, generator=g)
+    err_enc = rel_err(np.array(ae.encode(to_mx(img))), reference_encode(vae, img))
+    print(f"decode rel err {err:.2e}, encode rel err {err_enc:.2e}")
+    assert err <= 1e-4 and err_enc <= 1e-4
+
+
+def test_ae_safetensors_layout_loads_and_matches(tmp_path):
+    vae = make_reference((32, 64), 2, seed=4)
+    bfl = diffusers_to_bfl(vae)
+    check_bfl_file_with_diffusers(vae, bfl)
+    path = tmp_path / "ae.safetensors"
+    save_file(bfl, str(path))
+    weights = dict(assemble(mx.load(str(path)).items(), bfl_vae, str(path)))
+    ae = load_strict(AutoEncoder(config_of(vae)), weights, str(path))
+    z = torch.randn(1, 16, 10, 6, generator=torch.Generator().manual_seed(2))
+    assert rel_err(np.array(ae.decode(to_mx(z))), reference_decode(vae, z)) <= 1e-4
+    img = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(3))
+    assert rel_err(np.array(ae.encode(to_mx(img))), reference_encode(vae, img)) <= 1e-4
+
+
+def test_tiled_decode_matches_untiled_without_seams():
+    vae = make_reference((32, 32, 64), 1, seed=7)
+    ae = from_diffusers(vae)
+    g = torch.Generator().manual_seed(3)
+    z = to_mx(torch.randn(1, 16, 40, 24, generator=g))
+    full = np.array(ae.decode(z))
+    # tiles of a few rows each, so there are many seams, some inside upsampled rows
+    tiled = np.array(ae.decode(z, tiled=True, tile_bytes=200_000))
+    diff = np.abs(full - tiled)
+    print(f"tiled vs untiled: mean {diff.mean() * 255:.2e}/255, max {diff.max() * 255:.2e}/255")
+    assert diff.mean() <= 0.5 / 255
+    # no seam: the worst row and the worst column differ no more than the mean allows
+    assert diff.mean(axis=(0, 2, 3)).max() <= 0.5 / 255
+    assert diff.mean(axis=(0, 1, 3)).max() <= 0.5 / 255
+    # and the tiled image against diffusers itself
+    assert rel_err(tiled, reference_decode(vae, torch.from_numpy(np.array(z)))) <= 1e-4
