@@ -32,6 +32,10 @@ class Target:
     part: int = 0  # index of this tensor among the pieces concatenated along axis 0
     parts: int = 1
     fn: Callable[[mx.array], mx.array] = _identity
+    alias: bool = False  # a tied copy of another tensor: the first one seen wins
+
+
+SKIP = Target("")  # a known tensor mlxflux does not use (e.g. CLIP's text_projection)
 
 
 def assemble(
@@ -41,13 +45,17 @@ def assemble(
 ) -> Iterator[tuple[str, mx.array]]:
     """Map (key, tensor) pairs to mlxflux keys, concatenating multi-part targets in order."""
     pending: dict[str, dict[int, mx.array]] = {}
-    seen: set[str] = set()
+    seen: set[tuple[str, int]] = set()
     for key, value in items:
         target = mapper(key)
         if target is None:
             raise KeyMapError(f"{source}: tensor {key} has no place in this layout")
+        if target is SKIP:
+            continue
         slot = (target.key, target.part)
         if slot in seen:
+            if target.alias:
+                continue
             raise KeyMapError(f"{source}: tensor {key} maps to {target.key} twice")
         seen.add(slot)
         if target.parts == 1:
@@ -266,3 +274,39 @@ def diffusers_vae(num_levels: int) -> Callable[[str], Target | None]:
         return None if t is None else Target(t.key, fn=_vae_fn(t.key))
 
     return mapper
+
+
+# ---- text encoders -------------------------------------------------------------------------
+
+CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "cond_stage_model.transformer.")
+_CLIP_UNUSED = ("embeddings.position_ids", "text_projection.weight", "logit_scale")
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def clip_text(key: str) -> Target | None:
+    """clip_l.safetensors / diffusers text_encoder: `text_model.` prefix optional."""
+    key = _strip(_strip(key, CLIP_PREFIXES), ("text_model.",))
+    if key in _CLIP_UNUSED:
+        return SKIP
+    if key.startswith(("embeddings.", "encoder.layers.", "final_layer_norm.")):
+        return Target(key)
+    return None
+
+
+T5_PREFIXES = ("text_encoders.t5xxl.transformer.",)
+
+
+def t5_encoder(key: str) -> Target | None:
+    """t5xxl_*.safetensors / diffusers text_encoder_2: `shared` or `encoder.embed_tokens`."""
+    key = _strip(key, T5_PREFIXES)
+    if key in ("shared.weight", "encoder.embed_tokens.weight"):
+        return Target("shared.weight", alias=True)
+    if key.startswith(("encoder.block.", "encoder.final_layer_norm.")):
+        return Target(key)
+    return None
