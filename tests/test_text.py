@@ -247,7 +247,8 @@ def test_t5_stays_finite_with_fp16_weights(t5_tokenizers):
     ids = mx.array([t5_tokenizers[0](PROMPTS[2], "comfy")])
     out = np.array(model(ids))
     assert np.isfinite(out).all()
+    ref = ref.half().float()  # the same fp16-rounded weights, fp32 activations
     with torch.no_grad():
         want = ref(ids_t := torch.tensor(np.array(ids))).last_hidden_state
     assert ids_t.shape[1] == 256
-    assert rel_err(out, want) <= 2e-3  # fp16 weights, fp32 activations
+    assert rel_err(out, want) <= 1e-4
