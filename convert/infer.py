@@ -1,5 +1,8 @@
 """Component configs from what a checkpoint carries: a diffusers config.json, or tensor shapes."""
 
+from mlxflux.models.autoencoder import AutoencoderConfig
+from mlxflux.models.clip import CLIPConfig
+from mlxflux.models.t5 import T5Config
 from mlxflux.models.transformer import FluxConfig
 
 # RoPE axes are not stored anywhere; FLUX.1 uses these for head dim 128 (REFERENCE.md).
@@ -31,7 +34,8 @@ def flux_config_from_diffusers(d: dict) -> FluxConfig:
 
 
 def _count(shapes: dict, prefix: str) -> int:
-    idx = {int(k.split(".")[1]) for k in shapes if k.startswith(prefix)}
+    depth = prefix.count(".")  # the index follows the prefix
+    idx = {int(k.split(".")[depth]) for k in shapes if k.startswith(prefix)}
     if idx != set(range(len(idx))):
         raise ConfigError(f"{prefix} block indices are not contiguous: {sorted(idx)}")
     return len(idx)
@@ -68,3 +72,73 @@ def flux_config_from_shapes(
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
         guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
+
+
+def t5_config(shapes: dict, config: dict | None) -> T5Config:
+    if config:
+        return T5Config.from_dict(config)
+    try:
+        vocab, d_model = shapes["shared.weight"]
+        buckets, heads = shapes[
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        ]
+        inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+        d_ff = shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
+    except KeyError as e:
+        raise ConfigError(f"not a T5 v1.1 encoder: no tensor {e.args[0]}") from None
+    return T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // heads,
+        d_ff=d_ff,
+        num_layers=_count(shapes, "encoder.block."),
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+    )
+
+
+CLIP_HEAD_DIM = 64
+
+
+def clip_config(shapes: dict, config: dict | None) -> CLIPConfig:
+    if config:
+        return CLIPConfig.from_dict(config)
+    try:
+        vocab, hidden = shapes["embeddings.token_embedding.weight"]
+        positions = shapes["embeddings.position_embedding.weight"][0]
+        inter = shapes["encoder.layers.0.mlp.fc1.weight"][0]
+    except KeyError as e:
+        raise ConfigError(f"not a CLIP text encoder: no tensor {e.args[0]}") from None
+    return CLIPConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=_count(shapes, "encoder.layers."),
+        num_attention_heads=hidden // CLIP_HEAD_DIM,
+        max_position_embeddings=positions,
+    )
+
+
+def vae_config(shapes: dict, config: dict | None) -> tuple[AutoencoderConfig, bool]:
+    """(config, scale_inferred): ae.safetensors carries no scale/shift; FLUX's are used."""
+    try:
+        ch = shapes["encoder.conv_in.weight"][0]
+        levels = _count(shapes, "encoder.down.")
+        mult = tuple(
+            shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels)
+        )
+        blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
+        z = shapes["decoder.conv_in.weight"][-1]
+    except KeyError as e:
+        raise ConfigError(f"not a FLUX autoencoder: no tensor {e.args[0]}") from None
+    scale = (config or {}).get("scaling_factor")
+    shift = (config or {}).get("shift_factor")
+    cfg = AutoencoderConfig(
+        ch=ch,
+        ch_mult=mult,
+        num_res_blocks=blocks,
+        z_channels=z,
+        scale_factor=0.3611 if scale is None else float(scale),
+        shift_factor=0.1159 if shift is None else float(shift),
+    )
+    return cfg, scale is None

@@ -4,6 +4,10 @@ Every parameter of the module must be given, nothing extra may be, and every sha
 errors name the key and where the weights came from.
 """
 
+import json
+import os
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -19,9 +23,8 @@ def _listing(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_weights(module: nn.Module, weights: dict[str, mx.array], source: str) -> None:
-    """Raise WeightError unless `weights` holds exactly the module's parameters, shape for shape."""
-    expected = dict(tree_flatten(module.parameters()))
+def check_weights(expected: dict[str, mx.array], weights: dict[str, mx.array], source: str) -> None:
+    """Raise WeightError unless `weights` holds exactly the `expected` keys, shape for shape."""
     missing = expected.keys() - weights.keys()
     extra = weights.keys() - expected.keys()
     if missing:
@@ -38,6 +41,107 @@ def check_weights(module: nn.Module, weights: dict[str, mx.array], source: str) 
 
 def load_strict(module: nn.Module, weights: dict[str, mx.array], source: str) -> nn.Module:
     """Check `weights` against `module` and load them (lazily: arrays stay unevaluated)."""
-    check_weights(module, weights, source)
+    check_weights(dict(tree_flatten(module.parameters())), weights, source)
     module.load_weights(list(weights.items()), strict=True)
     return module
+
+
+# ---- the model folder (DESIGN.md): written by mlxflux.convert, read by the pipeline ---------
+
+FORMAT_VERSION = 1
+MANIFEST = "mlxflux.json"
+COMPONENTS = ("transformer", "t5", "clip", "vae")
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be used; the message names the folder and the problem."""
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise ModelFolderError(
+            f"{folder}: not an mlxflux model folder (no {MANIFEST}); "
+            "make one with `mlxflux convert`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path}: broken JSON ({e})") from None
+    version = manifest.get("format")
+    if version != FORMAT_VERSION:
+        raise ModelFolderError(
+            f"{path}: model folder format {version!r}, this mlxflux reads format "
+            f"{FORMAT_VERSION}; convert the model again"
+        )
+    missing = [c for c in COMPONENTS if c not in manifest.get("components", {})]
+    if missing:
+        raise ModelFolderError(f"{path}: components missing: {', '.join(missing)}")
+    return manifest
+
+
+def build_model(name: str, config: dict) -> nn.Module:
+    """An un-loaded module (lazy random parameters, nothing allocated) for a component."""
+    from .models.autoencoder import AutoEncoder, AutoencoderConfig
+    from .models.clip import CLIPConfig, CLIPTextModel
+    from .models.t5 import T5Config, T5Encoder
+    from .models.transformer import FluxConfig, FluxTransformer
+
+    builders = {
+        "transformer": lambda: FluxTransformer(FluxConfig.from_dict(config)),
+        "vae": lambda: AutoEncoder(AutoencoderConfig.from_dict(config)),
+        "t5": lambda: T5Encoder(T5Config.from_dict(config)),
+        "clip": lambda: CLIPTextModel(CLIPConfig.from_dict(config)),
+    }
+    return builders[name]()
+
+
+def quantize_like(model: nn.Module, tensors, quantization: dict) -> None:
+    """Give `model` quantized layers exactly where the folder holds `<layer>.scales`."""
+    if not any(k.endswith(".scales") for k in tensors):
+        return
+    from .quant import quantize
+
+    quantize(
+        model,
+        bits=quantization["bits"],
+        group_size=quantization["group_size"],
+        predicate=lambda path, _: f"{path}.scales" in tensors,
+    )
+
+
+def load_component(
+    folder: str | os.PathLike, name: str, manifest: dict | None = None, group: str | None = None
+) -> nn.Module:
+    """Build a component and attach its weights lazily (read from disk when evaluated).
+
+    `group` limits loading to one file group of the component (the transformer's `modulation`
+    or `trunk`); the other parameters stay unevaluated placeholders.
+    """
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    entry = manifest["components"][name]
+    model = build_model(name, entry["config"])
+    quantize_like(model, entry["tensors"], manifest["quantization"])
+    groups = entry["files"]
+    names = groups[group] if group else [f for files in groups.values() for f in files]
+    weights: dict[str, mx.array] = {}
+    for file in names:
+        path = folder / name / file
+        if not path.exists():
+            raise ModelFolderError(f"{path}: missing (the model folder is incomplete)")
+        weights.update(mx.load(str(path)))
+    source = f"{folder / name}" + (f" ({group})" if group else "")
+    for key, value in weights.items():
+        want = entry["tensors"].get(key)
+        if want is None or list(value.shape) != want["shape"] or str(value.dtype) != want["dtype"]:
+            raise ModelFolderError(f"{source}: tensor {key} does not match the manifest")
+    if group:
+        params = dict(tree_flatten(model.parameters()))
+        in_group = {k for k, t in entry["tensors"].items() if t["file"] in names}
+        check_weights({k: v for k, v in params.items() if k in in_group}, weights, source)
+        model.load_weights(list(weights.items()), strict=False)
+    else:
+        load_strict(model, weights, source)
+    return model
