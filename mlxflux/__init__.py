@@ -1,5 +1,17 @@
 """mlxflux: FLUX.1-dev text-to-image in pure MLX."""
 
 from ._version import __version__
+from .noise import comfy_noise
+from .pipeline import Pipeline, load
+from .sampling import sigmas
 
-__all__ = ["__version__"]
+__all__ = ["Pipeline", "__version__", "comfy_noise", "load", "sigmas"]
+
+
+def __getattr__(name):
+    # `mlxflux.convert` is a subpackage; importing it on first use keeps `import mlxflux` light
+    if name == "convert":
+        import importlib
+
+        return importlib.import_module("mlxflux.convert")
+    raise AttributeError(f"module 'mlxflux' has no attribute {name!r}")

@@ -154,5 +154,225 @@ def info(folder, as_json):
         click.echo(f"  note: {note}")
 
 
+GATED_NOTE = """\
+No model folder at {model}, so mlxflux will make one.
+It will download FLUX.1-dev from Hugging Face ({repo}): about 34 GB (transformer 23.8 GB,
+T5-XXL 9.5 GB, CLIP-L 0.25 GB, VAE 0.17 GB) into the Hugging Face cache, then convert it.
+The repository is gated: accept its license at https://huggingface.co/{repo} while logged in,
+then log in here with `hf auth login` (or set HF_TOKEN).
+Already have the files (ComfyUI's flux1-dev-fp8, t5xxl_fp8_e4m3fn, clip_l, ae)? Stop now and run
+  mlxflux gen --from ~/ComfyUI/models ...     (or set MLXFLUX_SOURCE)"""
+
+
+def ensure_model(model: Path | None, sources: tuple[Path, ...]) -> Path:
+    """The model folder to use; on first run, convert from --from/MLXFLUX_SOURCE or download."""
+    import os
+
+    from .convert import ConvertError, convert, default_model_dir
+    from .convert.convert import FLUX_DEV_REPO
+
+    if model is not None:
+        if not model.exists():
+            raise Failure(f"{model}: no such model folder (make one with `mlxflux convert`)")
+        return model
+    target = default_model_dir(8)
+    if target.exists():
+        return target
+    env = os.environ.get("MLXFLUX_SOURCE")
+    sources = list(sources) or ([Path(p) for p in env.split(os.pathsep) if p] if env else [])
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:
+        if sources:
+            log(f"No model folder at {target}: converting from {', '.join(map(str, sources))}")
+            return convert(sources, target, progress=True, log=log)
+        log(GATED_NOTE.format(model=target, repo=FLUX_DEV_REPO))
+        return convert([], target, hf_repo=FLUX_DEV_REPO, progress=True, log=log)
+    except ConvertError as e:
+        raise Failure(str(e)) from None
+
+
+@main.command()
+@click.option("--preset", help="A cover preset (book, vinyl/album, dvd): prompt and settings.")
+@click.option("--prompt", help="The prompt (overrides the preset's).")
+@click.option("--width", type=int, help="Width in pixels, a multiple of 16 [default: 1024].")
+@click.option("--height", type=int, help="Height in pixels, a multiple of 16 [default: 1024].")
+@click.option("--steps", type=int, help="Euler steps [default: 20].")
+@click.option("--guidance", type=float, help="FLUX distilled guidance [default: 3.5].")
+@click.option(
+    "--scheduler",
+    type=click.Choice(["simple", "beta", "normal"]),
+    help="ComfyUI scheduler [default: simple].",
+)
+@click.option(
+    "--shift",
+    default="1.15",
+    show_default=True,
+    help="Fixed shift (ComfyUI's Flux dev workflow uses 1.15) or 'auto' for the "
+    "resolution-dependent shift of BFL/diffusers.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**64 - 1),
+    help="Noise seed, as ComfyUI's (CPU) [default: random, printed].",
+)
+@click.option(
+    "--t5-padding",
+    type=click.Choice(["comfy", "max"]),
+    default="comfy",
+    show_default=True,
+    help="comfy: pad T5 tokens to >=256; max: pad/truncate to 512.",
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    help="Model folder [default: ~/.cache/mlxflux/models/flux1-dev-q8].",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    help="PNG path [default: <preset or prompt>-<seed>.png here; never overwritten].",
+)
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path),
+    help="Write per-stage time and memory as JSON to this file.",
+)
+@click.option(
+    "--from",
+    "sources",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="First run only: convert these files/folders if there is no model folder.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Compute dtype [default: float32 on the CPU backend, bfloat16 on GPUs].",
+)
+@click.option(
+    "--tiled-decode/--no-tiled-decode",
+    default=None,
+    help="Force the VAE's row-tiled decode on or off [default: when it would not fit].",
+)
+def gen(
+    preset,
+    prompt,
+    width,
+    height,
+    steps,
+    guidance,
+    scheduler,
+    shift,
+    seed,
+    t5_padding,
+    model,
+    output,
+    report,
+    sources,
+    precision,
+    tiled_decode,
+):
+    """Generate an image, staged: text encoders, then the transformer, then the VAE."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    from .image import default_name, save_png
+    from .pipeline import check_size, load
+    from .presets import PresetError, get_preset
+
+    settings = {
+        "width": 1024,
+        "height": 1024,
+        "steps": 20,
+        "guidance": 3.5,
+        "scheduler": "simple",
+        "prompt": None,
+    }
+    if preset:
+        try:
+            p = get_preset(preset)
+        except PresetError as e:
+            raise Failure(str(e)) from None
+        settings.update({k: p[k] for k in settings})
+    given = dict(
+        prompt=prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        scheduler=scheduler,
+    )
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if not settings["prompt"]:
+        raise Failure("give --prompt TEXT or --preset NAME (see `mlxflux presets`)")
+    try:
+        check_size(settings["width"], settings["height"])
+        shift_value = "auto" if shift == "auto" else float(shift)
+    except ValueError as e:
+        raise Failure(
+            str(e) if "multiple" in str(e) else f"--shift: {shift!r} is not a number or 'auto'"
+        ) from None
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    folder = ensure_model(model, sources)
+    try:
+        pipe = load(folder, precision)
+    except ValueError as e:
+        raise Failure(str(e)) from None
+    click.echo(
+        f"seed {seed}, {settings['width']}x{settings['height']}, {settings['steps']} "
+        f"steps ({settings['scheduler']}), model {folder}",
+        err=True,
+    )
+    bar = tqdm(total=settings["steps"], desc="denoise", unit="step", dynamic_ncols=True)
+    try:
+        image = pipe.generate(
+            settings["prompt"],
+            width=settings["width"],
+            height=settings["height"],
+            steps=settings["steps"],
+            guidance=settings["guidance"],
+            seed=seed,
+            scheduler=settings["scheduler"],
+            shift=shift_value,
+            t5_padding=t5_padding,
+            tiled_decode=tiled_decode,
+            on_step=lambda i, n: bar.update(1),
+        )
+    except KeyboardInterrupt:
+        raise Failure("interrupted: no image was written") from None
+    finally:
+        bar.close()
+    rep = pipe.last_report
+    meta = dict(rep.settings, version=__version__, preset=preset)
+    path = save_png(image, output or default_name(meta, preset), meta)
+    click.echo(str(path))
+    for name, st in rep.stages.items():
+        click.echo(
+            f"  {name:<11} {st.seconds:7.1f} s   peak {st.peak_bytes / 2**30:6.2f} GiB", err=True
+        )
+    if report:
+        data = rep.to_dict()
+        data["output"] = str(path)
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(data, indent=1))
+
+
+@main.command()
+def presets():
+    """List the cover presets and their settings."""
+    from .presets import all_presets
+
+    for name, p in all_presets().items():
+        alias = f" (alias: {', '.join(p['aliases'])})" if p.get("aliases") else ""
+        click.echo(f"{name}{alias}: {p['title']}")
+        click.echo(
+            f"  {p['width']}x{p['height']}, {p['steps']} steps, {p['sampler']}, "
+            f"{p['scheduler']}, cfg {p['cfg']}, guidance {p['guidance']}"
+        )
+        click.echo(f"  prompt: {p['prompt']}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

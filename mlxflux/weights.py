@@ -117,13 +117,21 @@ def load_component(
     """Build a component and attach its weights lazily (read from disk when evaluated).
 
     `group` limits loading to one file group of the component (the transformer's `modulation`
-    or `trunk`); the other parameters stay unevaluated placeholders.
+    or `trunk`); the other parameters stay unevaluated placeholders until `load_group`.
     """
-    folder = Path(folder)
     manifest = manifest or read_manifest(folder)
     entry = manifest["components"][name]
     model = build_model(name, entry["config"])
     quantize_like(model, entry["tensors"], manifest["quantization"])
+    return load_group(model, folder, name, manifest, group)
+
+
+def load_group(
+    model: nn.Module, folder: str | os.PathLike, name: str, manifest: dict, group: str | None
+) -> nn.Module:
+    """Attach one file group's weights (all of them for None) to `model`, strictly."""
+    folder = Path(folder)
+    entry = manifest["components"][name]
     groups = entry["files"]
     names = groups[group] if group else [f for files in groups.values() for f in files]
     weights: dict[str, mx.array] = {}
@@ -137,11 +145,10 @@ def load_component(
         want = entry["tensors"].get(key)
         if want is None or list(value.shape) != want["shape"] or str(value.dtype) != want["dtype"]:
             raise ModelFolderError(f"{source}: tensor {key} does not match the manifest")
-    if group:
-        params = dict(tree_flatten(model.parameters()))
-        in_group = {k for k, t in entry["tensors"].items() if t["file"] in names}
-        check_weights({k: v for k, v in params.items() if k in in_group}, weights, source)
-        model.load_weights(list(weights.items()), strict=False)
-    else:
-        load_strict(model, weights, source)
+    params = dict(tree_flatten(model.parameters()))
+    in_group = {k for k, t in entry["tensors"].items() if t["file"] in names}
+    check_weights({k: v for k, v in params.items() if k in in_group}, weights, source)
+    if group is None and in_group != params.keys():
+        check_weights(params, weights, source)  # names what the folder lacks
+    model.load_weights(list(weights.items()), strict=False)
     return model

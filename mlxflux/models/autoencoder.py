@@ -237,8 +237,10 @@ class TiledDecoder:
         self.decoder = decoder
         self.tile_bytes = tile_bytes
 
-    def conv(self, conv: nn.Conv2d, x: mx.array, prologue=None, upsample: bool = False):
-        """conv(prologue(upsample(x))), evaluated one row tile at a time."""
+    def conv(
+        self, conv: nn.Conv2d, x: mx.array, prologue=None, upsample=False, residual=None
+    ) -> mx.array:
+        """conv(prologue(upsample(x))) [+ residual(rows)], evaluated one row tile at a time."""
         b, h, w, c = x.shape
         f = 2 if upsample else 1
         k = conv.weight.shape[1]
@@ -261,6 +263,8 @@ class TiledDecoder:
                 band = band.reshape(b, 2 * bh, 2 * w, c)[:, lo - (lo // f) * f :][:, : hi - lo]
             band = mx.pad(band, [(0, 0), (pad - (r0 - lo), pad - (hi - r1)), (pad, pad), (0, 0)])
             y = mx.conv2d(band, conv.weight) + conv.bias
+            if residual is not None:
+                y = y + residual(r0, r1)
             if out is None:
                 out = mx.zeros((b, out_h, out_w, y.shape[-1]), y.dtype)
             out[:, r0:r1] = y
@@ -270,26 +274,38 @@ class TiledDecoder:
     @staticmethod
     def norm_silu(norm: nn.GroupNorm, x: mx.array):
         """GroupNorm with the whole activation's statistics, then SiLU, as a per-tile function."""
-        b, _, _, c = x.shape
-        g = x.astype(mx.float32).reshape(b, -1, 32, c // 32)
-        mean = mx.mean(g, axis=(1, 3), keepdims=True)
-        var = mx.mean(mx.square(g - mean), axis=(1, 3), keepdims=True)
+        b, h, w, c = x.shape
+        rows = max(1, (64 << 20) // (b * w * c * 4))  # statistics over bands of ~64 MiB
+
+        def groups(t):
+            return t.astype(mx.float32).reshape(b, -1, 32, c // 32)
+
+        def total(fn):
+            parts = [fn(groups(x[:, r : r + rows])) for r in range(0, h, rows)]
+            acc = parts[0]
+            for p in parts[1:]:
+                acc = acc + p
+                mx.eval(acc)
+            return acc / (h * w * (c // 32))
+
+        mean = total(lambda g: mx.sum(g, axis=(1, 3), keepdims=True))
+        var = total(lambda g: mx.sum(mx.square(g - mean), axis=(1, 3), keepdims=True))
         mx.eval(mean, var)
 
         def apply(t: mx.array) -> mx.array:
-            tg = t.astype(mx.float32).reshape(b, -1, 32, c // 32)
-            y = ((tg - mean) * mx.rsqrt(var + norm.eps)).reshape(t.shape)
+            y = ((groups(t) - mean) * mx.rsqrt(var + norm.eps)).reshape(t.shape)
             return nn.silu(y * norm.weight + norm.bias).astype(t.dtype)
 
         return apply
 
     def resnet(self, block: ResnetBlock, x: mx.array) -> mx.array:
         h = self.conv(block.conv1, x, self.norm_silu(block.norm1, x))
-        h = self.conv(block.conv2, h, self.norm_silu(block.norm2, h))
-        skip = block.nin_shortcut(x) if "nin_shortcut" in block else x
-        out = skip + h
-        mx.eval(out)
-        return out
+
+        def skip(r0: int, r1: int) -> mx.array:  # the shortcut, added tile by tile
+            rows = x[:, r0:r1]
+            return block.nin_shortcut(rows) if "nin_shortcut" in block else rows
+
+        return self.conv(block.conv2, h, self.norm_silu(block.norm2, h), residual=skip)
 
     def tail(self, h: mx.array) -> mx.array:
         for level in reversed(self.decoder.up):
@@ -303,8 +319,8 @@ class TiledDecoder:
 def estimate_decode_bytes(height: int, width: int, cfg: AutoencoderConfig, itemsize: int) -> int:
     """A rough peak for untiled decoding of a height x width image.
 
-    The up path's last levels dominate: a few full-resolution activations of `ch` channels plus
-    the 3x3 convolution's working copy (im2col on the CPU backend, 9x its input).
+    Measured with bench/vae_memory.py on the CPU backend: ~27.5 GiB of activations at
+    1024x1024 in fp32, about 52 full-resolution activations of `ch` channels (the convolutions'
+    working copies dominate).
     """
-    widest = max(cfg.ch * m for m in cfg.ch_mult[:2])
-    return (4 + 9) * height * width * widest * itemsize
+    return 52 * height * width * cfg.ch * itemsize

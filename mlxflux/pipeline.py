@@ -1,0 +1,219 @@
+"""The staged text-to-image pipeline: each stage loads its weights, runs, and releases them.
+
+    text        tokenize, T5 + CLIP                   -> txt [1, T, 4096], pooled [1, 768]
+    modulation  every step's adaLN vectors at once    -> Conditioning (then drop 3.2 B weights)
+    denoise     Euler over the transformer trunk      -> latent [1, 16, H/8, W/8]
+    decode      VAE (row-tiled when it would not fit) -> image
+
+so the peak is the largest stage, not the sum. Weights are read lazily from the model folder:
+nothing is read before its stage.
+"""
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from .models.autoencoder import estimate_decode_bytes
+from .models.transformer import image_ids, pack_latents, unpack_latents
+from .noise import comfy_noise
+from .sampling import DEFAULT_SHIFT, sigmas
+from .tokenizers import CLIPTokenizer, T5Tokenizer
+from .weights import load_component, load_group, read_manifest
+
+PRECISIONS = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DECODE_BUDGET = 2 << 30  # untiled VAE decode above this estimate runs row-tiled
+
+
+def default_precision() -> str:
+    """fp32 on the CPU backend (no fast 16-bit matmul there); bf16 on Metal/CUDA (fp16
+    overflows in FLUX's activations without care; bf16 has fp32's range)."""
+    return "float32" if mx.default_device().type == mx.cpu else "bfloat16"
+
+
+@dataclass
+class StageStats:
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    active_bytes_after: int = 0
+
+
+@dataclass
+class Report:
+    stages: dict[str, StageStats] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((s.peak_bytes for s in self.stages.values()), default=0)
+
+    def to_dict(self) -> dict:
+        return {
+            "stages": {k: vars(v) for k, v in self.stages.items()},
+            "peak_bytes": self.peak_bytes,
+            "settings": self.settings,
+        }
+
+
+class _Stage:
+    """Times a stage and records its peak; on exit, collects and clears MLX's cache."""
+
+    def __init__(self, report: Report, name: str):
+        self.report, self.name = report, name
+
+    def __enter__(self):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        mx.synchronize()
+        stats = StageStats(time.perf_counter() - self.start, mx.get_peak_memory())
+        gc.collect()
+        mx.clear_cache()
+        stats.active_bytes_after = mx.get_active_memory()
+        self.report.stages[self.name] = stats
+        return False
+
+
+def check_size(width: int, height: int) -> None:
+    if width % 16 or height % 16 or width < 16 or height < 16:
+        raise ValueError(
+            f"width and height must be positive multiples of 16, got {width}x{height} "
+            f"(nearest: {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)})"
+        )
+
+
+class Pipeline:
+    def __init__(self, folder: str | Path, precision: str | None = None):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.precision = precision or default_precision()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}")
+        self.dtype = PRECISIONS[self.precision]
+        self.last_report: Report | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.get("id", "")
+
+    # ---- stages ---------------------------------------------------------------------------
+
+    def encode_text(self, prompt: str, t5_padding: str) -> tuple[mx.array, mx.array]:
+        tok = self.folder / "tokenizers"
+        t5_ids = T5Tokenizer(tok / "t5" / "spiece.model")(prompt, t5_padding)
+        clip_ids = CLIPTokenizer(tok / "clip" / "vocab.json", tok / "clip" / "merges.txt")(prompt)
+        t5 = load_component(self.folder, "t5", self.manifest)
+        txt = t5(mx.array([t5_ids]))
+        mx.eval(txt)
+        del t5
+        clip = load_component(self.folder, "clip", self.manifest)
+        _, pooled = clip(mx.array([clip_ids]))
+        mx.eval(pooled)
+        del clip
+        return txt, pooled
+
+    def denoise(
+        self,
+        txt: mx.array,
+        pooled: mx.array,
+        noise: np.ndarray,
+        sigma_list: list[float],
+        guidance: float,
+        report: Report,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> mx.array:
+        height, width = noise.shape[2] * 8, noise.shape[3] * 8
+        steps = len(sigma_list) - 1
+        with _Stage(report, "modulation"):
+            model = load_component(self.folder, "transformer", self.manifest, group="modulation")
+            n = mx.array(sigma_list[:-1], dtype=mx.float32)
+            cond = model.modulation(
+                n,
+                mx.repeat(pooled.astype(self.dtype), steps, axis=0),
+                mx.full((steps,), guidance, dtype=mx.float32),
+            )
+            mx.eval(cond.arrays())
+            model.drop_modulation()
+        with _Stage(report, "denoise"):
+            load_group(model, self.folder, "transformer", self.manifest, "trunk")
+            rope = model.rope(image_ids(height, width), txt.shape[1])
+            txt = txt.astype(self.dtype)
+            x = pack_latents(mx.array(noise, dtype=mx.float32))  # the state stays float32
+            for i in range(steps):
+                v = model.trunk(x.astype(self.dtype), txt, cond.rows(i, i + 1), rope)
+                x = x + (sigma_list[i + 1] - sigma_list[i]) * v.astype(mx.float32)
+                mx.eval(x)
+                if on_step:
+                    on_step(i + 1, steps)
+            del model, cond, rope
+            return unpack_latents(x, height, width)
+
+    def decode(self, latent: mx.array, tiled: bool | None) -> Image.Image:
+        ae = load_component(self.folder, "vae", self.manifest)
+        h, w = latent.shape[2] * 8, latent.shape[3] * 8
+        if tiled is None:
+            tiled = estimate_decode_bytes(h, w, ae.config, self.dtype.size) > DECODE_BUDGET
+        img = ae.decode(latent.astype(self.dtype), tiled=tiled)
+        # ComfyUI's SaveImage truncates: uint8(clip(255 * x))
+        arr = np.array((img[0].astype(mx.float32) * 255).astype(mx.uint8))
+        del ae
+        return Image.fromarray(arr)
+
+    # ---- the whole job --------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        width: int = 1024,
+        height: int = 1024,
+        steps: int = 20,
+        guidance: float = 3.5,
+        seed: int = 0,
+        scheduler: str = "simple",
+        shift: float | str = DEFAULT_SHIFT,
+        t5_padding: str = "comfy",
+        noise=None,
+        tiled_decode: bool | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Image.Image:
+        """Text to image, staged. `noise` [1, 16, H/8, W/8] replaces the seeded ComfyUI noise."""
+        check_size(width, height)
+        shape = (1, 16, height // 8, width // 8)
+        given = noise is not None
+        if noise is None:
+            noise = comfy_noise(seed, shape)
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape != shape:
+            raise ValueError(f"noise must have shape {shape}, got {noise.shape}")
+        sigma_list = sigmas(scheduler, steps, width=width, height=height, shift=shift)
+        report = Report(
+            settings=dict(
+                prompt=prompt, width=width, height=height, steps=steps, guidance=guidance,
+                seed=seed, scheduler=scheduler, sampler="euler", cfg=1.0, shift=shift,
+                t5_padding=t5_padding, precision=self.precision, model_id=self.model_id,
+                noise="given" if given else "comfy",
+            )
+        )  # fmt: skip
+        with _Stage(report, "text"):
+            txt, pooled = self.encode_text(prompt, t5_padding)
+        latent = self.denoise(txt, pooled, noise, sigma_list, guidance, report, on_step)
+        del txt, pooled
+        with _Stage(report, "decode"):
+            image = self.decode(latent, tiled_decode)
+            del latent
+        self.last_report = report
+        return image
+
+
+def load(model_dir: str | Path, precision: str | None = None) -> Pipeline:
+    """A pipeline over a converted model folder; lazy: no weights are read until used."""
+    return Pipeline(model_dir, precision)
