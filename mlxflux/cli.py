@@ -326,6 +326,12 @@ def gen(
         err=True,
     )
     bar = tqdm(total=settings["steps"], desc="denoise", unit="step", dynamic_ncols=True)
+
+    def step_done(i: int, n: int) -> None:
+        bar.update(1)
+        if i == n:  # close now, so the bar's time is the denoising alone
+            bar.close()
+
     try:
         image = pipe.generate(
             settings["prompt"],
@@ -338,7 +344,7 @@ def gen(
             shift=shift_value,
             t5_padding=t5_padding,
             tiled_decode=tiled_decode,
-            on_step=lambda i, n: bar.update(1),
+            on_step=step_done,
         )
     except KeyboardInterrupt:
         raise Failure("interrupted: no image was written") from None
@@ -346,7 +352,7 @@ def gen(
         bar.close()
     rep = pipe.last_report
     meta = dict(rep.settings, version=__version__, preset=preset)
-    path = save_png(image, output or default_name(meta, preset), meta)
+    path = save_png(image, Path(output or default_name(meta, preset)).resolve(), meta)
     click.echo(str(path))
     for name, st in rep.stages.items():
         click.echo(

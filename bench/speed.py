@@ -1,0 +1,243 @@
+"""Per denoising step: mlxflux against diffusers (torch) on the same random weights.
+
+    python bench/speed.py                      # full width, 1+1 blocks, all preset sizes
+    python bench/speed.py --depth 19 --single 38 --torch-device mps   # the full model, on a Mac
+
+Measures the steady state (warm-up, then --iters steps; median and spread) at each resolution,
+for mlxflux in each --precision and --bits, diffusers' FluxTransformer2DModel on
+--torch-device, and mflux's transformer when `import mflux` works. Reports each as a ratio to
+torch in the same run, and achieved TFLOP/s against this backend's measured matmul ceiling.
+On Linux preload OpenBLAS first (README). Writes JSON and a Markdown table.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import mlx.core as mx
+
+SIZES = {"256": (256, 256), "book": (896, 1152), "vinyl": (1024, 1024), "dvd": (832, 1216)}
+TXT = 256  # ComfyUI pads T5 to 256 tokens
+
+
+def flops_per_step(cfg, n_img: int, n_txt: int = TXT) -> float:
+    """Matmul FLOPs of one trunk step (REFERENCE.md's formula for any depth)."""
+    d, m = cfg.hidden_size, cfg.mlp_hidden
+    n = n_img + n_txt
+    double = 2 * (3 * d * d + d * d + 2 * d * m)  # img + txt streams, per token
+    single = 3 * d * d + d * m + (d + m) * d
+    weights = 2 * n * (cfg.depth * double / 2 + cfg.depth_single_blocks * single)
+    attention = 4 * n * n * d * (cfg.depth + cfg.depth_single_blocks)
+    return weights + attention
+
+
+def matmul_ceiling(torch_device: str) -> dict:
+    """GFLOP/s of a 4096x3072 @ 3072x12288 fp32 matmul in MLX and in torch."""
+    a, b = mx.random.normal((4096, 3072)), mx.random.normal((3072, 12288))
+    mx.eval(a, b)
+    out = {}
+    for _ in range(2):
+        t = time.perf_counter()
+        mx.eval(a @ b)
+        out["mlx_gflops"] = 2 * 4096 * 3072 * 12288 / (time.perf_counter() - t) / 1e9
+    import torch
+
+    ta, tb = (
+        torch.randn(4096, 3072, device=torch_device),
+        torch.randn(3072, 12288, device=torch_device),
+    )
+    for _ in range(2):
+        t = time.perf_counter()
+        (ta @ tb).sum().item()
+        out["torch_gflops"] = 2 * 4096 * 3072 * 12288 / (time.perf_counter() - t) / 1e9
+    return out
+
+
+def timed(fn, warmup: int, iters: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs": len(times),
+    }
+
+
+def build_reference(args):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    heads = args.width // 128
+    return FluxTransformer2DModel(
+        num_layers=args.depth,
+        num_single_layers=args.single,
+        attention_head_dim=128,
+        num_attention_heads=heads,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+    ).eval()
+
+
+def mlx_from_reference(ref, precision: str, bits: int | None):
+    from mlxflux.convert.infer import flux_config_from_diffusers
+    from mlxflux.convert.keymaps import assemble, diffusers_transformer
+    from mlxflux.models.transformer import FluxTransformer
+    from mlxflux.quant import quantize
+    from mlxflux.weights import load_strict
+
+    items = ((k, mx.array(v.detach().float().numpy())) for k, v in ref.state_dict().items())
+    weights = dict(assemble(items, diffusers_transformer, "reference"))
+    model = load_strict(
+        FluxTransformer(flux_config_from_diffusers(dict(ref.config))), weights, "reference"
+    )
+    dtype = getattr(mx, precision)
+    if precision != "float32":
+        model.set_dtype(dtype)
+    if bits:
+        quantize(model, bits)
+    mx.eval(model.parameters())
+    return model, dtype
+
+
+def bench_mlx(model, dtype, h: int, w: int, args) -> dict:
+    from mlxflux.models.transformer import image_ids
+
+    n_img = (h // 16) * (w // 16)
+    img = mx.random.normal((1, n_img, 64)).astype(dtype)
+    txt = mx.random.normal((1, TXT, 4096)).astype(dtype)
+    cond = model.modulation(
+        mx.array([0.7]), mx.random.normal((1, 768)).astype(dtype), mx.array([3.5])
+    )
+    rope = model.rope(image_ids(h, w), TXT)
+    mx.eval(img, txt, cond.arrays(), rope)
+    return timed(lambda: mx.eval(model.trunk(img, txt, cond, rope)), args.warmup, args.iters)
+
+
+def bench_torch(ref, h: int, w: int, args) -> dict:
+    import torch
+
+    from mlxflux.models.transformer import image_ids
+
+    dev = args.torch_device
+    ref = ref.to(dev)
+    n_img = (h // 16) * (w // 16)
+    inputs = dict(
+        hidden_states=torch.randn(1, n_img, 64, device=dev),
+        encoder_hidden_states=torch.randn(1, TXT, 4096, device=dev),
+        pooled_projections=torch.randn(1, 768, device=dev),
+        timestep=torch.tensor([0.7], device=dev),
+        img_ids=torch.from_numpy(image_ids(h, w)).float().to(dev),
+        txt_ids=torch.zeros(TXT, 3, device=dev),
+        guidance=torch.tensor([3.5], device=dev),
+    )
+
+    def step():
+        with torch.no_grad():
+            out = ref(**inputs, return_dict=False)[0]
+        out.sum().item()  # synchronize
+
+    return timed(step, args.warmup, args.iters)
+
+
+def bench_mflux(ref, h, w, args) -> dict | str:
+    try:
+        import mflux  # noqa: F401
+    except ImportError:
+        return "mflux not installed"
+    return "mflux installed, but its transformer entry point is not wired here yet"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=1, help="double-stream blocks (FLUX.1-dev: 19)")
+    p.add_argument("--single", type=int, default=1, help="single-stream blocks (FLUX.1-dev: 38)")
+    p.add_argument("--width", type=int, default=3072, help="hidden size (FLUX.1-dev: 3072)")
+    p.add_argument("--sizes", default="256,book,vinyl,dvd", help=f"from {sorted(SIZES)}")
+    p.add_argument("--precisions", default="float32", help="comma list: float32,bfloat16,float16")
+    p.add_argument("--bits", default="none,8", help="comma list of none,4,6,8")
+    p.add_argument("--torch-device", default="cpu", help="cpu, mps or cuda")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--out", default="bench/results/speed")
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_grad_enabled(False)
+    ref = build_reference(args)
+    from mlxflux.convert.infer import flux_config_from_diffusers
+
+    cfg = flux_config_from_diffusers(dict(ref.config))
+    ceiling = matmul_ceiling(args.torch_device)
+    rows = []
+    variants = [
+        (prec, None if b == "none" else int(b))
+        for prec in args.precisions.split(",")
+        for b in args.bits.split(",")
+    ]
+    for size in args.sizes.split(","):
+        h, w = SIZES[size]
+        flops = flops_per_step(cfg, (h // 16) * (w // 16))
+        torch_t = bench_torch(ref, h, w, args)
+        rows.append({"size": size, "impl": f"torch {args.torch_device} fp32", **torch_t})
+        for prec, bits in variants:
+            model, dtype = mlx_from_reference(ref, prec, bits)
+            t = bench_mlx(model, dtype, h, w, args)
+            name = f"mlxflux {prec}" + (f" {bits}-bit" if bits else "")
+            rows.append({"size": size, "impl": name, **t})
+            del model
+            mx.clear_cache()
+        mf = bench_mflux(ref, h, w, args)
+        if isinstance(mf, dict):
+            rows.append({"size": size, "impl": "mflux", **mf})
+        for r in rows:
+            if r["size"] == size:
+                r["vs_torch"] = r["median_s"] / torch_t["median_s"]
+                r["tflops"] = flops / r["median_s"] / 1e12
+        print(json.dumps([r for r in rows if r["size"] == size], indent=1), flush=True)
+
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.system()} {platform.machine()} ({platform.processor() or '?'})",
+        "mlx_device": str(mx.default_device()),
+        "config": f"width {args.width}, {args.depth} double + {args.single} single blocks, "
+        f"{TXT} text tokens",
+        "matmul_ceiling_gflops": ceiling,
+        "mflux": bench_mflux(ref, 0, 0, args)
+        if not any(r["impl"] == "mflux" for r in rows)
+        else "ok",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        f"Per-step time, {meta['config']}; {meta['machine']}, MLX on {meta['mlx_device']}, "
+        f"{meta['date']}. Matmul ceiling: MLX {ceiling['mlx_gflops']:.0f} GFLOP/s, torch "
+        f"{ceiling['torch_gflops']:.0f} GFLOP/s (fp32). mflux: {meta['mflux']}.",
+        "",
+        "| size | implementation | median s/step | spread s | vs torch | TFLOP/s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['impl']} | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f}"
+            f" | {r['vs_torch']:.2f}x | {r['tflops']:.3f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""End to end: convert -> load -> generate, against diffusers' FluxPipeline on the same weights."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from PIL import Image
+from transformers import CLIPTokenizer, T5TokenizerFast
+
+import mlxflux
+from mlxflux.convert import convert
+from mlxflux.models.transformer import pack_latents
+
+from . import tiny
+from .test_text import tokenizer_dir
+
+PROMPT = (
+    "A cinematic DVD cover for the movie Interstellar. A breathtaking close-up of a supermassive "
+    "black hole 'Gargantua' with a glowing golden accretion disk."
+)
+WIDTH, HEIGHT = 96, 64
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny.make_models(seed=21)
+
+
+@pytest.fixture(scope="module")
+def folder(models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    src = tiny.write_diffusers(models, tmp / "src")
+    return convert([src], tmp / "model", bits=None, dtype="float32")
+
+
+def reference_pipeline(models, scheduler) -> FluxPipeline:
+    tok = tokenizer_dir()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=models["vae"],
+        text_encoder=models["clip"],
+        tokenizer=CLIPTokenizer.from_pretrained(tok / "tokenizer_1"),
+        text_encoder_2=models["t5"],
+        tokenizer_2=T5TokenizerFast.from_pretrained(tok / "tokenizer_2"),
+        transformer=models["transformer"],
+    )
+
+
+def comfy_uint8(x: np.ndarray) -> np.ndarray:
+    """ComfyUI's SaveImage conversion, applied to the reference's float image."""
+    return np.clip(255.0 * x, 0, 255).astype(np.uint8)
+
+
+def compare(ours: Image.Image, ref: np.ndarray) -> tuple[float, int]:
+    a = np.asarray(ours).astype(np.int32)
+    b = comfy_uint8(ref[0]).astype(np.int32)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    d = np.abs(a - b)
+    return float(d.mean()), int(d.max())
+
+
+def test_auto_shift_max_padding_matches_default_flux_pipeline(models, folder):
+    steps = 4
+    noise = mlxflux.comfy_noise(7, (1, 16, HEIGHT // 8, WIDTH // 8))
+    # FLUX.1-dev's scheduler config: dynamic shifting from 256 to 4096 tokens
+    sched = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, shift=3.0,
+    )  # fmt: skip
+    pipe = reference_pipeline(models, sched)
+    with torch.no_grad():
+        ref = pipe(
+            PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=steps, guidance_scale=3.5,
+            latents=torch.from_numpy(np.array(pack_latents(mlxflux_array(noise)))),
+            output_type="np", max_sequence_length=512,
+        ).images  # fmt: skip
+    ours = mlxflux.load(folder).generate(
+        PROMPT, width=WIDTH, height=HEIGHT, steps=steps, guidance=3.5, scheduler="simple",
+        shift="auto", t5_padding="max", noise=noise,
+    )  # fmt: skip
+    mean, worst = compare(ours, ref)
+    print(f"auto/max vs FluxPipeline: mean {mean:.3f}, max {worst} levels")
+    assert mean <= 0.75 and worst <= 4
+
+
+@pytest.mark.parametrize("scheduler", ["simple", "beta"])
+def test_comfyui_mode_matches_flux_pipeline_given_comfy_sigmas(models, folder, scheduler):
+    steps = 5
+    noise = mlxflux.comfy_noise(3, (1, 16, HEIGHT // 8, WIDTH // 8))
+    sigmas = mlxflux.sigmas(scheduler, steps, width=WIDTH, height=HEIGHT, shift=1.15)
+    # no further shifting: the scheduler takes ComfyUI's sigmas as they are
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
+    pipe = reference_pipeline(models, sched)
+    with torch.no_grad():
+        ref = pipe(
+            PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=len(sigmas) - 1,
+            sigmas=sigmas[:-1], guidance_scale=3.5,
+            latents=torch.from_numpy(np.array(pack_latents(mlxflux_array(noise)))),
+            output_type="np", max_sequence_length=256,
+        ).images  # fmt: skip
+    ours = mlxflux.load(folder).generate(
+        PROMPT, width=WIDTH, height=HEIGHT, steps=steps, guidance=3.5, scheduler=scheduler,
+        shift=1.15, t5_padding="comfy", noise=noise,
+    )  # fmt: skip
+    mean, worst = compare(ours, ref)
+    print(f"comfy/{scheduler} vs FluxPipeline: mean {mean:.3f}, max {worst} levels")
+    assert mean <= 0.75 and worst <= 4
+
+
+def mlxflux_array(x):
+    import mlx.core as mx
+
+    return mx.array(x)
+
+
+def test_each_stage_releases_the_previous_stages_weights(tmp_path, models):
+    src = tiny.write_diffusers(models, tmp_path / "src")
+    folder = convert([src], tmp_path / "model", bits=None, dtype="float32")
+
+    def size(comp, group=None):
+        m = json.loads((folder / "mlxflux.json").read_text())["components"][comp]
+        files = m["files"][group] if group else [f for fs in m["files"].values() for f in fs]
+        return sum((folder / comp / f).stat().st_size for f in files)
+
+    pipe = mlxflux.load(folder)
+    pipe.generate("a photo of a cat", width=64, height=64, steps=2, seed=1)
+    st = pipe.last_report.stages
+    print({k: (v.peak_bytes, v.active_bytes_after) for k, v in st.items()})
+    # T5 then CLIP, one after the other: the text peak holds the larger, not both
+    text_w = max(size("t5"), size("clip"))
+    assert st["text"].peak_bytes >= text_w  # the encoders were really loaded...
+    assert st["text"].active_bytes_after < text_w / 4  # ...and are gone after the stage
+    mod_w = size("transformer", "modulation")
+    assert st["modulation"].peak_bytes >= mod_w
+    assert st["modulation"].active_bytes_after < mod_w / 4
+    trunk_w = size("transformer", "trunk")
+    assert st["denoise"].peak_bytes >= trunk_w
+    assert st["denoise"].active_bytes_after < trunk_w / 4
+    assert st["decode"].active_bytes_after < size("vae") / 4
+
+
+def run_cli(*args, env=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlxflux.cli", *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
+    )  # fmt: skip
+
+
+def test_gen_preset_dvd_writes_png_with_metadata(tmp_path, folder):
+    report = tmp_path / "report.json"
+    r = run_cli("gen", "--preset", "dvd", "--model", folder, "--seed", "42", "--steps", "2",
+                "--report", report, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "dvd-42.png"
+    assert r.stdout.strip() == str(out)
+    img = Image.open(out)
+    assert img.size == (832, 1216)
+    params = img.text["parameters"]
+    assert params.startswith("A cinematic DVD cover for the movie Interstellar.")
+    assert "Seed: 42" in params and "Size: 832x1216" in params and "Schedule type: simple" in params
+    settings = json.loads(img.text["mlxflux"])
+    assert settings["steps"] == 2 and settings["guidance"] == 3.5 and settings["shift"] == 1.15
+    assert settings["model_id"] == json.loads((folder / "mlxflux.json").read_text())["id"]
+    rep = json.loads(report.read_text())
+    assert set(rep["stages"]) == {"text", "modulation", "denoise", "decode"}
+    assert rep["output"] == str(out) and rep["settings"]["seed"] == 42
+    assert rep["peak_bytes"] == max(s["peak_bytes"] for s in rep["stages"].values())
+    # a second run never overwrites
+    r = run_cli("gen", "--preset", "dvd", "--model", folder, "--seed", "42", "--steps", "1",
+                "--width", "64", "--height", "64", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "dvd-42-1.png")
+    assert Image.open(out).size == (832, 1216)
+
+
+def test_gen_refuses_sizes_that_are_not_multiples_of_16(tmp_path, folder):
+    r = run_cli("gen", "--prompt", "x", "--width", "1000", "--model", folder, cwd=tmp_path)
+    assert r.returncode == 2 and "multiples of 16" in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def _hf_cache(root: Path, models) -> Path:
+    """A Hugging Face cache holding a tiny FLUX.1-dev snapshot, as huggingface-hub lays it out."""
+    repo = root / "hub" / "models--black-forest-labs--FLUX.1-dev"
+    commit = "0" * 40
+    tiny.write_diffusers(models, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return root / "hub"
+
+
+def test_first_run_downloads_converts_and_generates(tmp_path, models):
+    hub = _hf_cache(tmp_path, models)
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "MLXFLUX_HOME": str(tmp_path / "home")}
+    r = run_cli("gen", "--prompt", "a red cube", "--width", "64", "--height", "64", "--steps",
+                "1", "--seed", "5", env=env, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "gated" in r.stderr and "34 GB" in r.stderr  # said before downloading
+    assert (tmp_path / "home/models/flux1-dev-q8/mlxflux.json").exists()
+    assert Image.open(r.stdout.strip()).size == (64, 64)
+
+
+def test_first_run_offline_without_the_files_explains(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1",
+           "MLXFLUX_HOME": str(tmp_path / "home")}  # fmt: skip
+    r = run_cli("gen", "--prompt", "x", env=env, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "gated" in r.stderr and "hf auth login" in r.stderr
+    assert "HF_HUB_OFFLINE" in r.stderr.splitlines()[-1]
+    assert not (tmp_path / "home/models/flux1-dev-q8").exists()
+
+
+def test_first_run_converts_from_mlxflux_source(tmp_path, models):
+    src = tiny.write_diffusers(models, tmp_path / "FLUX.1-dev")
+    env = {
+        "MLXFLUX_SOURCE": str(src),
+        "MLXFLUX_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    r = run_cli("gen", "--prompt", "x", "--width", "32", "--height", "32", "--steps", "1",
+                "--seed", "1", env=env, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "converting from" in r.stderr
