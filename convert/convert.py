@@ -161,14 +161,14 @@ def _file_group(comp: str, key: str) -> str:
     return "model"
 
 
-def write_component(comp: str, plan: Plan, folder: Path, bits: int | None, dtype, bar) -> dict:
-    """Stream one component into `folder/comp`; returns its manifest entry."""
+def write_component(comp: str, config: dict, items, folder: Path, bits: int | None, dtype) -> dict:
+    """Stream (key, tensor) pairs of one component into `folder/comp`, casting to `dtype` and
+    quantizing Linear weights; returns its manifest entry."""
     (folder / comp).mkdir(parents=True)
-    (folder / comp / "config.json").write_text(json.dumps(plan.config, indent=1))
+    (folder / comp / "config.json").write_text(json.dumps(config, indent=1))
     writers: dict[str, ShardWriter] = {}
     tensors: dict[str, dict] = {}
-    last_done = 0
-    for key, value in plan.part.mapped():
+    for key, value in items:
         group = _file_group(comp, key)
         writer = writers.setdefault(group, ShardWriter(folder / comp, group))
         if mx.issubdtype(value.dtype, mx.floating):
@@ -183,15 +183,66 @@ def write_component(comp: str, plan: Plan, folder: Path, bits: int | None, dtype
             writer.add(k, v)
             tensors[k] = {"shape": list(v.shape), "dtype": str(v.dtype), "group": group}
         del value, out
-        done = plan.part.bytes_read
-        bar.update(done - last_done)
-        last_done = done
     for writer in writers.values():
         writer.flush()
     files = {group: w.files for group, w in writers.items()}
     for k, t in tensors.items():
         t["file"] = writers[t.pop("group")].index[k]
-    return {"config": plan.config, "files": files, "tensors": tensors}
+    return {"config": config, "files": files, "tensors": tensors}
+
+
+def write_model_folder(
+    out: Path,
+    components: dict,
+    *,
+    bits: int | None,
+    dtype: str,
+    tokenizers: TokenizerFiles,
+    sources: list[dict],
+    notes: list[str],
+) -> dict:
+    """Write a model folder atomically: into a hidden sibling, verified, then renamed.
+
+    components: name -> (config, iterable of (key, tensor)), iterated once, in COMPONENTS
+    order. On any failure, Ctrl-C included, the sibling is removed and `out` is untouched.
+    """
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir()
+        manifest = {
+            "format": FORMAT_VERSION,
+            "mlxflux_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "quantization": {"bits": bits, "group_size": GROUP_SIZE, "mode": "affine"},
+            "dtype": dtype,
+            "sources": sources,
+            "components": {},
+            "notes": notes,
+        }
+        for comp in COMPONENTS:
+            config, items = components[comp]
+            manifest["components"][comp] = write_component(
+                comp, config, items, tmp, bits, DTYPES[dtype]
+            )
+        tokenizers.copy_to(tmp / "tokenizers")
+        manifest["id"] = _manifest_id(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        verify_folder(tmp, manifest)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _tracked(part: Part, bar):
+    """The part's mapped tensors, advancing `bar` by the bytes read for each."""
+    done = 0
+    for item in part.mapped():
+        yield item
+        bar.update(part.bytes_read - done)
+        done = part.bytes_read
 
 
 def verify_folder(folder: Path, manifest: dict) -> None:
@@ -282,45 +333,28 @@ def convert(
     ) as e:
         raise ConvertError(str(e)) from None
 
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.part.nbytes for p in plans.values())
-    try:
-        tmp.mkdir()
-        manifest = {
-            "format": FORMAT_VERSION,
-            "mlxflux_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "quantization": {"bits": bits, "group_size": GROUP_SIZE, "mode": "affine"},
-            "dtype": dtype,
-            "sources": [],
-            "components": {},
-            "notes": [n for p in plans.values() for n in p.notes],
+    sources_info = [
+        {
+            "component": comp,
+            "layout": plans[comp].part.layout,
+            "name": f.path.name,
+            "size": f.path.stat().st_size,
+            "header_sha256": f.header_sha256,
         }
-        with _progress(total, progress) as bar:
-            for comp in COMPONENTS:
-                plan = plans[comp]
-                manifest["components"][comp] = write_component(
-                    comp, plan, tmp, bits, DTYPES[dtype], bar
-                )
-                for f in plan.part.files:
-                    manifest["sources"].append(
-                        {
-                            "component": comp,
-                            "layout": plan.part.layout,
-                            "name": f.path.name,
-                            "size": f.path.stat().st_size,
-                            "header_sha256": f.header_sha256,
-                        }
-                    )
-        tok.copy_to(tmp / "tokenizers")
-        manifest["id"] = _manifest_id(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        verify_folder(tmp, manifest)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for comp in COMPONENTS
+        for f in plans[comp].part.files
+    ]
+    with _progress(total, progress) as bar:
+        manifest = write_model_folder(
+            out,
+            {c: (plans[c].config, _tracked(plans[c].part, bar)) for c in COMPONENTS},
+            bits=bits,
+            dtype=dtype,
+            tokenizers=tok,
+            sources=sources_info,
+            notes=[n for p in plans.values() for n in p.notes],
+        )
     if progress:
         log(summary(out, manifest, total, time.perf_counter() - start))
     return out

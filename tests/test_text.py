@@ -252,3 +252,19 @@ def test_t5_stays_finite_with_fp16_weights(t5_tokenizers):
         want = ref(ids_t := torch.tensor(np.array(ids))).last_hidden_state
     assert ids_t.shape[1] == 256
     assert rel_err(out, want) <= 1e-4
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_cpu_dequantize_equals_the_quantized_values(bits):
+    from mlxflux.quant import dequantize
+
+    w = mx.random.normal((96, 256), key=mx.random.key(bits)).astype(mx.bfloat16)
+    q, s, b = mx.quantize(w, 64, bits)
+    # the exact value of each code: q * scale + bias, computed here in float64 from the codes
+    one, zero = mx.ones(s.shape, mx.float32), mx.zeros(b.shape, mx.float32)
+    codes = np.array(mx.dequantize(q, one, zero, 64, bits)).astype(int)
+    exact = codes.reshape(96, -1, 64) * np.array(s.astype(mx.float32))[..., None].astype(
+        np.float64
+    ) + np.array(b.astype(mx.float32))[..., None].astype(np.float64)
+    got = np.array(dequantize(q, s, b, 64, bits)).reshape(96, -1, 64)
+    assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()

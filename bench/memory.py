@@ -1,0 +1,92 @@
+"""Peak memory of each pipeline stage at full size, next to what diffusers' FluxPipeline needs.
+
+    python bench/make_random_model.py --out /tmp/flux-random-q8 --bits 8
+    python bench/memory.py --model /tmp/flux-random-q8 --sizes 256,dvd
+
+Each run is a fresh process running `Pipeline.generate` (one step: memory does not depend on
+the step count) and reading its per-stage report: `peak_bytes` is mx.get_peak_memory() after
+mx.reset_peak_memory() at the stage's start. diffusers' needs are computed from its bf16
+weights (FluxPipeline as documented: everything resident, or enable_model_cpu_offload(), which
+moves one model at a time to the GPU); they are not measured here.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+SIZES = {"256": (256, 256), "book": (896, 1152), "vinyl": (1024, 1024), "dvd": (832, 1216)}
+GIB = 1 << 30
+
+# FLUX.1-dev parameter counts (bf16 = 2 bytes each): transformer, T5-XXL encoder, CLIP-L, VAE
+DIFFUSERS_BF16 = {"transformer": 11.90e9, "t5": 4.76e9, "clip": 0.123e9, "vae": 0.084e9}
+
+RUN = """
+import json, resource, sys, mlx.core as mx
+import mlxflux
+pipe = mlxflux.load(sys.argv[1])
+pipe.generate("A cinematic DVD cover for the movie Interstellar.", width=int(sys.argv[2]),
+              height=int(sys.argv[3]), steps=1, seed=0)
+rep = pipe.last_report.to_dict()
+rep["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(rep))
+"""
+
+
+def run(model: str, w: int, h: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", RUN, model, str(w), str(h)], capture_output=True, text=True
+    )
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a make_random_model.py (or real) folder")
+    p.add_argument("--sizes", default="256,book,vinyl,dvd")
+    p.add_argument("--out", default="bench/results/memory")
+    a = p.parse_args()
+    manifest = json.loads((Path(a.model) / "mlxflux.json").read_text())
+    bits = manifest["quantization"]["bits"]
+    rows = []
+    for size in a.sizes.split(","):
+        w, h = SIZES[size]
+        rep = run(a.model, w, h)
+        rows.append({"size": size, "bits": bits, **rep})
+        print(json.dumps(rows[-1]["stages"]), flush=True)
+    weights = {k: v * 2 / GIB for k, v in DIFFUSERS_BF16.items()}
+    resident = sum(weights.values())
+    offload = max(weights.values())
+    lines = [
+        f"Peak memory per stage (GiB), FLUX.1-dev shapes, {bits or 'no'}-bit, "
+        f"{platform.system()} {platform.machine()}, {date.today().isoformat()}.",
+        "",
+        "| size | text | modulation | denoise | decode | whole run | max RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        s = {k: v["peak_bytes"] / GIB for k, v in r["stages"].items()}
+        lines.append(
+            f"| {r['size']} | {s['text']:.2f} | {s['modulation']:.2f} | {s['denoise']:.2f} | "
+            f"{s['decode']:.2f} | {r['peak_bytes'] / GIB:.2f} | {r['max_rss_bytes'] / GIB:.2f} |"
+        )
+    lines += [
+        "",
+        f"diffusers FluxPipeline, bf16 weights alone (computed): {resident:.1f} GiB resident; "
+        f"with enable_model_cpu_offload() the GPU holds the largest model, the transformer, "
+        f"{offload:.1f} GiB, plus activations.",
+    ]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
