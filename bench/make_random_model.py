@@ -32,14 +32,16 @@ CONFIGS = {
 
 
 def random_items(comp: str, seed: int):
-    """(key, tensor) for every parameter, drawn lazily one at a time: N(0, 1/fan_in) matrices,
-    norm scales of one, small biases."""
+    """(key, tensor) for every parameter, drawn lazily one at a time: matrices uniform with
+    variance 1/fan_in (uniform draws are ~3x cheaper than normal ones), norm scales of one,
+    small biases."""
     model = build_model(comp, CONFIGS[comp])
     for i, (key, p) in enumerate(tree_flatten(model.parameters())):
         k = mx.random.key(seed * 100_003 + i)
         if p.ndim >= 2:
             fan_in = p.size // p.shape[0]
-            value = mx.random.normal(p.shape, key=k) * fan_in**-0.5
+            bound = (3 / fan_in) ** 0.5
+            value = mx.random.uniform(-bound, bound, p.shape, key=k)
         elif key.endswith(("scale", "norm.weight", "layer_norm.weight")) or "norm" in key:
             value = mx.ones(p.shape)
         else:

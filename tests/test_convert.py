@@ -389,3 +389,18 @@ def test_ctrl_c_leaves_no_half_written_folder(tmp_path, models):
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert "Traceback" not in r.stderr
+
+
+def test_info_prints_the_manifest(tmp_path, models):
+    src = tiny.write_diffusers(models, tmp_path / "src")
+    out = convert([src], tmp_path / "model", bits=8, dtype="bfloat16")
+    r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(out)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(out)
+    assert "8-bit affine, group 64" in r.stdout and manifest["id"] in r.stdout
+    for comp in ("transformer", "t5", "clip", "vae"):
+        assert comp in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(tmp_path)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "not an mlxflux model folder" in r.stderr

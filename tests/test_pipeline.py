@@ -228,3 +228,22 @@ def test_first_run_converts_from_mlxflux_source(tmp_path, models):
                 "--seed", "1", env=env, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "converting from" in r.stderr
+
+
+def test_ctrl_c_during_generation_writes_no_file(tmp_path, folder):
+    code = (
+        "import os, signal, sys\n"
+        "import mlxflux.pipeline as p\n"
+        "real = p.Pipeline.decode\n"
+        "def interrupted(self, *a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(self, *a, **k)\n"
+        "p.Pipeline.decode = interrupted\n"
+        "from mlxflux.cli import main\n"
+        f"main(['gen', '--prompt', 'x', '--width', '32', '--height', '32', '--steps', '1',"
+        f" '--seed', '1', '--model', {str(folder)!r}])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "interrupted" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no PNG, no temporary file
