@@ -249,18 +249,15 @@ def _bad_files(tmp: Path, models) -> dict[str, tuple[Path, str]]:
     return cases, paths
 
 
+def other_flags(paths) -> list:
+    """Good --ae/--clip/--t5/--tokenizers, so a test varies --flux alone."""
+    return ["--ae", paths["vae"], "--clip", paths["clip"], "--t5", paths["t5"],
+            "--tokenizers", tokenizer_dir()]  # fmt: skip
+
+
 def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, models):
     cases, paths = _bad_files(tmp_path, models)
-    others = [
-        "--ae",
-        paths["vae"],
-        "--clip",
-        paths["clip"],
-        "--t5",
-        paths["t5"],
-        "--tokenizers",
-        tokenizer_dir(),
-    ]
+    others = other_flags(paths)
     for name, (path, message) in cases.items():
         out = tmp_path / f"out-{name}"
         r = run_cli("--flux", path, *others, "--out", out)
@@ -310,16 +307,7 @@ def test_missing_and_extra_tensors(tmp_path, models):
     from safetensors.torch import load_file
 
     sd = load_file(paths["transformer"])
-    rest = [
-        "--ae",
-        paths["vae"],
-        "--clip",
-        paths["clip"],
-        "--t5",
-        paths["t5"],
-        "--tokenizers",
-        tokenizer_dir(),
-    ]
+    rest = other_flags(paths)
     missing = dict(sd)
     del missing["single_blocks.1.linear2.bias"]
     save_file(missing, str(tmp_path / "missing.safetensors"))
