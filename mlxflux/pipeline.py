@@ -140,7 +140,8 @@ class Pipeline:
                 mx.repeat(pooled.astype(self.dtype), steps, axis=0),
                 mx.full((steps,), guidance, dtype=mx.float32),
             )
-            mx.eval(cond.arrays())
+            for table in cond.arrays():  # one layer at a time: one dequantized copy alive
+                mx.eval(table)
             model.drop_modulation()
         with _Stage(report, "denoise"):
             load_group(model, self.folder, "transformer", self.manifest, "trunk")
