@@ -145,10 +145,14 @@ def load_group(
         want = entry["tensors"].get(key)
         if want is None or list(value.shape) != want["shape"] or str(value.dtype) != want["dtype"]:
             raise ModelFolderError(f"{source}: tensor {key} does not match the manifest")
-    params = dict(tree_flatten(model.parameters()))
-    in_group = {k for k, t in entry["tensors"].items() if t["file"] in names}
-    check_weights({k: v for k, v in params.items() if k in in_group}, weights, source)
-    if group is None and in_group != params.keys():
-        check_weights(params, weights, source)  # names what the folder lacks
+    from .models.transformer import is_modulation_key
+
+    # the transformer's groups: modulation (adaLN + embedders) and trunk (everything else)
+    expected = {
+        k: v
+        for k, v in tree_flatten(model.parameters())
+        if group is None or is_modulation_key(k) == (group == "modulation")
+    }
+    check_weights(expected, weights, source)
     model.load_weights(list(weights.items()), strict=False)
     return model

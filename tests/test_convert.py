@@ -392,3 +392,19 @@ def test_info_prints_the_manifest(tmp_path, models):
     r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(tmp_path)],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "not an mlxflux model folder" in r.stderr
+
+
+def test_loading_refuses_unknown_format_and_missing_files(tmp_path, models):
+    from mlxflux.weights import ModelFolderError
+
+    src = tiny.write_diffusers(models, tmp_path / "src")
+    out = fp32([src], tmp_path / "model")
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(dict(manifest, format=99)))
+    with pytest.raises(ModelFolderError, match="format 99"):
+        read_manifest(out)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    shard = out / "vae" / manifest["components"]["vae"]["files"]["model"][0]
+    shard.unlink()
+    with pytest.raises(ModelFolderError, match=f"{shard.name}: missing"):
+        load_component(out, "vae")
