@@ -25,7 +25,7 @@ def plot_speed(data: dict, out: Path) -> None:
     ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(sizes))], sizes)
     ax.set_ylabel("seconds per step (median)")
     ax.set_title(f"{data['meta']['config']}\n{data['meta']['machine']}, {data['meta']['date']}")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -43,7 +43,7 @@ def plot_memory(rows: list, out: Path) -> None:
     ax.set_xticks([x + width * 1.5 for x in range(len(rows))], [r["size"] for r in rows])
     ax.set_ylabel("peak GiB per stage")
     ax.set_title(f"FLUX.1-dev shapes, {rows[0]['bits']}-bit")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
