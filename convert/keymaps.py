@@ -75,6 +75,13 @@ def _rules(table: list[tuple[str, str | Callable]]) -> list[tuple[re.Pattern, ob
     return [(re.compile(pattern + r"$"), repl) for pattern, repl in table]
 
 
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
 def _apply(rules, key: str) -> Target | None:
     for pattern, repl in rules:
         m = pattern.match(key)
@@ -90,10 +97,7 @@ BFL_PREFIXES = ("model.diffusion_model.",)
 
 def bfl_transformer(key: str) -> Target:
     """BFL / ComfyUI transformer files already use mlxflux's names, maybe behind a prefix."""
-    for prefix in BFL_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    return Target(key)
+    return Target(_strip(key, BFL_PREFIXES))
 
 
 def _part(name: str, part: int, parts: int):
@@ -218,9 +222,7 @@ BFL_VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 def bfl_vae(key: str) -> Target | None:
     """`ae.safetensors` keys are mlxflux's; only conv layouts change."""
-    for prefix in BFL_VAE_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
+    key = _strip(key, BFL_VAE_PREFIXES)
     if not key.startswith(("encoder.", "decoder.")):
         return None
     return Target(key, fn=_vae_fn(key))
@@ -280,13 +282,6 @@ def diffusers_vae(num_levels: int) -> Callable[[str], Target | None]:
 
 CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "cond_stage_model.transformer.")
 _CLIP_UNUSED = ("embeddings.position_ids", "text_projection.weight", "logit_scale")
-
-
-def _strip(key: str, prefixes: tuple[str, ...]) -> str:
-    for prefix in prefixes:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
 
 
 def clip_text(key: str) -> Target | None:

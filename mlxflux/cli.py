@@ -1,6 +1,7 @@
 """The `mlxflux` command: parses flags and calls the library with the same parameter names."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -166,8 +167,6 @@ Already have the files (ComfyUI's flux1-dev-fp8, t5xxl_fp8_e4m3fn, clip_l, ae)? 
 
 def ensure_model(model: Path | None, sources: tuple[Path, ...]) -> Path:
     """The model folder to use; on first run, convert from --from/MLXFLUX_SOURCE or download."""
-    import os
-
     from .convert import ConvertError, convert, default_model_dir
     from .convert.convert import FLUX_DEV_REPO
 
@@ -273,8 +272,6 @@ def gen(
     tiled_decode,
 ):
     """Generate an image, staged: text encoders, then the transformer, then the VAE."""
-    import os
-
     from tqdm.auto import tqdm
 
     from .image import default_name, save_png
