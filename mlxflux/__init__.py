@@ -2,10 +2,10 @@
 
 from ._version import __version__
 from .noise import comfy_noise
-from .pipeline import Pipeline, load
+from .pipeline import NonFiniteError, Pipeline, load
 from .sampling import sigmas
 
-__all__ = ["Pipeline", "__version__", "comfy_noise", "load", "sigmas"]
+__all__ = ["NonFiniteError", "Pipeline", "__version__", "comfy_noise", "load", "sigmas"]
 
 
 def __getattr__(name):

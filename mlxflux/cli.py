@@ -275,7 +275,7 @@ def gen(
     from tqdm.auto import tqdm
 
     from .image import default_name, save_png
-    from .pipeline import check_size, load
+    from .pipeline import NonFiniteError, check_size, load
     from .presets import PresetError, get_preset
 
     settings = {
@@ -345,6 +345,8 @@ def gen(
         )
     except KeyboardInterrupt:
         raise Failure("interrupted: no image was written") from None
+    except NonFiniteError as e:
+        raise Failure(f"{e}; no image was written") from None
     finally:
         bar.close()
     rep = pipe.last_report

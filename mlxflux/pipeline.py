@@ -6,7 +6,8 @@
     decode      VAE (row-tiled when it would not fit) -> image
 
 so the peak is the largest stage, not the sum. Weights are read lazily from the model folder:
-nothing is read before its stage.
+nothing is read before its stage. Every stage's output is checked for NaN/inf (an overflow
+would otherwise save a black PNG): `NonFiniteError` names the stage and step.
 """
 
 import gc
@@ -19,10 +20,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .kernels import default_precision
 from .models.autoencoder import estimate_decode_bytes
-from .models.transformer import image_ids, pack_latents, unpack_latents
+from .models.transformer import Conditioning, image_ids, pack_latents, unpack_latents
 from .noise import comfy_noise
-from .sampling import DEFAULT_SHIFT, sigmas
+from .sampling import DEFAULT_SHIFT, euler_step, sigmas
 from .tokenizers import CLIPTokenizer, T5Tokenizer
 from .weights import load_component, load_group, read_manifest
 
@@ -30,10 +32,28 @@ PRECISIONS = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.floa
 DECODE_BUDGET = 2 << 30  # untiled VAE decode above this estimate runs row-tiled
 
 
-def default_precision() -> str:
-    """fp32 on the CPU backend (no fast 16-bit matmul there); bf16 on Metal/CUDA (fp16
-    overflows in FLUX's activations without care; bf16 has fp32's range)."""
-    return "float32" if mx.default_device().type == mx.cpu else "bfloat16"
+class NonFiniteError(ArithmeticError):
+    """A stage produced NaN or infinite values (an overflow, typically in 16-bit compute).
+
+    `stage` is the stage's name, `step` the denoising step (1-based) or None; the message says
+    what to try. No image is returned, so none is saved.
+    """
+
+    def __init__(self, stage: str, step: int | None, steps: int | None, precision: str):
+        where = f"{stage} stage" + (f" at step {step}/{steps}" if step else "")
+        hint = (
+            "try --precision float32 (precision='float32')"
+            if precision != "float32"
+            else "the model's weights may be damaged: check them with `mlxflux info`"
+        )
+        super().__init__(f"non-finite values (NaN/inf) in the {where} in {precision}; {hint}")
+        self.stage, self.step = stage, step
+
+
+def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None) -> None:
+    """Raise NonFiniteError unless every value of x is finite (one reduction, one sync)."""
+    if not mx.all(mx.isfinite(x)).item():
+        raise NonFiniteError(stage, step, steps, precision)
 
 
 @dataclass
@@ -90,6 +110,19 @@ def check_size(width: int, height: int) -> None:
         )
 
 
+def denoise_step(model, x, txt, cond: Conditioning, rope, sigma: float, sigma_next: float):
+    """One evaluated Euler step of the trunk: x (packed, float32) -> x at sigma_next.
+
+    The trunk runs in txt's dtype and is evaluated after every block, so only one block's
+    activations are alive at a time, whatever a backend's command buffers would otherwise keep
+    (CUDA held ~10 GiB of finished intermediates at the DVD size).
+    """
+    v = model.trunk(x.astype(txt.dtype), txt, cond, rope, after_block=mx.eval)
+    x = euler_step(x, v, sigma, sigma_next)
+    mx.eval(x)
+    return x
+
+
 class Pipeline:
     def __init__(self, folder: str | Path, precision: str | None = None):
         self.folder = Path(folder)
@@ -113,49 +146,54 @@ class Pipeline:
         t5 = load_component(self.folder, "t5", self.manifest)
         txt = t5(mx.array([t5_ids]))
         mx.eval(txt)
+        check_finite(txt, "text (T5)", self.precision)
         del t5
         clip = load_component(self.folder, "clip", self.manifest)
         _, pooled = clip(mx.array([clip_ids]))
         mx.eval(pooled)
+        check_finite(pooled, "text (CLIP)", self.precision)
         del clip
         return txt, pooled
 
+    def modulation(
+        self, pooled: mx.array, sigma_list: list[float], guidance: float
+    ) -> tuple[object, Conditioning]:
+        """Every step's adaLN vectors at once; returns the transformer without those weights."""
+        steps = len(sigma_list) - 1
+        model = load_component(self.folder, "transformer", self.manifest, group="modulation")
+        cond = model.modulation(
+            mx.array(sigma_list[:-1], dtype=mx.float32),
+            mx.repeat(pooled.astype(self.dtype), steps, axis=0),
+            mx.full((steps,), guidance, dtype=mx.float32),
+        )
+        for table in cond.arrays():  # one layer at a time: one dequantized copy alive
+            mx.eval(table)
+            check_finite(table, "modulation", self.precision)
+        model.drop_modulation()
+        return model, cond
+
     def denoise(
         self,
+        model,
+        cond: Conditioning,
         txt: mx.array,
-        pooled: mx.array,
         noise: np.ndarray,
         sigma_list: list[float],
-        guidance: float,
-        report: Report,
         on_step: Callable[[int, int], None] | None = None,
     ) -> mx.array:
+        """Euler over the transformer trunk; the latent [1, 16, H/8, W/8] stays float32."""
         height, width = noise.shape[2] * 8, noise.shape[3] * 8
         steps = len(sigma_list) - 1
-        with _Stage(report, "modulation"):
-            model = load_component(self.folder, "transformer", self.manifest, group="modulation")
-            n = mx.array(sigma_list[:-1], dtype=mx.float32)
-            cond = model.modulation(
-                n,
-                mx.repeat(pooled.astype(self.dtype), steps, axis=0),
-                mx.full((steps,), guidance, dtype=mx.float32),
-            )
-            for table in cond.arrays():  # one layer at a time: one dequantized copy alive
-                mx.eval(table)
-            model.drop_modulation()
-        with _Stage(report, "denoise"):
-            load_group(model, self.folder, "transformer", self.manifest, "trunk")
-            rope = model.rope(image_ids(height, width), txt.shape[1])
-            txt = txt.astype(self.dtype)
-            x = pack_latents(mx.array(noise, dtype=mx.float32))  # the state stays float32
-            for i in range(steps):
-                v = model.trunk(x.astype(self.dtype), txt, cond.rows(i, i + 1), rope)
-                x = x + (sigma_list[i + 1] - sigma_list[i]) * v.astype(mx.float32)
-                mx.eval(x)
-                if on_step:
-                    on_step(i + 1, steps)
-            del model, cond, rope
-            return unpack_latents(x, height, width)
+        load_group(model, self.folder, "transformer", self.manifest, "trunk")
+        rope = model.rope(image_ids(height, width), txt.shape[1])
+        txt = txt.astype(self.dtype)
+        x = pack_latents(mx.array(noise, dtype=mx.float32))
+        for i in range(steps):
+            x = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigma_list[i : i + 2])
+            check_finite(x, "denoise", self.precision, i + 1, steps)
+            if on_step:
+                on_step(i + 1, steps)
+        return unpack_latents(x, height, width)
 
     def decode(self, latent: mx.array, tiled: bool | None) -> Image.Image:
         ae = load_component(self.folder, "vae", self.manifest)
@@ -163,6 +201,8 @@ class Pipeline:
         if tiled is None:
             tiled = estimate_decode_bytes(h, w, ae.config, self.dtype.size) > DECODE_BUDGET
         img = ae.decode(latent.astype(self.dtype), tiled=tiled)
+        mx.eval(img)
+        check_finite(img, "decode", self.precision)
         # ComfyUI's SaveImage truncates: uint8(clip(255 * x))
         arr = np.array((img[0].astype(mx.float32) * 255).astype(mx.uint8))
         del ae
@@ -206,8 +246,12 @@ class Pipeline:
         )  # fmt: skip
         with _Stage(report, "text"):
             txt, pooled = self.encode_text(prompt, t5_padding)
-        latent = self.denoise(txt, pooled, noise, sigma_list, guidance, report, on_step)
-        del txt, pooled
+        with _Stage(report, "modulation"):
+            model, cond = self.modulation(pooled, sigma_list, guidance)
+            del pooled
+        with _Stage(report, "denoise"):
+            latent = self.denoise(model, cond, txt, noise, sigma_list, on_step)
+            del model, cond, txt
         with _Stage(report, "decode"):
             image = self.decode(latent, tiled_decode)
             del latent

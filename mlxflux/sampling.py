@@ -6,6 +6,7 @@ sigmas equal ComfyUI's bit for bit, not just approximately.
 
 import math
 
+import mlx.core as mx
 import numpy as np
 
 SCHEDULERS = ("simple", "beta", "normal")
@@ -95,3 +96,11 @@ def sigmas(
     else:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     return out + [0.0]
+
+
+def euler_step(x: mx.array, velocity: mx.array, sigma: float, sigma_next: float) -> mx.array:
+    """ComfyUI's Euler step for a velocity (CONST) model: x + (sigma_next - sigma) * v.
+
+    ComfyUI keeps the latent in float32 whatever the model's dtype; so does this.
+    """
+    return x + (sigma_next - sigma) * velocity.astype(mx.float32)

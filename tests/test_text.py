@@ -256,7 +256,7 @@ def test_t5_stays_finite_with_fp16_weights(t5_tokenizers):
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_cpu_dequantize_equals_the_quantized_values(bits):
-    from mlxflux.quant import dequantize
+    from mlxflux.kernels import dequantize
 
     w = mx.random.normal((96, 256), key=mx.random.key(bits)).astype(mx.bfloat16)
     q, s, b = mx.quantize(w, 64, bits)

@@ -1,12 +1,12 @@
-"""Building blocks shared by the Flux transformer: embeddings, RoPE, attention, norms."""
+"""Building blocks shared by the Flux transformer: embeddings, RoPE, linear layers, norms."""
 
-import functools
 import math
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .. import kernels
 
 
 def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0) -> mx.array:
@@ -43,40 +43,26 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return out.reshape(shape).astype(dtype)
 
 
-@functools.cache
-def _cpu_streams() -> tuple:
-    """The CPU's default stream plus one more per extra core (at most four in all)."""
-    n = max(1, min(4, os.cpu_count() or 1))
-    return (mx.default_stream(mx.cpu), *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
+class Linear(nn.Linear):
+    """nn.Linear run through this backend's kernel, in the input's dtype."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.linear(self, x)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Softmax attention over [B, H, L, D] -> [B, L, H*D].
+TOKEN_CHUNK = 1024  # tokens per chunk for the MLPs: [1024, 12288] fp32 is 48 MiB
 
-    On the CPU backend MLX's fused kernel runs at ~18 GFLOP/s against ~150 for its BLAS
-    matmuls (REFERENCE.md), so there we use two matmuls and a softmax, a few heads at a time
-    so the [L, L] scores stay bounded. Metal and CUDA use the fused kernel.
+
+def map_tokens(fn, *xs: mx.array, chunk: int = TOKEN_CHUNK) -> mx.array:
+    """fn(*xs) computed on chunks of `chunk` tokens (axis 1) and concatenated.
+
+    The MLPs' hidden activations are 4x (single blocks: 5x) wider than the residual stream: at
+    the DVD size, 4464 tokens, computing them whole adds ~1 GiB in float32.
     """
-    b, h, n, d = q.shape
-    scale = d**-0.5
-    if mx.default_device().type != mx.cpu:
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    else:
-        # ~256 MiB of fp32 scores per chunk of heads; chunks alternate between CPU streams,
-        # which run on their own threads: MLX's CPU softmax (its exp) is single-threaded and
-        # takes ~80% of the time at 4096 tokens, so two streams nearly halve it
-        per_head = b * n * n * 4
-        step = max(1, min(h, (256 << 20) // max(per_head, 1)))
-        streams = _cpu_streams()
-        outs = []
-        for j, i in enumerate(range(0, h, step)):
-            s = streams[j % len(streams)]
-            qi, ki, vi = q[:, i : i + step], k[:, i : i + step], v[:, i : i + step]
-            scores = mx.matmul(mx.multiply(qi, scale, stream=s), ki.swapaxes(-1, -2), stream=s)
-            probs = mx.softmax(scores, axis=-1, precise=True, stream=s)
-            outs.append(mx.matmul(probs, vi, stream=s))
-        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
-    return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+    n = xs[0].shape[1]
+    if n <= chunk:
+        return fn(*xs)
+    return mx.concatenate([fn(*(x[:, i : i + chunk] for x in xs)) for i in range(0, n, chunk)], 1)
 
 
 class RMSNorm(nn.Module):
@@ -106,8 +92,8 @@ def layer_norm(x: mx.array) -> mx.array:
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer = Linear(in_dim, hidden)
+        self.out_layer = Linear(hidden, hidden)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.out_layer(nn.silu(self.in_layer(x)))

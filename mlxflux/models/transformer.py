@@ -8,18 +8,21 @@ at once, and `FluxTransformer.trunk(...)` runs from those precomputed vectors, s
 can evaluate every step's modulation first and then drop those weights (DESIGN.md, memory plan).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..kernels import attention, linear_rows
 from .layers import (
+    Linear,
     MLPEmbedder,
     QKNorm,
     apply_rope,
-    attention,
     layer_norm,
+    map_tokens,
     modulate,
     rope_tables,
     timestep_embedding,
@@ -98,7 +101,7 @@ class Modulation(nn.Module):
 
     def __init__(self, dim: int, double: bool):
         super().__init__()
-        self.lin = nn.Linear(dim, (6 if double else 3) * dim)
+        self.lin = Linear(dim, (6 if double else 3) * dim)
 
     def __call__(self, vec: mx.array) -> mx.array:
         return self.lin(nn.silu(vec))
@@ -108,9 +111,9 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def qkv_heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """x [B, L, D] -> normed q, k and v, each [B, H, L, D/H]."""
@@ -122,11 +125,13 @@ class SelfAttention(nn.Module):
 
 def mlp(dim: int, hidden: int) -> list[nn.Module]:
     """Linear -> GELU(tanh) -> Linear as a list, so keys are `.0` and `.2` like BFL's Sequential."""
-    return [nn.Linear(dim, hidden), nn.GELU(approx="tanh"), nn.Linear(hidden, dim)]
+    return [Linear(dim, hidden), nn.GELU(approx="tanh"), Linear(hidden, dim)]
 
 
 def run_mlp(layers: list[nn.Module], x: mx.array) -> mx.array:
-    return layers[2](nn.gelu_approx(layers[0](x)))
+    """The MLP over token chunks, each layer's weight prepared once for all chunks."""
+    fc1, fc2 = linear_rows(layers[0]), linear_rows(layers[2])
+    return map_tokens(lambda t: fc2(nn.gelu_approx(fc1(t))), x)
 
 
 def _chunks(m: mx.array, n: int) -> list[mx.array]:
@@ -175,30 +180,36 @@ class SingleStreamBlock(nn.Module):
         d = cfg.hidden_size
         self.hidden_size = d
         self.num_heads = cfg.num_heads
-        self.linear1 = nn.Linear(d, 3 * d + cfg.mlp_hidden)
-        self.linear2 = nn.Linear(d + cfg.mlp_hidden, d)
+        self.linear1 = Linear(d, 3 * d + cfg.mlp_hidden)
+        self.linear2 = Linear(d + cfg.mlp_hidden, d)
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(d, double=False)
 
     def __call__(self, x, mod, rope):
         shift, scale, gate = _chunks(mod, 3)
         b, n, d = x.shape
-        h = self.linear1(modulate(layer_norm(x), shift, scale))
-        qkv, mlp = h[..., : 3 * d], h[..., 3 * d :]
+        h = modulate(layer_norm(x), shift, scale)
+        # linear1 is [q, k, v | MLP in]: attention needs every token's q/k/v; the MLP half
+        # (4x wider) and linear2 run over token chunks
+        qkv = linear_rows(self.linear1, 0, 3 * d)(h)
         qkv = qkv.reshape(b, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q = apply_rope(self.norm.query_norm(qkv[0]), *rope)
         k = apply_rope(self.norm.key_norm(qkv[1]), *rope)
         attn = attention(q, k, qkv[2])
-        out = self.linear2(mx.concatenate([attn, nn.gelu_approx(mlp)], axis=-1))
-        return x + gate[:, None] * out
+        mlp_in, out = linear_rows(self.linear1, 3 * d), linear_rows(self.linear2)
+
+        def tail(a: mx.array, t: mx.array) -> mx.array:
+            return out(mx.concatenate([a, nn.gelu_approx(mlp_in(t))], axis=-1))
+
+        return x + gate[:, None] * map_tokens(tail, attn, h)
 
 
 class LastLayer(nn.Module):
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
-        self.linear = nn.Linear(dim, out_channels)
+        self.linear = Linear(dim, out_channels)
         # BFL: nn.Sequential(SiLU, Linear) -> key `adaLN_modulation.1`
-        self.adaLN_modulation = [nn.SiLU(), nn.Linear(dim, 2 * dim)]
+        self.adaLN_modulation = [nn.SiLU(), Linear(dim, 2 * dim)]
 
     def __call__(self, x, mod):
         shift, scale = _chunks(mod, 2)  # BFL order (diffusers stores scale, shift)
@@ -229,12 +240,12 @@ class FluxTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         d = cfg.hidden_size
-        self.img_in = nn.Linear(cfg.in_channels, d)
+        self.img_in = Linear(cfg.in_channels, d)
         self.time_in = MLPEmbedder(256, d)
         self.vector_in = MLPEmbedder(cfg.vec_in_dim, d)
         if cfg.guidance_embed:
             self.guidance_in = MLPEmbedder(256, d)
-        self.txt_in = nn.Linear(cfg.context_in_dim, d)
+        self.txt_in = Linear(cfg.context_in_dim, d)
         self.double_blocks = [DoubleStreamBlock(cfg) for _ in range(cfg.depth)]
         self.single_blocks = [SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks)]
         self.final_layer = LastLayer(d, cfg.in_channels)
@@ -261,16 +272,29 @@ class FluxTransformer(nn.Module):
         return rope_tables(ids, self.config.axes_dim, self.config.theta)
 
     def trunk(
-        self, img: mx.array, txt: mx.array, cond: Conditioning, rope: tuple[mx.array, mx.array]
+        self,
+        img: mx.array,
+        txt: mx.array,
+        cond: Conditioning,
+        rope: tuple[mx.array, mx.array],
+        after_block: Callable[..., None] | None = None,
     ) -> mx.array:
-        """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, in_channels]."""
+        """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, in_channels].
+
+        `after_block(*streams)` is called with the residual streams after every block (the
+        pipeline evaluates them there, which bounds the memory a lazy graph holds).
+        """
         img = self.img_in(img)
         txt = self.txt_in(txt)
         for block, (img_mod, txt_mod) in zip(self.double_blocks, cond.double, strict=True):
             img, txt = block(img, txt, img_mod, txt_mod, rope)
+            if after_block:
+                after_block(img, txt)
         x = mx.concatenate([txt, img], axis=1)
         for block, mod in zip(self.single_blocks, cond.single, strict=True):
             x = block(x, mod, rope)
+            if after_block:
+                after_block(x)
         return self.final_layer(x[:, txt.shape[1] :], cond.final)
 
     def __call__(
