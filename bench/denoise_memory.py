@@ -43,6 +43,7 @@ for i, (k, p) in enumerate(tree_flatten(model.parameters())):  # uniform, varian
         p = mx.random.uniform(-bound, bound, p.shape, key=mx.random.key(i))
     params.append((k, p.astype(dtype)))
 model.load_weights(params)
+del params
 if bits != "none":
     quantize(model, int(bits))
 mx.eval(model.parameters())

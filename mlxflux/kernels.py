@@ -91,6 +91,7 @@ def _split_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     m = k.shape[2]
     per_row = b * m * 4
     rows = max(1, min(n, SCORES_BYTES // per_row))
+    rows = -(-n // -(-n // rows))  # equal chunks: 4464 rows -> 2 x 2232, not 3758 + 706
     heads = max(1, min(h, SCORES_BYTES // (per_row * rows)))
     streams = _cpu_streams()
     out_heads = []

@@ -1,5 +1,6 @@
 """End to end: convert -> load -> generate, against diffusers' FluxPipeline on the same weights."""
 
+import copy
 import json
 import os
 import subprocess
@@ -14,10 +15,12 @@ from PIL import Image
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 import mlxflux
+from mlxflux import kernels
 from mlxflux.convert import convert
 from mlxflux.models.transformer import pack_latents
 
 from . import tiny
+from .test_kernels import quantize_dequantize_
 from .test_text import tokenizer_dir
 
 PROMPT = (
@@ -89,28 +92,78 @@ def test_auto_shift_max_padding_matches_default_flux_pipeline(models, folder):
     assert mean <= 0.75 and worst <= 4
 
 
-@pytest.mark.parametrize("scheduler", ["simple", "beta"])
-def test_comfyui_mode_matches_flux_pipeline_given_comfy_sigmas(models, folder, scheduler):
-    steps = 5
-    noise = mlxflux.comfy_noise(3, (1, 16, HEIGHT // 8, WIDTH // 8))
+def comfy_reference(models, scheduler: str, steps: int, noise: np.ndarray) -> np.ndarray:
+    """FluxPipeline given ComfyUI's sigmas (shift 1.15) and T5 padded to 256, as ComfyUI runs."""
     sigmas = mlxflux.sigmas(scheduler, steps, width=WIDTH, height=HEIGHT, shift=1.15)
     # no further shifting: the scheduler takes ComfyUI's sigmas as they are
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
     pipe = reference_pipeline(models, sched)
     with torch.no_grad():
-        ref = pipe(
+        return pipe(
             PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=len(sigmas) - 1,
             sigmas=sigmas[:-1], guidance_scale=3.5,
             latents=torch.from_numpy(np.array(pack_latents(mlxflux_array(noise)))),
             output_type="np", max_sequence_length=256,
         ).images  # fmt: skip
-    ours = mlxflux.load(folder).generate(
+
+
+def comfy_mode(pipe, scheduler: str, steps: int, noise: np.ndarray):
+    return pipe.generate(
         PROMPT, width=WIDTH, height=HEIGHT, steps=steps, guidance=3.5, scheduler=scheduler,
         shift=1.15, t5_padding="comfy", noise=noise,
     )  # fmt: skip
-    mean, worst = compare(ours, ref)
+
+
+@pytest.mark.parametrize("scheduler", ["simple", "beta"])
+def test_comfyui_mode_matches_flux_pipeline_given_comfy_sigmas(models, folder, scheduler):
+    steps = 5
+    noise = mlxflux.comfy_noise(3, (1, 16, HEIGHT // 8, WIDTH // 8))
+    ref = comfy_reference(models, scheduler, steps, noise)
+    mean, worst = compare(comfy_mode(mlxflux.load(folder), scheduler, steps, noise), ref)
     print(f"comfy/{scheduler} vs FluxPipeline: mean {mean:.3f}, max {worst} levels")
     assert mean <= 0.75 and worst <= 4
+
+
+@pytest.fixture(scope="module")
+def folder_q8(models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe_q8")
+    src = tiny.write_diffusers(models, tmp / "src")
+    return convert([src], tmp / "model", bits=8, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def kernel_references(models):
+    """FluxPipeline images for the kernel-mode tests: plain weights, and 8-bit (the reference
+    holds the dequantized weights of every layer the converter quantizes)."""
+    noise = mlxflux.comfy_noise(11, (1, 16, HEIGHT // 8, WIDTH // 8))
+    q8 = dict(models)
+    for name in ("transformer", "t5"):
+        q8[name] = quantize_dequantize_(copy.deepcopy(models[name]), 8)
+    refs = {bits: comfy_reference(m, "simple", 4, noise) for bits, m in ((None, models), (8, q8))}
+    return noise, refs
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_every_kernel_mode_matches_flux_pipeline(
+    monkeypatch, folder, folder_q8, kernel_references, mode, precision, bits
+):
+    """What Metal/CUDA run (fused, bf16, 8-bit) checked here, on the CPU, end to end."""
+    monkeypatch.setenv("MLXFLUX_KERNELS", mode)
+    noise, refs = kernel_references
+    pipe = mlxflux.load(folder_q8 if bits else folder, precision=precision)
+    kernels.calls.clear()
+    mean, worst = compare(comfy_mode(pipe, "simple", 4, noise), refs[bits])
+    print(f"{mode} {precision} {bits or 'plain'}: mean {mean:.3f}, max {worst} levels")
+    assert kernels.calls["fused_attention" if mode == "fused" else "split_attention"] > 0
+    assert kernels.calls["split_attention" if mode == "fused" else "fused_attention"] == 0
+    if bits and mode == "fused" and precision == "bfloat16" and kernels.backend() == "cpu":
+        # MLX's CPU quantized matmul loses precision with bf16 inputs (test_kernels: 5% on one
+        # layer); measured mean 2.46 / max 20 here. GPU kernels accumulate in float32.
+        assert mean <= 4 and worst <= 32
+    else:  # measured: float32 0.001 / 1, bfloat16 0.40 / 3
+        assert mean <= 0.75 and worst <= 4
 
 
 def mlxflux_array(x):
@@ -247,3 +300,38 @@ def test_ctrl_c_during_generation_writes_no_file(tmp_path, folder):
     assert r.returncode == 2, r.stderr
     assert "interrupted" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []  # no PNG, no temporary file
+
+
+@pytest.fixture(scope="module")
+def overflowing_folder(tmp_path_factory):
+    """A checkpoint whose velocity overflows float16 (~6e4) but not float32: the output
+    projection scaled up 1e5 times, as large activations do in FLUX at depth."""
+    models = tiny.make_models(seed=5)
+    with torch.no_grad():
+        models["transformer"].proj_out.weight.mul_(1e5)
+    tmp = tmp_path_factory.mktemp("overflow")
+    src = tiny.write_diffusers(models, tmp / "src")
+    return convert([src], tmp / "model", bits=None, dtype="float32")
+
+
+def test_overflow_raises_naming_the_stage_and_step(overflowing_folder):
+    pipe = mlxflux.load(overflowing_folder, precision="float16")
+    with pytest.raises(mlxflux.NonFiniteError, match=r"denoise stage at step 1/2 in float16"):
+        pipe.generate("a red cube", width=32, height=32, steps=2, seed=1)
+    # the same weights in float32 stay finite: the guard does not fire on a healthy run
+    image = mlxflux.load(overflowing_folder, precision="float32").generate(
+        "a red cube", width=32, height=32, steps=2, seed=1
+    )
+    assert image.size == (32, 32)
+
+
+def test_cli_overflow_is_one_line_exit_2_and_no_png(tmp_path, overflowing_folder):
+    r = run_cli("gen", "--prompt", "a red cube", "--width", "32", "--height", "32", "--steps", "2",
+                "--seed", "1", "--precision", "float16", "--model", overflowing_folder,
+                cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlxflux: error: non-finite values (NaN/inf) in the denoise stage")
+    assert "--precision float32" in last and "no image was written" in last
+    assert not list(tmp_path.glob("*.png"))

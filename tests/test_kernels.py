@@ -1,0 +1,131 @@
+"""Both kernel paths (MLXFLUX_KERNELS=fused|split) on this device, fp32 and bf16, plain and
+8-bit, against diffusers: the fused path is what Metal and CUDA run, so it must be right here.
+
+8-bit references are diffusers models holding the dequantized weights: quantization is per row
+in groups of 64 inputs, so quantizing diffusers' separate q/k/v rows gives exactly the rows of
+the converter's fused BFL layers.
+"""
+
+import copy
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from mlxflux import kernels
+from mlxflux.models.layers import Linear
+from mlxflux.quant import GROUP_SIZE, quantize
+
+from .conftest import randomize_, rel_err, to_mx
+from .test_transformer import load_from_diffusers, make_inputs, run_reference
+
+# every Linear input width a multiple of 64, so every layer quantizes
+QUANTIZABLE = dict(
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=64,
+    num_attention_heads=2,
+    joint_attention_dim=64,
+    pooled_projection_dim=64,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 28, 28),
+)
+# bf16 activations against the fp32 reference: measured 8.2e-3 (plain) / 9.1e-3 (8-bit)
+BF16_BOUND = 2e-2
+# MLX's *CPU* quantized matmul is imprecise with bf16 inputs: one 512-wide layer is 5.3% off
+# its dense bf16 equivalent (0.3%); the transformer measured 4.1e-2. GPU kernels accumulate in
+# float32, so on a GPU device BF16_BOUND applies.
+CPU_QMM_BF16_BOUND = 8e-2
+
+
+def quantize_dequantize_(module: torch.nn.Module, bits: int = 8) -> torch.nn.Module:
+    """Replace every quantizable Linear weight with its affine round trip, as the converter
+    and `mlxflux.quant` quantize it (per row, groups of 64, in float32)."""
+    with torch.no_grad():
+        for layer in module.modules():
+            w = getattr(layer, "weight", None)
+            if isinstance(layer, torch.nn.Linear) and w.shape[-1] % GROUP_SIZE == 0:
+                q = mx.quantize(to_mx(w), group_size=GROUP_SIZE, bits=bits)
+                deq = mx.dequantize(*q, group_size=GROUP_SIZE, bits=bits)
+                w.copy_(torch.from_numpy(np.array(deq)))
+    return module
+
+
+@pytest.mark.parametrize("value,want", [("", "split"), ("auto", "split"), ("fused", "fused"),
+                                        ("split", "split"), (" Fused ", "fused")])  # fmt: skip
+def test_mode_comes_from_the_environment(monkeypatch, value, want):
+    monkeypatch.setenv("MLXFLUX_KERNELS", value)
+    if value.strip() in ("", "auto") and kernels.backend() != "cpu":
+        want = "fused"  # auto picks the fused kernels on Metal and CUDA
+    assert kernels.mode() == want
+
+
+def test_unknown_mode_is_refused_with_the_choices(monkeypatch):
+    monkeypatch.setenv("MLXFLUX_KERNELS", "metal")
+    with pytest.raises(kernels.KernelModeError, match="auto, fused, split.*'metal'"):
+        kernels.mode()
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_transformer_matches_diffusers_in_each_mode(monkeypatch, mode, precision, bits):
+    monkeypatch.setenv("MLXFLUX_KERNELS", mode)
+    torch.manual_seed(4)
+    ref = randomize_(FluxTransformer2DModel(**QUANTIZABLE), 4)
+    model = load_from_diffusers(ref)
+    if bits:
+        quantize(model, bits)
+        ref = quantize_dequantize_(copy.deepcopy(ref), bits)
+    inputs = make_inputs(ref, 1, 64, 96, 7)
+    want = run_reference(ref, inputs)
+    dtype = getattr(mx, precision)
+    kernels.calls.clear()
+    # as the pipeline runs it: the weights as stored (float32 here), activations in `dtype`
+    out = model(
+        *(to_mx(inputs[k]).astype(dtype) for k in ("hidden_states", "encoder_hidden_states")),
+        to_mx(inputs["timestep"]),
+        to_mx(inputs["pooled_projections"]).astype(dtype),
+        inputs["img_ids"].numpy().astype(np.int32),
+        to_mx(inputs["guidance"]),
+    )
+    assert out.dtype == dtype
+    err = rel_err(np.array(out.astype(mx.float32)), want)
+    print(f"{mode} {precision} {bits or 'plain'}: rel err {err:.2e}, calls {dict(kernels.calls)}")
+    bound = 1e-4 if precision == "float32" else BF16_BOUND
+    if bits and mode == "fused" and precision == "bfloat16" and kernels.backend() == "cpu":
+        bound = CPU_QMM_BF16_BOUND
+    assert err <= bound
+    blocks = QUANTIZABLE["num_layers"] + QUANTIZABLE["num_single_layers"]
+    fused = mode == "fused"
+    assert kernels.calls["fused_attention"] == (blocks if fused else 0)
+    assert kernels.calls["split_attention"] == (0 if fused else blocks)
+    if bits:  # every Linear of the trunk and the embedders is quantized
+        assert kernels.calls["quantized_matmul" if fused else "dequantize_fp32"] >= 10
+        assert kernels.calls["dequantize_fp32" if fused else "quantized_matmul"] == 0
+
+
+def test_cuda_dequantizes_layers_at_many_tokens(monkeypatch):
+    """On CUDA, 8-bit layers at >= CUDA_DEQUANTIZE_TOKENS tokens dequantize to the compute
+    dtype and use the regular matmul (MLX's quantized kernel is ~2x slower there)."""
+    monkeypatch.setenv("MLXFLUX_KERNELS", "fused")
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    layer = torch.nn.Linear(128, 192)
+    randomize_(layer, 2)
+    ref = quantize_dequantize_(copy.deepcopy(layer))
+    holder = nn.Module()
+    holder.layer = Linear(128, 192)
+    holder.layer.load_weights([("weight", to_mx(layer.weight)), ("bias", to_mx(layer.bias))])
+    quantize(holder, 8)
+    mlx_layer = holder.layer
+    for tokens, kernel in [(kernels.CUDA_DEQUANTIZE_TOKENS - 1, "quantized_matmul"),
+                           (kernels.CUDA_DEQUANTIZE_TOKENS, "dequantize_matmul")]:  # fmt: skip
+        x = torch.randn(1, tokens, 128)
+        kernels.calls.clear()
+        got = np.array(mlx_layer(to_mx(x)))
+        assert dict(kernels.calls) == {kernel: 1}
+        with torch.no_grad():
+            assert rel_err(got, ref(x)) <= 1e-5
