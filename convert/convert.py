@@ -12,30 +12,37 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxflux._version import __version__
+from mlxflux.errors import MlxfluxError
 from mlxflux.models.transformer import is_modulation_key
-from mlxflux.weights import FORMAT_VERSION, MANIFEST, WeightError, build_model, check_weights
+from mlxflux.quant import GROUP_SIZE
+from mlxflux.safetensors_io import ShardWriter
+from mlxflux.weights import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ModelFolderError,
+    build_model,
+    check_folder,
+    check_weights,
+    file_sha256,
+)
 
 from .detect import COMPONENTS, NAMES, Part, SourceError, check_component, detect_path
 from .infer import (
-    ConfigError,
     clip_config,
     flux_config_from_diffusers,
     flux_config_from_shapes,
     t5_config,
     vae_config,
 )
-from .keymaps import KeyMapError
-from .safetensors_io import MLX_DTYPE, SafetensorsError, SafetensorsFile, ShardWriter
-from .tokenizer_files import TokenizerError, TokenizerFiles, find_tokenizers
+from .tokenizer_files import TokenizerFiles, find_tokenizers
 
-GROUP_SIZE = 64
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 QUANTIZED_COMPONENTS = ("transformer", "t5")
 EMBEDDINGS = ("shared.weight", "relative_attention_bias.weight")
 FLUX_DEV_REPO = "black-forest-labs/FLUX.1-dev"
 
 
-class ConvertError(ValueError):
+class ConvertError(MlxfluxError, ValueError):
     """A conversion that cannot go ahead; the message names the file and the problem."""
 
 
@@ -188,7 +195,9 @@ def write_component(comp: str, config: dict, items, folder: Path, bits: int | No
     files = {group: w.files for group, w in writers.items()}
     for k, t in tensors.items():
         t["file"] = writers[t.pop("group")].index[k]
-    return {"config": config, "files": files, "tensors": tensors}
+    # per-file checksums for `mlxflux info --check` (hashed from the page cache just written)
+    sha256 = {f: file_sha256(folder / comp / f) for fs in files.values() for f in fs}
+    return {"config": config, "files": files, "tensors": tensors, "sha256": sha256}
 
 
 def write_model_folder(
@@ -228,7 +237,10 @@ def write_model_folder(
         tokenizers.copy_to(tmp / "tokenizers")
         manifest["id"] = _manifest_id(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        verify_folder(tmp, manifest)
+        try:
+            check_folder(tmp, manifest)
+        except ModelFolderError as e:
+            raise ConvertError(f"verification failed: {e}") from None
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,21 +255,6 @@ def _tracked(part: Part, bar):
         yield item
         bar.update(part.bytes_read - done)
         done = part.bytes_read
-
-
-def verify_folder(folder: Path, manifest: dict) -> None:
-    """Re-open every written file and check each tensor's shape and dtype against the manifest."""
-    for comp, entry in manifest["components"].items():
-        seen: dict[str, tuple] = {}
-        for file in (f for files in entry["files"].values() for f in files):
-            f = SafetensorsFile(folder / comp / file)
-            for k, t in f.tensors.items():
-                seen[k] = (list(t.shape), MLX_DTYPE.get(t.dtype, t.dtype))
-        for key, t in entry["tensors"].items():
-            if seen.get(key) != (t["shape"], t["dtype"]):
-                raise ConvertError(f"verification failed: {comp}/{key} was not written correctly")
-        if set(seen) != set(entry["tensors"]):
-            raise ConvertError(f"verification failed: {comp} has tensors not in the manifest")
 
 
 def _progress(total: int, enabled: bool):
@@ -323,14 +320,7 @@ def convert(
             check_weights(expected, {k: mx.zeros(s) for k, s in shapes.items()}, part.name)
         check_agreement(plans)
         tok = find_tokenizers(tokenizers, sources, parts, log)
-    except (
-        SourceError,
-        SafetensorsError,
-        KeyMapError,
-        ConfigError,
-        WeightError,
-        TokenizerError,
-    ) as e:
+    except MlxfluxError as e:  # the sources' own errors, each naming its file
         raise ConvertError(str(e)) from None
 
     total = sum(p.part.nbytes for p in plans.values())

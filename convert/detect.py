@@ -7,6 +7,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlxflux.errors import MlxfluxError
+from mlxflux.safetensors_io import SafetensorsError, SafetensorsFile
+
 from .keymaps import (
     assemble,
     bfl_transformer,
@@ -16,7 +19,6 @@ from .keymaps import (
     diffusers_vae,
     t5_encoder,
 )
-from .safetensors_io import SafetensorsError, SafetensorsFile
 
 COMPONENTS = ("transformer", "t5", "clip", "vae")
 NAMES = {
@@ -36,7 +38,7 @@ ALL_IN_ONE = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(MlxfluxError, ValueError):
     """A source that cannot be converted; the message names the file and says what to do."""
 
 

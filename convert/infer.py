@@ -1,5 +1,6 @@
 """Component configs from what a checkpoint carries: a diffusers config.json, or tensor shapes."""
 
+from mlxflux.errors import MlxfluxError
 from mlxflux.models.autoencoder import AutoencoderConfig
 from mlxflux.models.clip import CLIPConfig
 from mlxflux.models.t5 import T5Config
@@ -9,7 +10,7 @@ from mlxflux.models.transformer import FluxConfig
 KNOWN_AXES = {128: (16, 56, 56)}
 
 
-class ConfigError(ValueError):
+class ConfigError(MlxfluxError, ValueError):
     pass
 
 

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlxflux.errors import MlxfluxError
 
-class KeyMapError(ValueError):
+
+class KeyMapError(MlxfluxError, ValueError):
     pass
 
 

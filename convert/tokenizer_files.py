@@ -10,12 +10,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxflux.errors import MlxfluxError
+
 CLIP_VOCAB_SIZE = 49408
 T5_PIECES = 32000
 PUBLIC = {"clip": "openai/clip-vit-large-patch14", "t5": "google/t5-v1_1-xxl"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MlxfluxError, ValueError):
     pass
 
 

@@ -1,11 +1,22 @@
 """mlxflux: FLUX.1-dev text-to-image in pure MLX."""
 
 from ._version import __version__
+from .errors import MlxfluxError, ModelFolderError, NonFiniteError, SettingsError
 from .noise import comfy_noise
-from .pipeline import NonFiniteError, Pipeline, load
+from .pipeline import Pipeline, load
 from .sampling import sigmas
 
-__all__ = ["NonFiniteError", "Pipeline", "__version__", "comfy_noise", "load", "sigmas"]
+__all__ = [
+    "MlxfluxError",
+    "ModelFolderError",
+    "NonFiniteError",
+    "Pipeline",
+    "SettingsError",
+    "__version__",
+    "comfy_noise",
+    "load",
+    "sigmas",
+]
 
 
 def __getattr__(name):

@@ -115,7 +115,13 @@ def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
-def info(folder, as_json):
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Verify the folder: every file, tensor header and tokenizer, then every weight file's "
+    "bytes against the checksum recorded when it was converted.",
+)
+def info(folder, as_json, check):
     """What a model folder holds: components, configs, quantization, sources."""
     from .weights import ModelFolderError, read_manifest
 
@@ -123,6 +129,9 @@ def info(folder, as_json):
         m = read_manifest(folder)
     except ModelFolderError as e:
         raise Failure(str(e)) from None
+    if check:
+        check_model_folder(folder, m)
+        return
     if as_json:
         click.echo(json.dumps(m, indent=1))
         return
@@ -153,6 +162,31 @@ def info(folder, as_json):
         )
     for note in m.get("notes", []):
         click.echo(f"  note: {note}")
+
+
+def check_model_folder(folder: Path, manifest: dict) -> None:
+    """`info --check`: headers first (instant), then the checksums (reads every byte)."""
+    from tqdm.auto import tqdm
+
+    from .weights import (
+        COMPONENTS,
+        ModelFolderError,
+        check_folder,
+        component_files,
+        verify_checksums,
+    )
+
+    try:
+        check_folder(folder, manifest)
+    except ModelFolderError as e:
+        raise Failure(str(e)) from None
+    files = [folder / c / f for c in COMPONENTS for f in component_files(manifest, c)]
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checking") as bar:
+        problems = verify_checksums(folder, manifest, progress=bar.update)
+    if problems:
+        raise Failure("\n".join(problems))
+    click.echo(f"{folder}: ok ({len(files)} files, {total / 2**30:.2f} GiB, checksums match)")
 
 
 GATED_NOTE = """\
@@ -274,8 +308,9 @@ def gen(
     """Generate an image, staged: text encoders, then the transformer, then the VAE."""
     from tqdm.auto import tqdm
 
+    from .errors import MlxfluxError, SettingsError
     from .image import default_name, save_png
-    from .pipeline import NonFiniteError, check_size, load
+    from .pipeline import check_settings, load
     from .presets import PresetError, get_preset
 
     settings = {
@@ -304,18 +339,23 @@ def gen(
     if not settings["prompt"]:
         raise Failure("give --prompt TEXT or --preset NAME (see `mlxflux presets`)")
     try:
-        check_size(settings["width"], settings["height"])
         shift_value = "auto" if shift == "auto" else float(shift)
-    except ValueError as e:
-        raise Failure(
-            str(e) if "multiple" in str(e) else f"--shift: {shift!r} is not a number or 'auto'"
-        ) from None
+    except ValueError:
+        raise Failure(f"--shift: {shift!r} is not a number or 'auto'") from None
+    try:
+        check_settings(
+            **{k: settings[k] for k in ("width", "height", "steps", "guidance", "scheduler")},
+            shift=shift_value,
+            t5_padding=t5_padding,
+        )
+    except SettingsError as e:
+        raise Failure(f"--{e.name.replace('_', '-')}: {e.reason}") from None
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     folder = ensure_model(model, sources)
     try:
-        pipe = load(folder, precision)
-    except ValueError as e:
+        pipe = load(folder, precision)  # checks the folder's files before any stage runs
+    except MlxfluxError as e:
         raise Failure(str(e)) from None
     click.echo(
         f"seed {seed}, {settings['width']}x{settings['height']}, {settings['steps']} "
@@ -345,7 +385,7 @@ def gen(
         )
     except KeyboardInterrupt:
         raise Failure("interrupted: no image was written") from None
-    except NonFiniteError as e:
+    except MlxfluxError as e:  # NonFiniteError, a tensor that does not load, ...
         raise Failure(f"{e}; no image was written") from None
     finally:
         bar.close()

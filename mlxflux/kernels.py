@@ -25,6 +25,8 @@ from collections import Counter
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import MlxfluxError
+
 MODES = ("auto", "fused", "split")
 CUDA_DEQUANTIZE_TOKENS = 1024  # CUDA: dequantize + matmul from this many tokens up
 SCORES_BYTES = 64 << 20  # split attention: float32 scores per chunk (heads x query rows)
@@ -32,7 +34,7 @@ SCORES_BYTES = 64 << 20  # split attention: float32 scores per chunk (heads x qu
 calls: Counter = Counter()
 
 
-class KernelModeError(ValueError):
+class KernelModeError(MlxfluxError, ValueError):
     """MLXFLUX_KERNELS holds something other than auto, fused or split."""
 
 

@@ -11,6 +11,7 @@ would otherwise save a black PNG): `NonFiniteError` names the stage and step.
 """
 
 import gc
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,34 +21,17 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .errors import NonFiniteError, SettingsError
 from .kernels import default_precision
 from .models.autoencoder import estimate_decode_bytes
 from .models.transformer import Conditioning, image_ids, pack_latents, unpack_latents
 from .noise import comfy_noise
-from .sampling import DEFAULT_SHIFT, euler_step, sigmas
-from .tokenizers import CLIPTokenizer, T5Tokenizer
-from .weights import load_component, load_group, read_manifest
+from .sampling import DEFAULT_SHIFT, SCHEDULERS, euler_step, sigmas
+from .tokenizers import T5_PADDING, CLIPTokenizer, T5Tokenizer
+from .weights import check_folder, load_component, load_group, read_manifest
 
 PRECISIONS = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DECODE_BUDGET = 2 << 30  # untiled VAE decode above this estimate runs row-tiled
-
-
-class NonFiniteError(ArithmeticError):
-    """A stage produced NaN or infinite values (an overflow, typically in 16-bit compute).
-
-    `stage` is the stage's name, `step` the denoising step (1-based) or None; the message says
-    what to try. No image is returned, so none is saved.
-    """
-
-    def __init__(self, stage: str, step: int | None, steps: int | None, precision: str):
-        where = f"{stage} stage" + (f" at step {step}/{steps}" if step else "")
-        hint = (
-            "try --precision float32 (precision='float32')"
-            if precision != "float32"
-            else "the model's weights may be damaged: check them with `mlxflux info`"
-        )
-        super().__init__(f"non-finite values (NaN/inf) in the {where} in {precision}; {hint}")
-        self.stage, self.step = stage, step
 
 
 def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None) -> None:
@@ -104,10 +88,37 @@ class _Stage:
 
 def check_size(width: int, height: int) -> None:
     if width % 16 or height % 16 or width < 16 or height < 16:
-        raise ValueError(
+        raise SettingsError(
             f"width and height must be positive multiples of 16, got {width}x{height} "
-            f"(nearest: {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)})"
+            f"(nearest: {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)})",
+            "width" if width % 16 or width < 16 else "height",
         )
+
+
+MAX_GUIDANCE = 100.0  # ComfyUI's FluxGuidance node allows 0-100
+
+
+def check_settings(
+    *, width: int, height: int, steps: int, guidance: float, shift, scheduler: str, t5_padding: str
+) -> None:
+    """Refuse settings that cannot give a right picture, before any stage runs."""
+    check_size(width, height)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SettingsError(f"must be a whole number of at least 1, got {steps!r}", "steps")
+    if not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise SettingsError(
+            f"must be a finite number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}", "guidance"
+        )
+    if shift != "auto" and (
+        not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0
+    ):
+        raise SettingsError(f"must be a finite number above 0 or 'auto', got {shift!r}", "shift")
+    if scheduler not in SCHEDULERS:
+        raise SettingsError(
+            f"must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}", "scheduler"
+        )
+    if t5_padding not in T5_PADDING:
+        raise SettingsError(f"must be comfy or max, got {t5_padding!r}", "t5_padding")
 
 
 def denoise_step(model, x, txt, cond: Conditioning, rope, sigma: float, sigma_next: float):
@@ -126,10 +137,11 @@ def denoise_step(model, x, txt, cond: Conditioning, rope, sigma: float, sigma_ne
 class Pipeline:
     def __init__(self, folder: str | Path, precision: str | None = None):
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
         self.precision = precision or default_precision()
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}")
+            raise SettingsError(f"must be one of {', '.join(PRECISIONS)}", "precision")
+        self.manifest = read_manifest(self.folder)
+        check_folder(self.folder, self.manifest)  # headers only: a damaged folder fails here
         self.dtype = PRECISIONS[self.precision]
         self.last_report: Report | None = None
 
@@ -227,14 +239,17 @@ class Pipeline:
         on_step: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
         """Text to image, staged. `noise` [1, 16, H/8, W/8] replaces the seeded ComfyUI noise."""
-        check_size(width, height)
+        check_settings(
+            width=width, height=height, steps=steps, guidance=guidance, shift=shift,
+            scheduler=scheduler, t5_padding=t5_padding,
+        )  # fmt: skip
         shape = (1, 16, height // 8, width // 8)
         given = noise is not None
         if noise is None:
             noise = comfy_noise(seed, shape)
         noise = np.asarray(noise, dtype=np.float32)
         if noise.shape != shape:
-            raise ValueError(f"noise must have shape {shape}, got {noise.shape}")
+            raise SettingsError(f"must have shape {shape}, got {noise.shape}", "noise")
         sigma_list = sigmas(scheduler, steps, width=width, height=height, shift=shift)
         report = Report(
             settings=dict(

@@ -4,6 +4,7 @@ Every parameter of the module must be given, nothing extra may be, and every sha
 errors name the key and where the weights came from.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,9 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-
-class WeightError(ValueError):
-    """Weights that do not fit the model: names the source and the offending keys."""
+from .errors import ModelFolderError, WeightError
 
 
 def _listing(keys, limit: int = 8) -> str:
@@ -53,10 +52,6 @@ MANIFEST = "mlxflux.json"
 COMPONENTS = ("transformer", "t5", "clip", "vae")
 
 
-class ModelFolderError(ValueError):
-    """A model folder that cannot be used; the message names the folder and the problem."""
-
-
 def read_manifest(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
@@ -79,6 +74,79 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     if missing:
         raise ModelFolderError(f"{path}: components missing: {', '.join(missing)}")
     return manifest
+
+
+TOKENIZER_FILES = ("clip/vocab.json", "clip/merges.txt", "t5/spiece.model")  # under tokenizers/
+REDO = "re-run `mlxflux convert` to rebuild the model folder"
+
+
+def component_files(manifest: dict, name: str) -> list[str]:
+    return [f for files in manifest["components"][name]["files"].values() for f in files]
+
+
+def check_folder(folder: str | os.PathLike, manifest: dict) -> None:
+    """Check, without reading tensor data, that every file the manifest names is there and
+    complete, with the recorded tensors, shapes and dtypes, and that the tokenizer files are
+    there. Reads only safetensors headers: milliseconds for a full model."""
+    from .safetensors_io import MLX_DTYPE, SafetensorsError, SafetensorsFile
+
+    folder = Path(folder)
+    for rel in TOKENIZER_FILES:
+        path = folder / "tokenizers" / rel
+        if not path.is_file() or path.stat().st_size == 0:
+            raise ModelFolderError(f"{path}: missing or empty tokenizer file; {REDO}")
+    for name in COMPONENTS:
+        entry = manifest["components"][name]
+        seen: dict[str, tuple] = {}
+        for file in component_files(manifest, name):
+            path = folder / name / file
+            if not path.exists():
+                raise ModelFolderError(f"{path}: missing (the model folder is incomplete); {REDO}")
+            try:
+                header = SafetensorsFile(path)
+            except SafetensorsError as e:
+                raise ModelFolderError(f"{e}; {REDO}") from None
+            for key, t in header.tensors.items():
+                seen[key] = (list(t.shape), MLX_DTYPE.get(t.dtype, t.dtype))
+        for key, t in entry["tensors"].items():
+            if key not in seen:
+                raise ModelFolderError(f"{folder / name}: tensor {key} is missing; {REDO}")
+            if seen[key] != (t["shape"], t["dtype"]):
+                shape, dtype = seen[key]
+                raise ModelFolderError(
+                    f"{folder / name / t['file']}: tensor {key} is {tuple(shape)} {dtype}, the "
+                    f"manifest says {tuple(t['shape'])} {t['dtype']}; {REDO}"
+                )
+        extra = set(seen) - set(entry["tensors"])
+        if extra:
+            raise ModelFolderError(
+                f"{folder / name}: tensors not in the manifest: {_listing(extra)}; {REDO}"
+            )
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(folder: str | os.PathLike, manifest: dict, progress=None) -> list[str]:
+    """Hash every weight file against the checksums recorded at conversion; returns the
+    problems found (empty when all match). `progress(nbytes)` is called per file."""
+    folder, problems = Path(folder), []
+    for name in COMPONENTS:
+        sums = manifest["components"][name].get("sha256", {})
+        for file in component_files(manifest, name):
+            path = folder / name / file
+            if file not in sums:
+                problems.append(f"{path}: no checksum recorded (converted by an older mlxflux)")
+            elif file_sha256(path) != sums[file]:
+                problems.append(f"{path}: contents differ from what was converted; {REDO}")
+            if progress:
+                progress(path.stat().st_size)
+    return problems
 
 
 def build_model(name: str, config: dict) -> nn.Module:

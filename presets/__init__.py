@@ -3,10 +3,12 @@
 import tomllib
 from importlib import resources
 
+from mlxflux.errors import MlxfluxError
+
 SETTINGS = ("prompt", "width", "height", "steps", "guidance", "scheduler")
 
 
-class PresetError(ValueError):
+class PresetError(MlxfluxError, ValueError):
     pass
 
 

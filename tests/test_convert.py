@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlxflux.convert import ConvertError, convert
-from mlxflux.convert.safetensors_io import SafetensorsFile
 from mlxflux.models.transformer import image_ids
+from mlxflux.safetensors_io import SafetensorsFile
 from mlxflux.weights import MANIFEST, load_component, read_manifest
 
 from . import tiny
@@ -333,7 +333,7 @@ def test_existing_folder_is_refused_without_force_and_kept_on_failure(
         fp32([src], out)
 
     # a failure in the middle of writing (disk full): the old folder stays intact
-    from mlxflux.convert import safetensors_io
+    from mlxflux import safetensors_io
 
     calls = {"n": 0}
     real = safetensors_io.mx.save_safetensors
@@ -361,7 +361,7 @@ def test_ctrl_c_leaves_no_half_written_folder(tmp_path, models):
     out = tmp_path / "model"
     code = (
         "import os, signal, mlx.core as mx\n"
-        "from mlxflux.convert import safetensors_io\n"
+        "from mlxflux import safetensors_io\n"
         "real = safetensors_io.mx.save_safetensors\n"
         "n = [0]\n"
         "def slow(*a, **k):\n"

@@ -16,10 +16,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxflux.errors import MlxfluxError
+
 MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(MlxfluxError, ValueError):
     """A file that is not a readable safetensors file; the message names it."""
 
 

@@ -1,0 +1,182 @@
+"""A damaged model folder or a bad argument: one clear line, exit 2, no PNG, found before any
+stage runs (the Python API raises the package's errors at `load` / `generate`)."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+import mlxflux
+from mlxflux.convert import convert
+from mlxflux.weights import MANIFEST
+
+from . import tiny
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("damaged")
+    src = tiny.write_diffusers(tiny.make_models(seed=8), tmp / "src")
+    return convert([src], tmp / "model", bits=8, dtype="float32")
+
+
+@pytest.fixture
+def folder(pristine, tmp_path):
+    return shutil.copytree(pristine, tmp_path / "model")
+
+
+def manifest(folder):
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def shard(folder, comp, group=None):
+    files = manifest(folder)["components"][comp]["files"]
+    return folder / comp / (files[group] if group else next(iter(files.values())))[0]
+
+
+def gen(folder, *args, cwd):
+    size = ["--width", "32", "--height", "32", "--steps", "1", "--seed", "1"]
+    cmd = [sys.executable, "-m", "mlxflux.cli", "gen", "--prompt", "a red cube", *size]
+    cmd += ["--model", str(folder), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_failure(r, *needles):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlxflux: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def delete_trunk_shard(folder):
+    path = shard(folder, "transformer", "trunk")
+    path.unlink()
+    return path.name, "missing"
+
+
+def remove_component(folder):
+    shutil.rmtree(folder / "vae")
+    return "vae", "missing"
+
+
+def wrong_shape(folder):
+    """A tensor rewritten with another shape (its header and data agree; the manifest not)."""
+    path = shard(folder, "clip")
+    tensors = dict(mx.load(str(path)))
+    key = next(k for k, v in tensors.items() if v.ndim == 2)
+    tensors[key] = tensors[key][:-1]
+    mx.save_safetensors(str(path), tensors)
+    return key, "the manifest says"
+
+
+def truncate_t5(folder):
+    """An interrupted copy: the file ends before its last tensor does."""
+    path = shard(folder, "t5")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    return path.name, "truncated"
+
+
+def delete_spiece(folder):
+    (folder / "tokenizers" / "t5" / "spiece.model").unlink()
+    return "spiece.model", "tokenizer file"
+
+
+def empty_merges(folder):
+    (folder / "tokenizers" / "clip" / "merges.txt").write_text("")
+    return "merges.txt", "tokenizer file"
+
+
+def broken_manifest(folder):
+    (folder / MANIFEST).write_text('{"format": 1, "components": ')
+    return MANIFEST, "broken JSON"
+
+
+def garbage_shard(folder):
+    shard(folder, "vae").write_bytes(b"\x00" * 64)
+    return "vae", "not a safetensors file"
+
+
+DAMAGE = [delete_trunk_shard, remove_component, wrong_shape, truncate_t5, delete_spiece,
+          empty_merges, broken_manifest, garbage_shard]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
+def test_damaged_folder_is_refused_at_load_in_one_line(folder, tmp_path, damage):
+    name, why = damage(folder)
+    # Python: load() itself refuses, before any stage could run
+    with pytest.raises(mlxflux.ModelFolderError, match=why) as info:
+        mlxflux.load(folder)
+    assert name in str(info.value)
+    # CLI: one line naming the file, exit 2, no PNG, and no stage started (the seed line and
+    # the progress bar come after loading)
+    out = tmp_path / "out"
+    out.mkdir()
+    line = assert_one_line_failure(gen(folder, cwd=out), name, why)
+    assert not list(out.iterdir())
+    if damage is not broken_manifest:
+        assert "mlxflux convert" in line  # says what to do
+
+
+def test_a_healthy_copy_of_the_folder_generates(folder, tmp_path):
+    r = gen(folder, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_info_check_finds_a_flipped_bit_that_load_cannot_see(folder):
+    r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(folder), "--check"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "checksums match" in r.stdout, r.stderr
+    path = shard(folder, "transformer", "trunk")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's data: headers and sizes are unchanged
+    path.write_bytes(bytes(data))
+    mlxflux.load(folder)  # the cheap header check at load passes...
+    r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(folder), "--check"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr  # ...the checksums do not
+    assert f"{path}: contents differ from what was converted" in r.stderr
+
+
+BAD_SETTINGS = [
+    ("steps", 0, ["--steps", "0"]),
+    ("steps", -3, ["--steps", "-3"]),
+    ("guidance", math.nan, ["--guidance", "nan"]),
+    ("guidance", math.inf, ["--guidance", "inf"]),
+    ("guidance", 101.0, ["--guidance", "101"]),
+    ("guidance", -1.0, ["--guidance", "-1"]),
+    ("shift", 0.0, ["--shift", "0"]),
+    ("shift", math.nan, ["--shift", "nan"]),
+    ("width", 40, ["--width", "40"]),
+]
+
+
+@pytest.mark.parametrize("name,value,flags", BAD_SETTINGS)
+def test_bad_settings_are_refused_by_the_api_before_any_stage(pristine, name, value, flags):
+    pipe = mlxflux.load(pristine)
+    kw = dict(width=32, height=32, steps=1, guidance=3.5, shift=1.15, seed=1)
+    kw[name] = value
+    with pytest.raises(mlxflux.SettingsError, match=f"^{name}: ") as info:
+        pipe.generate("a red cube", **kw)
+    assert info.value.name == name
+    assert pipe.last_report is None  # nothing ran
+
+
+@pytest.mark.parametrize("name,value,flags", BAD_SETTINGS)
+def test_bad_settings_are_refused_by_the_cli_in_one_line(pristine, tmp_path, name, value, flags):
+    line = assert_one_line_failure(gen(pristine, *flags, cwd=tmp_path), f"--{name}:")
+    assert "seed 1" not in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_guidance_range_ends_are_allowed(pristine):
+    pipe = mlxflux.load(pristine)
+    for g in (0.0, 100.0):  # ComfyUI's FluxGuidance allows 0-100
+        assert pipe.generate("x", width=16, height=16, steps=1, guidance=g).size == (16, 16)
