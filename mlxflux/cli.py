@@ -224,17 +224,36 @@ def ensure_model(model: Path | None, sources: tuple[Path, ...]) -> Path:
         raise Failure(str(e)) from None
 
 
+# Generation defaults: one table for the CLI's help, its settings and the presets' overrides
+GEN_DEFAULTS = {"width": 1024, "height": 1024, "steps": 20, "guidance": 3.5, "scheduler": "simple"}
+IMG2IMG_DENOISE = 0.75  # --init-image without --denoise and no preset value
+
+
 @main.command()
 @click.option("--preset", help="A cover preset (book, vinyl/album, dvd): prompt and settings.")
 @click.option("--prompt", help="The prompt (overrides the preset's).")
-@click.option("--width", type=int, help="Width in pixels, a multiple of 16 [default: 1024].")
-@click.option("--height", type=int, help="Height in pixels, a multiple of 16 [default: 1024].")
-@click.option("--steps", type=int, help="Euler steps [default: 20].")
-@click.option("--guidance", type=float, help="FLUX distilled guidance [default: 3.5].")
+@click.option(
+    "--width",
+    type=int,
+    help=f"Width in pixels, a multiple of 16 [default: the preset's, the init image's, or "
+    f"{GEN_DEFAULTS['width']}].",
+)
+@click.option(
+    "--height",
+    type=int,
+    help=f"Height in pixels, a multiple of 16 [default: the preset's, the init image's, or "
+    f"{GEN_DEFAULTS['height']}].",
+)
+@click.option("--steps", type=int, help=f"Euler steps [default: {GEN_DEFAULTS['steps']}].")
+@click.option(
+    "--guidance",
+    type=float,
+    help=f"FLUX distilled guidance, 0-100 [default: {GEN_DEFAULTS['guidance']}].",
+)
 @click.option(
     "--scheduler",
     type=click.Choice(["simple", "beta", "normal"]),
-    help="ComfyUI scheduler [default: simple].",
+    help=f"ComfyUI scheduler [default: {GEN_DEFAULTS['scheduler']}].",
 )
 @click.option(
     "--shift",
@@ -254,6 +273,18 @@ def ensure_model(model: Path | None, sources: tuple[Path, ...]) -> Path:
     default="comfy",
     show_default=True,
     help="comfy: pad T5 tokens to >=256; max: pad/truncate to 512.",
+)
+@click.option(
+    "--init-image",
+    type=click.Path(path_type=Path),
+    help="Image to image: start from this picture (e.g. the original cover), scaled to cover "
+    "the size and centre-cropped, as ComfyUI's LoadImage -> VAEEncode -> KSampler.",
+)
+@click.option(
+    "--denoise",
+    type=float,
+    help=f"With --init-image: how much to change, 0 < D <= 1 (1 ignores the image) "
+    f"[default: the preset's, or {IMG2IMG_DENOISE}].",
 )
 @click.option(
     "--model",
@@ -285,71 +316,20 @@ def ensure_model(model: Path | None, sources: tuple[Path, ...]) -> Path:
 @click.option(
     "--tiled-decode/--no-tiled-decode",
     default=None,
-    help="Force the VAE's row-tiled decode on or off [default: when it would not fit].",
+    help="Force the VAE's row-tiled decode (and encode) on or off [default: when it would "
+    "not fit].",
 )
-def gen(
-    preset,
-    prompt,
-    width,
-    height,
-    steps,
-    guidance,
-    scheduler,
-    shift,
-    seed,
-    t5_padding,
-    model,
-    output,
-    report,
-    sources,
-    precision,
-    tiled_decode,
-):
-    """Generate an image, staged: text encoders, then the transformer, then the VAE."""
-    from tqdm.auto import tqdm
+def gen(preset, seed, model, output, report, sources, precision, tiled_decode, **given):
+    """Generate an image, staged: text encoders, then the transformer, then the VAE.
 
-    from .errors import MlxfluxError, SettingsError
-    from .image import default_name, save_png
-    from .pipeline import check_settings, load
-    from .presets import PresetError, get_preset
+    \b
+    Text to image:   mlxflux gen --preset dvd --seed 42
+    Image to image:  mlxflux gen --preset dvd --init-image interstellar.jpg --denoise 0.6
+    """
+    from .errors import MlxfluxError
+    from .pipeline import load
 
-    settings = {
-        "width": 1024,
-        "height": 1024,
-        "steps": 20,
-        "guidance": 3.5,
-        "scheduler": "simple",
-        "prompt": None,
-    }
-    if preset:
-        try:
-            p = get_preset(preset)
-        except PresetError as e:
-            raise Failure(str(e)) from None
-        settings.update({k: p[k] for k in settings})
-    given = dict(
-        prompt=prompt,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance=guidance,
-        scheduler=scheduler,
-    )
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if not settings["prompt"]:
-        raise Failure("give --prompt TEXT or --preset NAME (see `mlxflux presets`)")
-    try:
-        shift_value = "auto" if shift == "auto" else float(shift)
-    except ValueError:
-        raise Failure(f"--shift: {shift!r} is not a number or 'auto'") from None
-    try:
-        check_settings(
-            **{k: settings[k] for k in ("width", "height", "steps", "guidance", "scheduler")},
-            shift=shift_value,
-            t5_padding=t5_padding,
-        )
-    except SettingsError as e:
-        raise Failure(f"--{e.name.replace('_', '-')}: {e.reason}") from None
+    settings = gen_settings(preset, given)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     folder = ensure_model(model, sources)
@@ -357,11 +337,69 @@ def gen(
         pipe = load(folder, precision)  # checks the folder's files before any stage runs
     except MlxfluxError as e:
         raise Failure(str(e)) from None
+    size = f"{settings['width']}x{settings['height']}"
+    init = f", from {settings['init_image']} at denoise {settings['denoise']}"
     click.echo(
-        f"seed {seed}, {settings['width']}x{settings['height']}, {settings['steps']} "
-        f"steps ({settings['scheduler']}), model {folder}",
+        f"seed {seed}, {size}, {settings['steps']} steps ({settings['scheduler']})"
+        f"{init if settings['init_image'] else ''}, model {folder}",
         err=True,
     )
+    image = run_generation(pipe, settings, seed, tiled_decode)
+    path = save_image(image, pipe.last_report, preset, output, report)
+    click.echo(str(path))
+
+
+def gen_settings(preset: str | None, given: dict) -> dict:
+    """Defaults, then the preset's values, then the flags given; checked before any model
+    loads. Every refusal is one line naming the flag."""
+    from .errors import SettingsError
+    from .pipeline import check_settings, open_init_image
+    from .presets import PresetError, get_preset
+
+    settings = {**GEN_DEFAULTS, "prompt": None, "denoise": None, "init_image": None}
+    size_given = given["width"] is not None or given["height"] is not None
+    if preset:
+        try:
+            p = get_preset(preset)
+        except PresetError as e:
+            raise Failure(str(e)) from None
+        settings.update({k: p[k] for k in settings if k in p})
+        size_given = True
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if not settings["prompt"]:
+        raise Failure("give --prompt TEXT or --preset NAME (see `mlxflux presets`)")
+    try:
+        settings["shift"] = "auto" if settings["shift"] == "auto" else float(settings["shift"])
+    except ValueError:
+        raise Failure(f"--shift: {settings['shift']!r} is not a number or 'auto'") from None
+    try:
+        if settings["init_image"] is None:
+            if given["denoise"] is not None:
+                raise Failure("--denoise: needs --init-image (it sets how much of it changes)")
+            settings["denoise"] = 1.0
+        else:
+            image = open_init_image(settings["init_image"])[0]
+            if not size_given:  # the original's size, rounded to multiples of 16
+                from .image import size_of
+
+                settings["width"], settings["height"] = size_of(image)
+            if settings["denoise"] is None:
+                settings["denoise"] = IMG2IMG_DENOISE
+        check_settings(**{k: settings[k] for k in CHECKED})
+    except SettingsError as e:
+        raise Failure(f"--{e.name.replace('_', '-')}: {e.reason}") from None
+    return settings
+
+
+CHECKED = ("width", "height", "steps", "guidance", "shift", "scheduler", "t5_padding", "denoise")
+
+
+def run_generation(pipe, settings: dict, seed: int, tiled_decode):
+    """Pipeline.generate with a progress bar; expected failures become one line."""
+    from tqdm.auto import tqdm
+
+    from .errors import MlxfluxError
+
     bar = tqdm(total=settings["steps"], desc="denoise", unit="step", dynamic_ncols=True)
 
     def step_done(i: int, n: int) -> None:
@@ -369,17 +407,13 @@ def gen(
         if i == n:  # close now, so the bar's time is the denoising alone
             bar.close()
 
+    init = settings["init_image"]
     try:
-        image = pipe.generate(
+        return pipe.generate(
             settings["prompt"],
-            width=settings["width"],
-            height=settings["height"],
-            steps=settings["steps"],
-            guidance=settings["guidance"],
+            **{k: settings[k] for k in CHECKED},
             seed=seed,
-            scheduler=settings["scheduler"],
-            shift=shift_value,
-            t5_padding=t5_padding,
+            init_image=init,
             tiled_decode=tiled_decode,
             on_step=step_done,
         )
@@ -389,10 +423,14 @@ def gen(
         raise Failure(f"{e}; no image was written") from None
     finally:
         bar.close()
-    rep = pipe.last_report
+
+
+def save_image(image, rep, preset: str | None, output, report) -> Path:
+    """The PNG (never overwritten) with its settings, the stage table, and --report's JSON."""
+    from .image import default_name, save_png
+
     meta = dict(rep.settings, version=__version__, preset=preset)
     path = save_png(image, Path(output or default_name(meta, preset)).resolve(), meta)
-    click.echo(str(path))
     for name, st in rep.stages.items():
         click.echo(
             f"  {name:<11} {st.seconds:7.1f} s   peak {st.peak_bytes / 2**30:6.2f} GiB", err=True
@@ -402,6 +440,30 @@ def gen(
         data["output"] = str(path)
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(data, indent=1))
+    return path
+
+
+@main.command()
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--output", type=click.Path(path_type=Path), required=True, help="The sheet's PNG path."
+)
+@click.option("--height", type=click.IntRange(64, 4096), default=512, show_default=True,
+              help="Height of every picture on the sheet.")  # fmt: skip
+def compare(original, images, output, height):
+    """A before/after sheet: the original cover and its re-imagined versions side by side,
+    each captioned with its preset or prompt, seed, steps, scheduler and denoise (read from
+    the PNGs' metadata). Never overwrites: an existing OUTPUT gets a -1, -2, ... suffix."""
+    from .errors import SettingsError
+    from .image import contact_sheet, write_png
+
+    try:
+        sheet, described = contact_sheet([original, *images], height)
+    except SettingsError as e:
+        raise Failure(e.reason) from None
+    path = write_png(sheet, output, {"mlxflux-sheet": json.dumps(described)})
+    click.echo(str(path))
 
 
 @main.command()
@@ -415,6 +477,7 @@ def presets():
         click.echo(
             f"  {p['width']}x{p['height']}, {p['steps']} steps, {p['sampler']}, "
             f"{p['scheduler']}, cfg {p['cfg']}, guidance {p['guidance']}"
+            + (f"; image to image: denoise {p['denoise']}" if "denoise" in p else "")
         )
         click.echo(f"  prompt: {p['prompt']}")
 

@@ -1,5 +1,6 @@
 """Writing PNGs: parameters in metadata, never overwriting, atomically."""
 
+import io
 import json
 import os
 import re
@@ -18,6 +19,11 @@ def parameters_text(s: dict) -> str:
         f"Size: {s['width']}x{s['height']}, Shift: {s['shift']}, T5 padding: {s['t5_padding']}, "
         f"Model: flux1-dev ({s.get('model_id', '')}), Version: mlxflux {s.get('version', '')}",
     ]
+    if s.get("init_image"):  # A1111's name for img2img's denoise
+        lines[1] += (
+            f", Denoising strength: {s['denoise']}, Init image: {s['init_image']} "
+            f"(sha256 {s['init_image_sha256'][:16]})"
+        )
     return "\n".join(lines)
 
 
@@ -36,11 +42,17 @@ def save_png(image: Image.Image, path: str | os.PathLike, settings: dict) -> Pat
     The file is written under a temporary name in the same folder and linked into place, so a
     crash or Ctrl-C never leaves a partial PNG and an existing file is never replaced.
     """
+    chunks = {"parameters": parameters_text(settings), "mlxflux": json.dumps(settings)}
+    return write_png(image, path, chunks)
+
+
+def write_png(image: Image.Image, path: str | os.PathLike, chunks: dict[str, str]) -> Path:
+    """`save_png`'s atomic, never-overwriting write, with these text chunks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters_text(settings))
-    info.add_text("mlxflux", json.dumps(settings))
+    for key, text in chunks.items():
+        info.add_text(key, text)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -57,3 +69,107 @@ def save_png(image: Image.Image, path: str | os.PathLike, settings: dict) -> Pat
         raise FileExistsError(f"{path}: too many files with this name")
     finally:
         os.unlink(tmp)
+
+
+def open_image(source) -> tuple[Image.Image, str, str]:
+    """(RGB image, name, sha256) from a PIL image or a path: the file's sha256, or for a PIL
+    image its pixels'. SettingsError (`init_image`) names a file that is missing or no image."""
+    import hashlib
+
+    from .errors import SettingsError
+
+    if isinstance(source, Image.Image):
+        rgb = source.convert("RGB")
+        return rgb, "<PIL image>", hashlib.sha256(rgb.tobytes()).hexdigest()
+    path = Path(source).expanduser()
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such file", "init_image") from None
+    except IsADirectoryError:
+        raise SettingsError(f"{path}: is a folder, not an image", "init_image") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SettingsError(f"{path}: not a readable image ({e})", "init_image") from None
+    return rgb, path.name, hashlib.sha256(data).hexdigest()
+
+
+def size_of(image: Image.Image) -> tuple[int, int]:
+    """An image's size rounded to the nearest multiples of 16 (at least 16)."""
+    return tuple(max(16, round(v / 16) * 16) for v in image.size)
+
+
+def cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale (Lanczos) to cover width x height, then crop the centre; no scaling when the
+    image already has that size."""
+    if image.size == (width, height):
+        return image
+    w, h = image.size
+    s = max(width / w, height / h)
+    sw, sh = max(width, round(w * s)), max(height, round(h * s))
+    if (sw, sh) != (w, h):
+        image = image.resize((sw, sh), Image.Resampling.LANCZOS)
+    left, top = (sw - width) // 2, (sh - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def caption(settings: dict | None, fallback: str) -> list[str]:
+    """Two short lines for a sheet, from an mlxflux PNG's settings (None: not one of ours)."""
+    if not settings:
+        return [fallback, "original"]
+    title = settings.get("preset") or settings["prompt"][:32].rstrip() + "..."
+    line = f"seed {settings['seed']}, {settings['steps']} steps, {settings['scheduler']}"
+    if settings.get("init_image"):
+        line += f", denoise {settings['denoise']}"
+    return [title, line]
+
+
+def contact_sheet(paths: list[Path], height: int = 512) -> tuple[Image.Image, list[dict]]:
+    """The images side by side at the same height, each captioned below from its metadata."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(12, height // 32))
+    pad, line_h = max(8, height // 48), int(font.size * 1.3)
+    tiles, described = [], []
+    for path in paths:
+        rgb, name, _ = open_image(path)
+        with Image.open(path) as img:
+            text = getattr(img, "text", {}).get("mlxflux")
+        try:
+            settings = json.loads(text) if text else None
+        except json.JSONDecodeError:  # not written by mlxflux after all: caption the file name
+            settings = None
+        width = max(1, round(rgb.width * height / rgb.height))
+        tiles.append(
+            (rgb.resize((width, height), Image.Resampling.LANCZOS), caption(settings, name))
+        )
+        described.append({"file": name, "settings": settings})
+    wrapped = [wrap(lines, font, tile.width) for tile, lines in tiles]
+    total_w = sum(t.width for t, _ in tiles) + pad * (len(tiles) + 1)
+    text_h = max(len(w) for w in wrapped) * line_h
+    sheet = Image.new("RGB", (total_w, height + 3 * pad + text_h), "white")
+    draw, x = ImageDraw.Draw(sheet), pad
+    for (tile, _), lines in zip(tiles, wrapped, strict=True):
+        sheet.paste(tile, (x, pad))
+        for i, text in enumerate(lines):
+            draw.text((x, height + 2 * pad + i * line_h), text, fill="black", font=font)
+        x += tile.width + pad
+    return sheet, described
+
+
+def wrap(lines: list[str], font, width: int) -> list[str]:
+    """Each caption line broken at spaces so that it fits `width` pixels."""
+    out = []
+    for line in lines:
+        current = ""
+        for word in line.split(" "):
+            trial = f"{current} {word}".strip()
+            if current and font.getlength(trial) > width:
+                out.append(current)
+                current = word
+            else:
+                current = trial
+        out.append(current)
+    return out

@@ -22,11 +22,12 @@ import numpy as np
 from PIL import Image
 
 from .errors import NonFiniteError, SettingsError
+from .image import cover, open_image, size_of
 from .kernels import default_precision
 from .models.autoencoder import estimate_decode_bytes
 from .models.transformer import Conditioning, image_ids, pack_latents, unpack_latents
 from .noise import comfy_noise
-from .sampling import DEFAULT_SHIFT, SCHEDULERS, euler_step, sigmas
+from .sampling import DEFAULT_SHIFT, SCHEDULERS, euler_step, img2img_sigmas, noise_scaling
 from .tokenizers import T5_PADDING, CLIPTokenizer, T5Tokenizer
 from .weights import check_folder, load_component, load_group, read_manifest
 
@@ -99,7 +100,15 @@ MAX_GUIDANCE = 100.0  # ComfyUI's FluxGuidance node allows 0-100
 
 
 def check_settings(
-    *, width: int, height: int, steps: int, guidance: float, shift, scheduler: str, t5_padding: str
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    shift,
+    scheduler: str,
+    t5_padding: str,
+    denoise: float = 1.0,
 ) -> None:
     """Refuse settings that cannot give a right picture, before any stage runs."""
     check_size(width, height)
@@ -119,6 +128,10 @@ def check_settings(
         )
     if t5_padding not in T5_PADDING:
         raise SettingsError(f"must be comfy or max, got {t5_padding!r}", "t5_padding")
+    if not isinstance(denoise, (int, float)) or not 0 < denoise <= 1:
+        raise SettingsError(f"must be above 0 and at most 1, got {denoise!r}", "denoise")
+    if steps / denoise > 10_000:  # the schedule would have more steps than its sigma table
+        raise SettingsError(f"{denoise!r} is too small for {steps} steps", "denoise")
 
 
 def denoise_step(model, x, txt, cond: Conditioning, rope, sigma: float, sigma_next: float):
@@ -220,14 +233,28 @@ class Pipeline:
         del ae
         return Image.fromarray(arr)
 
+    def encode_image(self, pixels: Image.Image, tiled: bool | None) -> np.ndarray:
+        """The init image's latent [1, 16, H/8, W/8], float32: ComfyUI's LoadImage (/255) and
+        VAEEncode (the posterior's mode), with the Flux latent format applied."""
+        ae = load_component(self.folder, "vae", self.manifest)  # only the encoder is read
+        x = mx.array(np.asarray(pixels, dtype=np.float32)[None] / 255.0)
+        if tiled is None:
+            h, w = pixels.height, pixels.width
+            tiled = estimate_decode_bytes(h, w, ae.config, self.dtype.size) > DECODE_BUDGET
+        z = ae.encode(x.astype(self.dtype), tiled=tiled)
+        mx.eval(z)
+        check_finite(z, "encode", self.precision)
+        del ae
+        return np.array(z.astype(mx.float32))
+
     # ---- the whole job --------------------------------------------------------------------
 
     def generate(
         self,
         prompt: str,
         *,
-        width: int = 1024,
-        height: int = 1024,
+        width: int | None = None,
+        height: int | None = None,
         steps: int = 20,
         guidance: float = 3.5,
         seed: int = 0,
@@ -235,13 +262,28 @@ class Pipeline:
         shift: float | str = DEFAULT_SHIFT,
         t5_padding: str = "comfy",
         noise=None,
+        init_image=None,
+        denoise: float = 1.0,
         tiled_decode: bool | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
-        """Text to image, staged. `noise` [1, 16, H/8, W/8] replaces the seeded ComfyUI noise."""
+        """Text to image, or image to image from `init_image`, staged.
+
+        width/height: 1024, or with an init image its size rounded to multiples of 16.
+        noise: [1, 16, H/8, W/8], replaces the seeded ComfyUI noise.
+        init_image: a PIL image or a path; scaled (Lanczos) to cover width x height and
+            centre-cropped. As ComfyUI's LoadImage -> VAEEncode -> KSampler(denoise): the
+            schedule of int(steps / denoise) steps, its last steps + 1 sigmas kept, starting
+            from sigma0 * noise + (1 - sigma0) * latent (`sampling.img2img_sigmas`,
+            `sampling.noise_scaling`). denoise 1 gives the text-to-image picture.
+        """
+        init = open_init_image(init_image) if init_image is not None else None
+        if init is not None and width is None and height is None:
+            width, height = size_of(init[0])
+        width, height = width or 1024, height or 1024
         check_settings(
             width=width, height=height, steps=steps, guidance=guidance, shift=shift,
-            scheduler=scheduler, t5_padding=t5_padding,
+            scheduler=scheduler, t5_padding=t5_padding, denoise=denoise,
         )  # fmt: skip
         shape = (1, 16, height // 8, width // 8)
         given = noise is not None
@@ -250,7 +292,9 @@ class Pipeline:
         noise = np.asarray(noise, dtype=np.float32)
         if noise.shape != shape:
             raise SettingsError(f"must have shape {shape}, got {noise.shape}", "noise")
-        sigma_list = sigmas(scheduler, steps, width=width, height=height, shift=shift)
+        sigma_list = img2img_sigmas(
+            scheduler, steps, denoise, width=width, height=height, shift=shift
+        )
         report = Report(
             settings=dict(
                 prompt=prompt, width=width, height=height, steps=steps, guidance=guidance,
@@ -259,8 +303,15 @@ class Pipeline:
                 noise="given" if given else "comfy",
             )
         )  # fmt: skip
+        if init is not None:
+            report.settings.update(init_image=init[1], init_image_sha256=init[2], denoise=denoise)
         with _Stage(report, "text"):
             txt, pooled = self.encode_text(prompt, t5_padding)
+        if init is not None:
+            with _Stage(report, "encode"):
+                latent = self.encode_image(cover(init[0], width, height), tiled_decode)
+                noise = noise_scaling(sigma_list[0], noise, latent)
+                del latent
         with _Stage(report, "modulation"):
             model, cond = self.modulation(pooled, sigma_list, guidance)
             del pooled
@@ -272,6 +323,17 @@ class Pipeline:
             del latent
         self.last_report = report
         return image
+
+
+def open_init_image(source) -> tuple[Image.Image, str, str]:
+    """(RGB image, name, sha256) of an init image, refused (SettingsError) when it cannot be
+    read or is smaller than 16x16."""
+    image, name, digest = open_image(source)
+    if min(image.size) < 16:
+        raise SettingsError(
+            f"{name} is {image.width}x{image.height}: at least 16x16 is needed", "init_image"
+        )
+    return image, name, digest
 
 
 def load(model_dir: str | Path, precision: str | None = None) -> Pipeline:

@@ -104,3 +104,18 @@ def euler_step(x: mx.array, velocity: mx.array, sigma: float, sigma_next: float)
     ComfyUI keeps the latent in float32 whatever the model's dtype; so does this.
     """
     return x + (sigma_next - sigma) * velocity.astype(mx.float32)
+
+
+def img2img_sigmas(scheduler: str, steps: int, denoise: float, **kw) -> list[float]:
+    """ComfyUI's KSampler with denoise < 1 (`comfy/samplers.py`, `KSampler.set_steps`): the
+    schedule of `int(steps / denoise)` steps, of which the last `steps + 1` sigmas are kept;
+    denoise > 0.9999 is plain text-to-image."""
+    if denoise > 0.9999:
+        return sigmas(scheduler, steps, **kw)
+    return sigmas(scheduler, int(steps / denoise), **kw)[-(steps + 1) :]
+
+
+def noise_scaling(sigma: float, noise: np.ndarray, latent: np.ndarray) -> np.ndarray:
+    """The starting latent of a flow-matching (CONST) model, ComfyUI's `noise_scaling`:
+    sigma * noise + (1 - sigma) * latent. Text-to-image starts at sigma 1: pure noise."""
+    return (sigma * noise + (1.0 - sigma) * latent).astype(np.float32)

@@ -92,9 +92,13 @@ def test_auto_shift_max_padding_matches_default_flux_pipeline(models, folder):
     assert mean <= 0.75 and worst <= 4
 
 
-def comfy_reference(models, scheduler: str, steps: int, noise: np.ndarray) -> np.ndarray:
-    """FluxPipeline given ComfyUI's sigmas (shift 1.15) and T5 padded to 256, as ComfyUI runs."""
-    sigmas = mlxflux.sigmas(scheduler, steps, width=WIDTH, height=HEIGHT, shift=1.15)
+def comfy_reference(
+    models, scheduler: str, steps: int, noise: np.ndarray, sigmas: list[float] | None = None
+) -> np.ndarray:
+    """FluxPipeline given ComfyUI's sigmas (shift 1.15) and T5 padded to 256, as ComfyUI runs,
+    starting from `noise` (the packed latent) at the first sigma."""
+    if sigmas is None:
+        sigmas = mlxflux.sigmas(scheduler, steps, width=WIDTH, height=HEIGHT, shift=1.15)
     # no further shifting: the scheduler takes ComfyUI's sigmas as they are
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
     pipe = reference_pipeline(models, sched)

@@ -201,9 +201,14 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def encode(self, images: mx.array) -> mx.array:
-        """images [B, H, W, 3] in [0, 1] -> latent [B, 16, H/8, W/8] (the mean, scaled)."""
-        moments = self.encoder(images * 2 - 1)
+    def encode(self, images: mx.array, tiled: bool = False, tile_bytes: int = 256 << 20):
+        """images [B, H, W, 3] in [0, 1] -> latent [B, 16, H/8, W/8] (the mean, scaled).
+
+        The mean, not a sample: ComfyUI's VAE encode takes the posterior's mode. `tiled` runs
+        the full-resolution convolutions in row tiles, like `decode`; the result is the same.
+        """
+        x = images * 2 - 1
+        moments = TiledConvs(tile_bytes).encoder(self.encoder, x) if tiled else self.encoder(x)
         mean = moments[..., : self.config.z_channels]
         z = self.config.scale_factor * (mean - self.config.shift_factor)
         return z.transpose(0, 3, 1, 2)
@@ -212,17 +217,18 @@ class AutoEncoder(nn.Module):
         """latent [B, 16, H/8, W/8] -> images [B, H, W, 3] in [0, 1].
 
         `tiled` runs the up path's convolutions in row tiles of about `tile_bytes` of working
-        memory each (see `TiledDecoder`): the result equals the untiled decode.
+        memory each (see `TiledConvs`): the result equals the untiled decode.
         """
         z = latents.transpose(0, 2, 3, 1)
         z = z / self.config.scale_factor + self.config.shift_factor  # BFL `decode`
         h = self.decoder.head(z)
-        x = TiledDecoder(self.decoder, tile_bytes).tail(h) if tiled else self.decoder.tail(h)
+        x = TiledConvs(tile_bytes).decoder_tail(self.decoder, h) if tiled else self.decoder.tail(h)
         return mx.clip((x + 1) / 2, 0, 1)
 
 
-class TiledDecoder:
-    """The decoder's up path, each 3x3 convolution computed in row tiles with a one-row halo.
+class TiledConvs:
+    """The VAE's full-resolution paths (the decoder's up path, the encoder's down path), each
+    3x3 convolution computed in row tiles with a one-row halo.
 
     Deliberate deviation from the usual tiled VAE decode (independent overlapping tiles whose
     seams are blended): those tiles each compute their own GroupNorm statistics, which shifts
@@ -233,9 +239,21 @@ class TiledDecoder:
     (im2col on the CPU backend is 9x a full-resolution activation).
     """
 
-    def __init__(self, decoder: Decoder, tile_bytes: int):
-        self.decoder = decoder
+    def __init__(self, tile_bytes: int):
         self.tile_bytes = tile_bytes
+
+    def _rows(self, b: int, out_w: int, c: int, k: int, out_h: int, multiple: int = 1) -> int:
+        """Output rows per tile: ~tile_bytes for the k*k-times-wider patch matrix."""
+        row_bytes = b * out_w * c * k * k * 4
+        return max(multiple, min(out_h, self.tile_bytes // row_bytes) // multiple * multiple)
+
+    @staticmethod
+    def _store(out, y: mx.array, shape: tuple, r0: int, r1: int) -> mx.array:
+        if out is None:
+            out = mx.zeros((*shape, y.shape[-1]), y.dtype)
+        out[:, r0:r1] = y
+        mx.eval(out)
+        return out
 
     def conv(
         self, conv: nn.Conv2d, x: mx.array, prologue=None, upsample=False, residual=None
@@ -246,9 +264,7 @@ class TiledDecoder:
         k = conv.weight.shape[1]
         pad = k // 2
         out_h, out_w = h * f, w * f
-        # rows of output per tile: ~tile_bytes for the k*k-times-wider patch matrix
-        row_bytes = b * out_w * c * k * k * 4
-        rows = max(f, min(out_h, self.tile_bytes // row_bytes) // f * f)
+        rows = self._rows(b, out_w, c, k, out_h, f)
         out = None
         for r0 in range(0, out_h, rows):
             r1 = min(out_h, r0 + rows)
@@ -265,10 +281,23 @@ class TiledDecoder:
             y = mx.conv2d(band, conv.weight) + conv.bias
             if residual is not None:
                 y = y + residual(r0, r1)
-            if out is None:
-                out = mx.zeros((b, out_h, out_w, y.shape[-1]), y.dtype)
-            out[:, r0:r1] = y
-            mx.eval(out)
+            out = self._store(out, y, (b, out_h, out_w), r0, r1)
+        return out
+
+    def downsample(self, conv: nn.Conv2d, x: mx.array) -> mx.array:
+        """`Downsample` in row tiles: pad right/bottom by one, 3x3 conv with stride 2."""
+        b, h, w, c = x.shape
+        out_h, out_w = (h - 2) // 2 + 1, (w - 2) // 2 + 1  # of the (h+1) x (w+1) padded input
+        rows = self._rows(b, out_w, c, 3, out_h)
+        out = None
+        for r0 in range(0, out_h, rows):
+            r1 = min(out_h, r0 + rows)
+            # output row r reads padded input rows 2r .. 2r + 2; row h is the zero padding
+            band = x[:, 2 * r0 : min(h, 2 * r1 + 1)]
+            bottom = 2 * r1 + 1 - (2 * r0 + band.shape[1])
+            band = mx.pad(band, [(0, 0), (0, bottom), (0, 1), (0, 0)])
+            y = mx.conv2d(band, conv.weight, stride=2) + conv.bias
+            out = self._store(out, y, (b, out_h, out_w), r0, r1)
         return out
 
     @staticmethod
@@ -307,13 +336,25 @@ class TiledDecoder:
 
         return self.conv(block.conv2, h, self.norm_silu(block.norm2, h), residual=skip)
 
-    def tail(self, h: mx.array) -> mx.array:
-        for level in reversed(self.decoder.up):
+    def decoder_tail(self, decoder: Decoder, h: mx.array) -> mx.array:
+        """`Decoder.tail`, tile by tile."""
+        for level in reversed(decoder.up):
             for block in level.block:
                 h = self.resnet(block, h)
             if "upsample" in level:
                 h = self.conv(level.upsample.conv, h, upsample=True)
-        return self.conv(self.decoder.conv_out, h, self.norm_silu(self.decoder.norm_out, h))
+        return self.conv(decoder.conv_out, h, self.norm_silu(decoder.norm_out, h))
+
+    def encoder(self, encoder: Encoder, x: mx.array) -> mx.array:
+        """`Encoder.__call__`, tile by tile but for the mid block (1/8 resolution, attention)."""
+        h = self.conv(encoder.conv_in, x)
+        for level in encoder.down:
+            for block in level.block:
+                h = self.resnet(block, h)
+            if "downsample" in level:
+                h = self.downsample(level.downsample.conv, h)
+        h = encoder.mid(h)
+        return self.conv(encoder.conv_out, h, self.norm_silu(encoder.norm_out, h))
 
 
 def estimate_decode_bytes(height: int, width: int, cfg: AutoencoderConfig, itemsize: int) -> int:
