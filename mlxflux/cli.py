@@ -268,6 +268,16 @@ IMG2IMG_DENOISE = 0.75  # --init-image without --denoise and no preset value
     help="Noise seed, as ComfyUI's (CPU) [default: random, printed].",
 )
 @click.option(
+    "--seeds",
+    help="Several seeds, comma-separated (e.g. 3,17,42): one PNG each, the prompt encoded and "
+    "each stage's weights loaded once.",
+)
+@click.option(
+    "--count",
+    type=int,
+    help="N images with seeds --seed, --seed+1, ... (random start without --seed).",
+)
+@click.option(
     "--t5-padding",
     type=click.Choice(["comfy", "max"]),
     default="comfy",
@@ -293,8 +303,9 @@ IMG2IMG_DENOISE = 0.75  # --init-image without --denoise and no preset value
 )
 @click.option(
     "--output",
-    type=click.Path(path_type=Path),
-    help="PNG path [default: <preset or prompt>-<seed>.png here; never overwritten].",
+    help="PNG path, or a template with {seed}, {index} and {preset} (e.g. "
+    "covers/dvd-{seed}.png) [default: <preset or prompt>-<seed>.png here]. Never overwrites: "
+    "an existing name gets -1, -2, ...",
 )
 @click.option(
     "--report",
@@ -319,19 +330,28 @@ IMG2IMG_DENOISE = 0.75  # --init-image without --denoise and no preset value
     help="Force the VAE's row-tiled decode (and encode) on or off [default: when it would "
     "not fit].",
 )
-def gen(preset, seed, model, output, report, sources, precision, tiled_decode, **given):
-    """Generate an image, staged: text encoders, then the transformer, then the VAE.
+def gen(
+    preset, seed, seeds, count, model, output, report, sources, precision, tiled_decode, **given
+):
+    """Generate images, staged: text encoders, then the transformer, then the VAE.
 
     \b
     Text to image:   mlxflux gen --preset dvd --seed 42
     Image to image:  mlxflux gen --preset dvd --init-image interstellar.jpg --denoise 0.6
+    Many covers:     mlxflux gen --preset dvd --count 8 --output covers/dvd-{seed}.png
+    Several Macs:    mlx.launch --hostfile hosts.json -- mlxflux gen --preset dvd --count 8
     """
-    from .errors import MlxfluxError
+    from .errors import MlxfluxError, SettingsError
     from .pipeline import load
+    from .runs import check_template, parse_seeds, share
 
     settings = gen_settings(preset, given)
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
+    try:
+        all_seeds = parse_seeds(seeds, count, seed)
+        check_template(output, len(all_seeds) > 1)
+    except SettingsError as e:
+        raise Failure(f"--{e.name}: {e.reason}") from None
+    mine, group = share(all_seeds)
     folder = ensure_model(model, sources)
     try:
         pipe = load(folder, precision)  # checks the folder's files before any stage runs
@@ -339,22 +359,32 @@ def gen(preset, seed, model, output, report, sources, precision, tiled_decode, *
         raise Failure(str(e)) from None
     size = f"{settings['width']}x{settings['height']}"
     init = f", from {settings['init_image']} at denoise {settings['denoise']}"
+    where = f" (process {group.rank() + 1} of {group.size()})" if group.size() > 1 else ""
     click.echo(
-        f"seed {seed}, {size}, {settings['steps']} steps ({settings['scheduler']})"
+        f"seed{'s' if len(mine) > 1 else ''} {', '.join(map(str, mine))}{where}, {size}, "
+        f"{settings['steps']} steps ({settings['scheduler']})"
         f"{init if settings['init_image'] else ''}, model {folder}",
         err=True,
     )
-    image = run_generation(pipe, settings, seed, tiled_decode)
-    path = save_image(image, pipe.last_report, preset, output, report)
-    click.echo(str(path))
+    indexes = {s: all_seeds.index(s) for s in mine}
+    written = run_generation(pipe, settings, mine, indexes, preset, output, tiled_decode)
+    rep = pipe.last_report
+    if report:
+        data = rep.to_dict()
+        data["outputs"] = [str(p) for p in written]
+        if len(written) == 1:
+            data["output"] = str(written[0])
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(data, indent=1))
+    summarize(rep, written, all_seeds, group)
 
 
 def gen_settings(preset: str | None, given: dict) -> dict:
     """Defaults, then the preset's values, then the flags given; checked before any model
     loads. Every refusal is one line naming the flag."""
     from .errors import SettingsError
-    from .pipeline import check_settings, open_init_image
     from .presets import PresetError, get_preset
+    from .settings import CHECKED, check_settings, open_init_image
 
     settings = {**GEN_DEFAULTS, "prompt": None, "denoise": None, "init_image": None}
     size_given = given["width"] is not None or given["height"] is not None
@@ -391,56 +421,69 @@ def gen_settings(preset: str | None, given: dict) -> dict:
     return settings
 
 
-CHECKED = ("width", "height", "steps", "guidance", "shift", "scheduler", "t5_padding", "denoise")
-
-
-def run_generation(pipe, settings: dict, seed: int, tiled_decode):
-    """Pipeline.generate with a progress bar; expected failures become one line."""
+def run_generation(pipe, settings, seeds, indexes, preset, output, tiled_decode) -> list[Path]:
+    """Pipeline.generate_many with a bar per image; each PNG written as soon as it is decoded.
+    Expected failures and Ctrl-C become one line; the images already written stay."""
     from tqdm.auto import tqdm
 
     from .errors import MlxfluxError
+    from .image import save_png
+    from .runs import output_path
+    from .settings import CHECKED
 
-    bar = tqdm(total=settings["steps"], desc="denoise", unit="step", dynamic_ncols=True)
+    bars: dict[int, tqdm] = {}
+    written: list[Path] = []
 
-    def step_done(i: int, n: int) -> None:
-        bar.update(1)
+    def step_done(index: int, i: int, n: int) -> None:
+        if index not in bars:
+            label = f"image {index + 1}/{len(seeds)}" if len(seeds) > 1 else "denoise"
+            bars[index] = tqdm(total=n, desc=label, unit="step", dynamic_ncols=True)
+        bars[index].update(1)
         if i == n:  # close now, so the bar's time is the denoising alone
-            bar.close()
+            bars[index].close()
 
-    init = settings["init_image"]
+    kw = {k: settings[k] for k in CHECKED}
+    images = pipe.generate_many(
+        settings["prompt"], seeds, init_image=settings["init_image"], tiled_decode=tiled_decode,
+        on_step=step_done, **kw,
+    )  # fmt: skip
     try:
-        return pipe.generate(
-            settings["prompt"],
-            **{k: settings[k] for k in CHECKED},
-            seed=seed,
-            init_image=init,
-            tiled_decode=tiled_decode,
-            on_step=step_done,
-        )
+        for seed, image in images:
+            meta = dict(pipe.last_report.settings, seed=seed, version=__version__, preset=preset)
+            path = output_path(output, seed=seed, index=indexes[seed], preset=preset,
+                               prompt=settings["prompt"])  # fmt: skip
+            written.append(save_png(image, path.resolve(), meta))
+            click.echo(str(written[-1]))
     except KeyboardInterrupt:
-        raise Failure("interrupted: no image was written") from None
+        kept = f"{len(written)} of {len(seeds)} images written" if written else "no image written"
+        raise Failure(f"interrupted: {kept}") from None
     except MlxfluxError as e:  # NonFiniteError, a tensor that does not load, ...
-        raise Failure(f"{e}; no image was written") from None
+        raise Failure(f"{e}; no image was written" if not written else str(e)) from None
     finally:
-        bar.close()
+        for bar in bars.values():
+            bar.close()
+    for entry, path in zip(pipe.last_report.images, written, strict=False):
+        entry["output"] = str(path)
+    return written
 
 
-def save_image(image, rep, preset: str | None, output, report) -> Path:
-    """The PNG (never overwritten) with its settings, the stage table, and --report's JSON."""
-    from .image import default_name, save_png
+def summarize(rep, written: list[Path], all_seeds: list[int], group) -> None:
+    """Each stage's time and peak; with several images, the time per image; under mlx.launch,
+    rank 0 says how many images all processes wrote."""
+    from .runs import total
 
-    meta = dict(rep.settings, version=__version__, preset=preset)
-    path = save_png(image, Path(output or default_name(meta, preset)).resolve(), meta)
     for name, st in rep.stages.items():
         click.echo(
             f"  {name:<11} {st.seconds:7.1f} s   peak {st.peak_bytes / 2**30:6.2f} GiB", err=True
         )
-    if report:
-        data = rep.to_dict()
-        data["output"] = str(path)
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(data, indent=1))
-    return path
+    if len(rep.images) > 1:
+        per = [i["denoise_seconds"] + i.get("decode_seconds", 0) for i in rep.images]
+        click.echo(f"  per image   {sum(per) / len(per):7.1f} s   ({len(per)} images)", err=True)
+    made = total(group, len(written))
+    if group.size() > 1 and group.rank() == 0:
+        click.echo(
+            f"{made} of {len(all_seeds)} images written by {group.size()} processes", err=True
+        )
 
 
 @main.command()

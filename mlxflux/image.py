@@ -32,10 +32,6 @@ def slug(text: str, limit: int = 40) -> str:
     return words[:limit].rstrip("-") or "image"
 
 
-def default_name(settings: dict, preset: str | None) -> str:
-    return f"{preset or slug(settings['prompt'])}-{settings['seed']}.png"
-
-
 def save_png(image: Image.Image, path: str | os.PathLike, settings: dict) -> Path:
     """Write `image` with its settings; if `path` exists, pick `name-1.png`, `name-2.png`, ...
 

@@ -11,9 +11,9 @@ would otherwise save a black PNG): `NonFiniteError` names the stage and step.
 """
 
 import gc
-import math
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +22,14 @@ import numpy as np
 from PIL import Image
 
 from .errors import NonFiniteError, SettingsError
-from .image import cover, open_image, size_of
+from .image import cover, size_of
 from .kernels import default_precision
 from .models.autoencoder import estimate_decode_bytes
 from .models.transformer import Conditioning, image_ids, pack_latents, unpack_latents
 from .noise import comfy_noise
-from .sampling import DEFAULT_SHIFT, SCHEDULERS, euler_step, img2img_sigmas, noise_scaling
-from .tokenizers import T5_PADDING, CLIPTokenizer, T5Tokenizer
+from .sampling import DEFAULT_SHIFT, euler_step, img2img_sigmas, noise_scaling
+from .settings import CHECKED, check_settings, open_init_image
+from .tokenizers import CLIPTokenizer, T5Tokenizer
 from .weights import check_folder, load_component, load_group, read_manifest
 
 PRECISIONS = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -52,6 +53,7 @@ class StageStats:
 class Report:
     stages: dict[str, StageStats] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    images: list[dict] = field(default_factory=list)  # per seed: seconds to denoise, decode
 
     @property
     def peak_bytes(self) -> int:
@@ -62,6 +64,7 @@ class Report:
             "stages": {k: vars(v) for k, v in self.stages.items()},
             "peak_bytes": self.peak_bytes,
             "settings": self.settings,
+            "images": self.images,
         }
 
 
@@ -85,53 +88,6 @@ class _Stage:
         stats.active_bytes_after = mx.get_active_memory()
         self.report.stages[self.name] = stats
         return False
-
-
-def check_size(width: int, height: int) -> None:
-    if width % 16 or height % 16 or width < 16 or height < 16:
-        raise SettingsError(
-            f"width and height must be positive multiples of 16, got {width}x{height} "
-            f"(nearest: {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)})",
-            "width" if width % 16 or width < 16 else "height",
-        )
-
-
-MAX_GUIDANCE = 100.0  # ComfyUI's FluxGuidance node allows 0-100
-
-
-def check_settings(
-    *,
-    width: int,
-    height: int,
-    steps: int,
-    guidance: float,
-    shift,
-    scheduler: str,
-    t5_padding: str,
-    denoise: float = 1.0,
-) -> None:
-    """Refuse settings that cannot give a right picture, before any stage runs."""
-    check_size(width, height)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise SettingsError(f"must be a whole number of at least 1, got {steps!r}", "steps")
-    if not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
-        raise SettingsError(
-            f"must be a finite number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}", "guidance"
-        )
-    if shift != "auto" and (
-        not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0
-    ):
-        raise SettingsError(f"must be a finite number above 0 or 'auto', got {shift!r}", "shift")
-    if scheduler not in SCHEDULERS:
-        raise SettingsError(
-            f"must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}", "scheduler"
-        )
-    if t5_padding not in T5_PADDING:
-        raise SettingsError(f"must be comfy or max, got {t5_padding!r}", "t5_padding")
-    if not isinstance(denoise, (int, float)) or not 0 < denoise <= 1:
-        raise SettingsError(f"must be above 0 and at most 1, got {denoise!r}", "denoise")
-    if steps / denoise > 10_000:  # the schedule would have more steps than its sigma table
-        raise SettingsError(f"{denoise!r} is too small for {steps} steps", "denoise")
 
 
 def denoise_step(model, x, txt, cond: Conditioning, rope, sigma: float, sigma_next: float):
@@ -209,7 +165,6 @@ class Pipeline:
         """Euler over the transformer trunk; the latent [1, 16, H/8, W/8] stays float32."""
         height, width = noise.shape[2] * 8, noise.shape[3] * 8
         steps = len(sigma_list) - 1
-        load_group(model, self.folder, "transformer", self.manifest, "trunk")
         rope = model.rope(image_ids(height, width), txt.shape[1])
         txt = txt.astype(self.dtype)
         x = pack_latents(mx.array(noise, dtype=mx.float32))
@@ -220,8 +175,7 @@ class Pipeline:
                 on_step(i + 1, steps)
         return unpack_latents(x, height, width)
 
-    def decode(self, latent: mx.array, tiled: bool | None) -> Image.Image:
-        ae = load_component(self.folder, "vae", self.manifest)
+    def decode(self, ae, latent: mx.array, tiled: bool | None) -> Image.Image:
         h, w = latent.shape[2] * 8, latent.shape[3] * 8
         if tiled is None:
             tiled = estimate_decode_bytes(h, w, ae.config, self.dtype.size) > DECODE_BUDGET
@@ -229,9 +183,7 @@ class Pipeline:
         mx.eval(img)
         check_finite(img, "decode", self.precision)
         # ComfyUI's SaveImage truncates: uint8(clip(255 * x))
-        arr = np.array((img[0].astype(mx.float32) * 255).astype(mx.uint8))
-        del ae
-        return Image.fromarray(arr)
+        return Image.fromarray(np.array((img[0].astype(mx.float32) * 255).astype(mx.uint8)))
 
     def encode_image(self, pixels: Image.Image, tiled: bool | None) -> np.ndarray:
         """The init image's latent [1, 16, H/8, W/8], float32: ComfyUI's LoadImage (/255) and
@@ -277,63 +229,133 @@ class Pipeline:
             from sigma0 * noise + (1 - sigma0) * latent (`sampling.img2img_sigmas`,
             `sampling.noise_scaling`). denoise 1 gives the text-to-image picture.
         """
-        init = open_init_image(init_image) if init_image is not None else None
-        if init is not None and width is None and height is None:
-            width, height = size_of(init[0])
-        width, height = width or 1024, height or 1024
-        check_settings(
-            width=width, height=height, steps=steps, guidance=guidance, shift=shift,
-            scheduler=scheduler, t5_padding=t5_padding, denoise=denoise,
-        )  # fmt: skip
-        shape = (1, 16, height // 8, width // 8)
-        given = noise is not None
-        if noise is None:
-            noise = comfy_noise(seed, shape)
-        noise = np.asarray(noise, dtype=np.float32)
-        if noise.shape != shape:
-            raise SettingsError(f"must have shape {shape}, got {noise.shape}", "noise")
-        sigma_list = img2img_sigmas(
-            scheduler, steps, denoise, width=width, height=height, shift=shift
-        )
-        report = Report(
-            settings=dict(
-                prompt=prompt, width=width, height=height, steps=steps, guidance=guidance,
-                seed=seed, scheduler=scheduler, sampler="euler", cfg=1.0, shift=shift,
-                t5_padding=t5_padding, precision=self.precision, model_id=self.model_id,
-                noise="given" if given else "comfy",
-            )
-        )  # fmt: skip
-        if init is not None:
-            report.settings.update(init_image=init[1], init_image_sha256=init[2], denoise=denoise)
-        with _Stage(report, "text"):
-            txt, pooled = self.encode_text(prompt, t5_padding)
-        if init is not None:
-            with _Stage(report, "encode"):
-                latent = self.encode_image(cover(init[0], width, height), tiled_decode)
-                noise = noise_scaling(sigma_list[0], noise, latent)
-                del latent
-        with _Stage(report, "modulation"):
-            model, cond = self.modulation(pooled, sigma_list, guidance)
-            del pooled
-        with _Stage(report, "denoise"):
-            latent = self.denoise(model, cond, txt, noise, sigma_list, on_step)
-            del model, cond, txt
-        with _Stage(report, "decode"):
-            image = self.decode(latent, tiled_decode)
-            del latent
-        self.last_report = report
+        kw = dict(width=width, height=height, steps=steps, guidance=guidance,
+                  scheduler=scheduler, shift=shift, t5_padding=t5_padding, init_image=init_image,
+                  denoise=denoise, tiled_decode=tiled_decode)  # fmt: skip
+        job = self._prepare(prompt, [seed], noise=noise, **kw)
+        ((_, image),) = self._run(job, on_step=on_step and (lambda _, i, n: on_step(i, n)))
         return image
 
+    def generate_many(
+        self,
+        prompt: str,
+        seeds,
+        *,
+        on_step: Callable[[int, int, int], None] | None = None,
+        **kw,
+    ) -> Iterator[tuple[int, Image.Image]]:
+        """(seed, image) for each seed, as `generate` would make it, each yielded once decoded.
 
-def open_init_image(source) -> tuple[Image.Image, str, str]:
-    """(RGB image, name, sha256) of an init image, refused (SettingsError) when it cannot be
-    read or is smaller than 16x16."""
-    image, name, digest = open_image(source)
-    if min(image.size) < 16:
-        raise SettingsError(
-            f"{name} is {image.width}x{image.height}: at least 16x16 is needed", "init_image"
-        )
-    return image, name, digest
+        The prompt is encoded once and each stage's weights load once: every seed is denoised
+        (latents are small), then the VAE decodes them in turn, so the peak stays the
+        single-image peak. `on_step(index, step, steps)`. Ctrl-C while denoising stops after
+        the current step; the seeds already denoised are still decoded and yielded, then
+        KeyboardInterrupt is raised again. `last_report` gains `images`: per-seed seconds.
+        """
+        kw = {**GENERATE_DEFAULTS, **kw}
+        unknown = set(kw) - set(GENERATE_DEFAULTS)
+        if unknown:
+            raise TypeError(f"generate_many() got unexpected arguments: {sorted(unknown)}")
+        yield from self._run(self._prepare(prompt, list(seeds), **kw), on_step=on_step)
+
+    def _prepare(self, prompt: str, seeds: list[int], *, noise=None, **kw) -> "Job":
+        init = open_init_image(kw["init_image"]) if kw["init_image"] is not None else None
+        width, height = kw["width"], kw["height"]
+        if init is not None and width is None and height is None:
+            width, height = size_of(init[0])
+        kw["width"], kw["height"] = width or 1024, height or 1024
+        check_settings(**{k: kw[k] for k in CHECKED})
+        if not seeds:
+            raise SettingsError("give at least one seed", "seeds")
+        shape = (1, 16, kw["height"] // 8, kw["width"] // 8)
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != shape:
+                raise SettingsError(f"must have shape {shape}, got {noise.shape}", "noise")
+        sigma_list = img2img_sigmas(
+            kw["scheduler"], kw["steps"], kw["denoise"], width=kw["width"],
+            height=kw["height"], shift=kw["shift"],
+        )  # fmt: skip
+        settings = dict(
+            prompt=prompt, **{k: kw[k] for k in CHECKED if k != "denoise"}, sampler="euler",
+            cfg=1.0, precision=self.precision, model_id=self.model_id,
+            noise="given" if noise is not None else "comfy",
+        )  # fmt: skip
+        if len(seeds) == 1:
+            settings["seed"] = seeds[0]
+        else:
+            settings["seeds"] = seeds
+        if init is not None:
+            settings.update(init_image=init[1], init_image_sha256=init[2], denoise=kw["denoise"])
+        report = Report(settings=settings)
+        return Job(prompt, seeds, noise, shape, sigma_list, init, kw, report)
+
+    def _run(self, job: "Job", on_step=None) -> Iterator[tuple[int, Image.Image]]:
+        report, kw, sigma_list = job.report, job.kw, job.sigma_list
+        self.last_report = report
+        with _Stage(report, "text"):
+            txt, pooled = self.encode_text(job.prompt, kw["t5_padding"])
+        latent = None
+        if job.init is not None:
+            with _Stage(report, "encode"):
+                pixels = cover(job.init[0], kw["width"], kw["height"])
+                latent = self.encode_image(pixels, kw["tiled_decode"])
+        with _Stage(report, "modulation"):
+            model, cond = self.modulation(pooled, sigma_list, kw["guidance"])
+            del pooled
+        done, interrupted = [], None
+        with _Stage(report, "denoise"):
+            load_group(model, self.folder, "transformer", self.manifest, "trunk")
+            for index, seed in enumerate(job.seeds):
+                noise = job.noise if job.noise is not None else comfy_noise(seed, job.shape)
+                if latent is not None:
+                    noise = noise_scaling(sigma_list[0], noise, latent)
+                start = time.perf_counter()
+                steps = on_step and (lambda i, n, index=index: on_step(index, i, n))
+                try:
+                    done.append((seed, self.denoise(model, cond, txt, noise, sigma_list, steps)))
+                except KeyboardInterrupt as e:  # between steps: keep what is finished
+                    interrupted = e
+                    break
+                report.images.append({"seed": seed, "denoise_seconds": _since(start)})
+            del model, cond, txt
+        if done:
+            with _Stage(report, "decode"):
+                ae = load_component(self.folder, "vae", self.manifest)
+                for (seed, x), entry in zip(done, report.images, strict=False):
+                    start = time.perf_counter()
+                    image = self.decode(ae, x, kw["tiled_decode"])
+                    entry["decode_seconds"] = _since(start)
+                    yield seed, image
+                del ae, done
+        if interrupted is not None:
+            raise interrupted
+
+
+# generate()'s keyword defaults but seed, noise and on_step: what generate_many accepts too
+GENERATE_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(Pipeline.generate).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name not in ("seed", "noise", "on_step")
+}
+
+
+@dataclass
+class Job:
+    """One generation request, checked: what `_run` needs for every seed."""
+
+    prompt: str
+    seeds: list[int]
+    noise: np.ndarray | None
+    shape: tuple[int, ...]
+    sigma_list: list[float]
+    init: tuple | None  # (image, name, sha256)
+    kw: dict
+    report: Report
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
 
 
 def load(model_dir: str | Path, precision: str | None = None) -> Pipeline:
