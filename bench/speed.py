@@ -28,7 +28,7 @@ TXT = 256  # ComfyUI pads T5 to 256 tokens
 
 
 def flops_per_step(cfg, n_img: int, n_txt: int = TXT) -> float:
-    """Matmul FLOPs of one trunk step (REFERENCE.md's formula for any depth)."""
+    """Matmul FLOPs of one trunk step (docs/numerics.md's formula, any depth)."""
     d, m = cfg.hidden_size, cfg.mlp_hidden
     n = n_img + n_txt
     double = 2 * (3 * d * d + d * d + 2 * d * m)  # img + txt streams, per token

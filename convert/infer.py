@@ -6,7 +6,7 @@ from mlxflux.models.clip import CLIPConfig
 from mlxflux.models.t5 import T5Config
 from mlxflux.models.transformer import FluxConfig
 
-# RoPE axes are not stored anywhere; FLUX.1 uses these for head dim 128 (REFERENCE.md).
+# RoPE axes are not stored anywhere; FLUX.1 uses these for head dim 128 (docs/numerics.md).
 KNOWN_AXES = {128: (16, 56, 56)}
 
 
@@ -77,7 +77,7 @@ def flux_config_from_shapes(
 
 def t5_config(shapes: dict, config: dict | None) -> T5Config:
     if config:
-        return T5Config.from_dict(config)
+        return T5Config.from_hf(config)
     try:
         vocab, d_model = shapes["shared.weight"]
         buckets, heads = shapes[
@@ -103,7 +103,7 @@ CLIP_HEAD_DIM = 64
 
 def clip_config(shapes: dict, config: dict | None) -> CLIPConfig:
     if config:
-        return CLIPConfig.from_dict(config)
+        return CLIPConfig.from_hf(config)
     try:
         vocab, hidden = shapes["embeddings.token_embedding.weight"]
         positions = shapes["embeddings.position_embedding.weight"][0]

@@ -196,7 +196,8 @@ _DIFFUSERS_TRANSFORMER = _rules(
 
 
 def diffusers_transformer(key: str) -> Target | None:
-    """diffusers `FluxTransformer2DModel` keys -> mlxflux keys (REFERENCE.md, key maps)."""
+    """diffusers `FluxTransformer2DModel` keys -> mlxflux keys (the inverse of diffusers' own
+    single-file converter, which the tests check it against)."""
     return _apply(_DIFFUSERS_TRANSFORMER, key)
 
 

@@ -45,7 +45,7 @@ def load_strict(module: nn.Module, weights: dict[str, mx.array], source: str) ->
     return module
 
 
-# ---- the model folder (DESIGN.md): written by mlxflux.convert, read by the pipeline ---------
+# ---- the model folder (docs/design.md): written by mlxflux.convert, read by the pipeline ----
 
 FORMAT_VERSION = 1
 MANIFEST = "mlxflux.json"
@@ -97,6 +97,10 @@ def check_folder(folder: str | os.PathLike, manifest: dict) -> None:
             raise ModelFolderError(f"{path}: missing or empty tokenizer file; {REDO}")
     for name in COMPONENTS:
         entry = manifest["components"][name]
+        try:
+            component_classes(name)[0].from_dict(entry["config"])
+        except (TypeError, ValueError) as e:
+            raise ModelFolderError(f"{folder / MANIFEST}: {name} config: {e}; {REDO}") from None
         seen: dict[str, tuple] = {}
         for file in component_files(manifest, name):
             path = folder / name / file
@@ -149,20 +153,25 @@ def verify_checksums(folder: str | os.PathLike, manifest: dict, progress=None) -
     return problems
 
 
-def build_model(name: str, config: dict) -> nn.Module:
-    """An un-loaded module (lazy random parameters, nothing allocated) for a component."""
+def component_classes(name: str) -> tuple[type, type]:
+    """(config class, module class) of a component."""
     from .models.autoencoder import AutoEncoder, AutoencoderConfig
     from .models.clip import CLIPConfig, CLIPTextModel
     from .models.t5 import T5Config, T5Encoder
     from .models.transformer import FluxConfig, FluxTransformer
 
-    builders = {
-        "transformer": lambda: FluxTransformer(FluxConfig.from_dict(config)),
-        "vae": lambda: AutoEncoder(AutoencoderConfig.from_dict(config)),
-        "t5": lambda: T5Encoder(T5Config.from_dict(config)),
-        "clip": lambda: CLIPTextModel(CLIPConfig.from_dict(config)),
-    }
-    return builders[name]()
+    return {
+        "transformer": (FluxConfig, FluxTransformer),
+        "vae": (AutoencoderConfig, AutoEncoder),
+        "t5": (T5Config, T5Encoder),
+        "clip": (CLIPConfig, CLIPTextModel),
+    }[name]
+
+
+def build_model(name: str, config: dict) -> nn.Module:
+    """An un-loaded module (lazy random parameters, nothing allocated) for a component."""
+    config_class, module_class = component_classes(name)
+    return module_class(config_class.from_dict(config))
 
 
 def quantize_like(model: nn.Module, tensors, quantization: dict) -> None:

@@ -13,7 +13,7 @@ from mlxflux.weights import load_strict
 
 from .conftest import randomize_, rel_err, to_mx
 
-SCALE, SHIFT = 0.3611, 0.1159  # REFERENCE.md
+SCALE, SHIFT = 0.3611, 0.1159  # docs/numerics.md, the models
 
 
 def make_reference(block_out=(32, 64), layers=2, seed=0) -> AutoencoderKL:

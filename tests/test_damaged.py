@@ -99,13 +99,22 @@ def broken_manifest(folder):
     return MANIFEST, "broken JSON"
 
 
+def unknown_config_key(folder):
+    """A config key this mlxflux does not know (a typo, or a newer format): refused, for every
+    component alike."""
+    m = manifest(folder)
+    m["components"]["clip"]["config"]["hiden_size"] = 128
+    (folder / MANIFEST).write_text(json.dumps(m))
+    return "hiden_size", "unknown CLIP config keys"
+
+
 def garbage_shard(folder):
     shard(folder, "vae").write_bytes(b"\x00" * 64)
     return "vae", "not a safetensors file"
 
 
 DAMAGE = [delete_trunk_shard, remove_component, wrong_shape, truncate_t5, delete_spiece,
-          empty_merges, broken_manifest, garbage_shard]  # fmt: skip
+          empty_merges, broken_manifest, unknown_config_key, garbage_shard]  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)

@@ -120,7 +120,7 @@ def test_t5_tokens_match_transformers(t5_tokenizers, prompt):
 
 
 def test_tokenizers_reference_values(clip_tokenizers, t5_tokenizers):
-    # REFERENCE.md
+    # docs/numerics.md, the models (reference tokens)
     assert clip_tokenizers[0]("a photo of a cat")[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert t5_tokenizers[0]("Hello world", "comfy")[:3] == [8774, 296, 1]
     long = " ".join(f"token{i}" for i in range(400))
@@ -171,13 +171,13 @@ def tiny_t5(seed=0):
 
 def load_clip(ref, prefix="") -> MLXCLIP:
     items = ((prefix + k, to_mx(v)) for k, v in ref.state_dict().items())
-    model = MLXCLIP(CLIPConfig.from_dict(ref.config.to_dict()))
+    model = MLXCLIP(CLIPConfig.from_hf(ref.config.to_dict()))
     return load_strict(model, dict(assemble(items, clip_text, "clip")), "clip")
 
 
 def load_t5(ref) -> T5Encoder:
     items = ((k, to_mx(v)) for k, v in ref.state_dict().items())
-    model = T5Encoder(MLXT5Config.from_dict(ref.config.to_dict()))
+    model = T5Encoder(MLXT5Config.from_hf(ref.config.to_dict()))
     return load_strict(model, dict(assemble(items, t5_encoder, "t5")), "t5")
 
 

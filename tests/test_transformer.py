@@ -255,7 +255,7 @@ def test_full_flux_dev_is_built_lazily_with_its_parameter_counts():
     modulation = sum(v.size for k, v in params if is_modulation_key(k))
     adaln = sum(v.size for k, v in params if is_modulation_key(k) and "_in." not in k)
     assert round(total / 1e9, 1) == 11.9  # FLUX.1-dev, 11,901,408,320 parameters
-    assert round(adaln / 1e9, 1) == 3.2  # the adaLN projections of DESIGN.md's memory plan
+    assert round(adaln / 1e9, 1) == 3.2  # docs/design.md, memory plan
     assert adaln < modulation < 3.3e9  # plus the small time/guidance/vector embedders
     assert mx.get_active_memory() - before < 64 << 20  # nothing was allocated
 

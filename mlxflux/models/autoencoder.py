@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import strict_from_dict
+
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
@@ -31,10 +33,7 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown autoencoder config keys: {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "autoencoder")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

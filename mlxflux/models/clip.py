@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import known_keys, strict_from_dict
+
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -31,8 +33,12 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return strict_from_dict(cls, d, "CLIP")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "CLIPConfig":
+        """From transformers' config.json: the fields mlxflux uses."""
+        return cls(**known_keys(cls, d))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -13,6 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import known_keys, strict_from_dict
+
 
 @dataclass(frozen=True)
 class T5Config:
@@ -28,10 +30,14 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "T5Config":
+        return strict_from_dict(cls, d, "T5")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "T5Config":
+        """From transformers' config.json: the fields mlxflux uses (gated-GELU T5 only)."""
         if d.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
             raise ValueError(f"only gated-gelu T5 is supported, got {d['feed_forward_proj']!r}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_keys(cls, d))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -5,7 +5,8 @@ Module names follow BFL's checkpoint keys, so a BFL file loads with no key map.
 The adaLN modulation projections (3.2 B of FLUX.1-dev's 11.9 B parameters) act once per step on
 one conditioning vector. `FluxTransformer.modulation(...)` computes them for any number of steps
 at once, and `FluxTransformer.trunk(...)` runs from those precomputed vectors, so the pipeline
-can evaluate every step's modulation first and then drop those weights (DESIGN.md, memory plan).
+can evaluate every step's modulation first and then drop those weights (docs/design.md,
+memory plan).
 """
 
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..kernels import attention, linear_rows
+from .config import strict_from_dict
 from .layers import (
     Linear,
     MLPEmbedder,
@@ -68,11 +70,7 @@ class FluxConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FluxConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown transformer config keys: {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "transformer")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
