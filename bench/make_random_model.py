@@ -15,13 +15,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlxflux.convert.convert import write_model_folder
 from mlxflux.convert.tokenizer_files import TokenizerFiles
 from mlxflux.models.autoencoder import AutoencoderConfig
 from mlxflux.models.clip import CLIPConfig
 from mlxflux.models.t5 import T5Config
 from mlxflux.models.transformer import FLUX_DEV
-from mlxflux.weights import COMPONENTS, build_model
+from mlxflux.weights import COMPONENTS, build_model, write_model_folder
 
 CONFIGS = {
     "transformer": FLUX_DEV.to_dict(),

@@ -1,32 +1,25 @@
 """The converter: source checkpoints -> a verified MLX model folder, streaming and atomic."""
 
-import json
+import contextlib
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlxflux._version import __version__
 from mlxflux.errors import MlxfluxError
-from mlxflux.models.transformer import is_modulation_key
-from mlxflux.quant import GROUP_SIZE
-from mlxflux.safetensors_io import ShardWriter
 from mlxflux.weights import (
-    FORMAT_VERSION,
-    MANIFEST,
+    COMPONENTS,
+    DTYPES,
     ModelFolderError,
     build_model,
-    check_folder,
     check_weights,
-    file_sha256,
+    write_model_folder,
 )
 
-from .detect import COMPONENTS, NAMES, Part, SourceError, check_component, detect_path
+from .detect import NAMES, Part, SourceError, check_component, detect_path
 from .infer import (
     clip_config,
     flux_config_from_diffusers,
@@ -36,9 +29,6 @@ from .infer import (
 )
 from .tokenizer_files import TokenizerFiles, find_tokenizers
 
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-QUANTIZED_COMPONENTS = ("transformer", "t5")
-EMBEDDINGS = ("shared.weight", "relative_attention_bias.weight")
 FLUX_DEV_REPO = "black-forest-labs/FLUX.1-dev"
 
 
@@ -151,101 +141,13 @@ def check_agreement(plans: dict[str, Plan]) -> None:
         )
 
 
-def should_quantize(comp: str, key: str, shape: tuple, bits: int | None) -> bool:
-    return (
-        bits is not None
-        and comp in QUANTIZED_COMPONENTS
-        and key.endswith(".weight")
-        and len(shape) == 2
-        and not key.endswith(EMBEDDINGS)
-        and shape[-1] % GROUP_SIZE == 0
-    )
-
-
-def _file_group(comp: str, key: str) -> str:
-    if comp == "transformer":
-        return "modulation" if is_modulation_key(key) else "trunk"
-    return "model"
-
-
-def write_component(comp: str, config: dict, items, folder: Path, bits: int | None, dtype) -> dict:
-    """Stream (key, tensor) pairs of one component into `folder/comp`, casting to `dtype` and
-    quantizing Linear weights; returns its manifest entry."""
-    (folder / comp).mkdir(parents=True)
-    (folder / comp / "config.json").write_text(json.dumps(config, indent=1))
-    writers: dict[str, ShardWriter] = {}
-    tensors: dict[str, dict] = {}
-    for key, value in items:
-        group = _file_group(comp, key)
-        writer = writers.setdefault(group, ShardWriter(folder / comp, group))
-        if mx.issubdtype(value.dtype, mx.floating):
-            value = value.astype(dtype)
-        if should_quantize(comp, key, value.shape, bits):
-            w, scales, biases = mx.quantize(value, group_size=GROUP_SIZE, bits=bits)
-            base = key[: -len(".weight")]
-            out = {key: w, f"{base}.scales": scales, f"{base}.biases": biases}
-        else:
-            out = {key: value}
-        for k, v in out.items():
-            writer.add(k, v)
-            tensors[k] = {"shape": list(v.shape), "dtype": str(v.dtype), "group": group}
-        del value, out
-    for writer in writers.values():
-        writer.flush()
-    files = {group: w.files for group, w in writers.items()}
-    for k, t in tensors.items():
-        t["file"] = writers[t.pop("group")].index[k]
-    # per-file checksums for `mlxflux info --check` (hashed from the page cache just written)
-    sha256 = {f: file_sha256(folder / comp / f) for fs in files.values() for f in fs}
-    return {"config": config, "files": files, "tensors": tensors, "sha256": sha256}
-
-
-def write_model_folder(
-    out: Path,
-    components: dict,
-    *,
-    bits: int | None,
-    dtype: str,
-    tokenizers: TokenizerFiles,
-    sources: list[dict],
-    notes: list[str],
-) -> dict:
-    """Write a model folder atomically: into a hidden sibling, verified, then renamed.
-
-    components: name -> (config, iterable of (key, tensor)), iterated once, in COMPONENTS
-    order. On any failure, Ctrl-C included, the sibling is removed and `out` is untouched.
-    """
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _verification_failures():
+    """A folder that does not read back as written is the converter's failure, said so."""
     try:
-        tmp.mkdir()
-        manifest = {
-            "format": FORMAT_VERSION,
-            "mlxflux_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "quantization": {"bits": bits, "group_size": GROUP_SIZE, "mode": "affine"},
-            "dtype": dtype,
-            "sources": sources,
-            "components": {},
-            "notes": notes,
-        }
-        for comp in COMPONENTS:
-            config, items = components[comp]
-            manifest["components"][comp] = write_component(
-                comp, config, items, tmp, bits, DTYPES[dtype]
-            )
-        tokenizers.copy_to(tmp / "tokenizers")
-        manifest["id"] = _manifest_id(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        try:
-            check_folder(tmp, manifest)
-        except ModelFolderError as e:
-            raise ConvertError(f"verification failed: {e}") from None
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        yield
+    except ModelFolderError as e:
+        raise ConvertError(f"verification failed: {e}") from None
 
 
 def _tracked(part: Part, bar):
@@ -335,7 +237,7 @@ def convert(
         for comp in COMPONENTS
         for f in plans[comp].part.files
     ]
-    with _progress(total, progress) as bar:
+    with _progress(total, progress) as bar, _verification_failures():
         manifest = write_model_folder(
             out,
             {c: (plans[c].config, _tracked(plans[c].part, bar)) for c in COMPONENTS},
@@ -348,30 +250,6 @@ def convert(
     if progress:
         log(summary(out, manifest, total, time.perf_counter() - start))
     return out
-
-
-def _manifest_id(manifest: dict) -> str:
-    import hashlib
-
-    key = json.dumps(
-        [manifest["sources"], manifest["quantization"], manifest["dtype"]], sort_keys=True
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old folder is kept until the new one is there."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def folder_bytes(folder: Path, comp: str) -> int:

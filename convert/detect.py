@@ -20,7 +20,6 @@ from .keymaps import (
     t5_encoder,
 )
 
-COMPONENTS = ("transformer", "t5", "clip", "vae")
 NAMES = {
     "transformer": "a FLUX transformer",
     "t5": "a T5 text encoder",

@@ -1,22 +1,21 @@
 """The `mlxflux` command: parses flags and calls the library with the same parameter names."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-
-
-class Failure(click.ClickException):
-    """A one-line error on stderr and exit code 2, never a traceback."""
-
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"mlxflux: error: {self.format_message()}", err=True)
+from .cli_gen import (
+    GEN_DEFAULTS,
+    IMG2IMG_DENOISE,
+    Failure,
+    ensure_model,
+    gen_settings,
+    run_generation,
+    summarize,
+)
 
 
 def _bits(value: str) -> int | None:
@@ -189,46 +188,6 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     click.echo(f"{folder}: ok ({len(files)} files, {total / 2**30:.2f} GiB, checksums match)")
 
 
-GATED_NOTE = """\
-No model folder at {model}, so mlxflux will make one.
-It will download FLUX.1-dev from Hugging Face ({repo}): about 34 GB (transformer 23.8 GB,
-T5-XXL 9.5 GB, CLIP-L 0.25 GB, VAE 0.17 GB) into the Hugging Face cache, then convert it.
-The repository is gated: accept its license at https://huggingface.co/{repo} while logged in,
-then log in here with `hf auth login` (or set HF_TOKEN).
-Already have the files (ComfyUI's flux1-dev-fp8, t5xxl_fp8_e4m3fn, clip_l, ae)? Stop now and run
-  mlxflux gen --from ~/ComfyUI/models ...     (or set MLXFLUX_SOURCE)"""
-
-
-def ensure_model(model: Path | None, sources: tuple[Path, ...]) -> Path:
-    """The model folder to use; on first run, convert from --from/MLXFLUX_SOURCE or download."""
-    from .convert import ConvertError, convert, default_model_dir
-    from .convert.convert import FLUX_DEV_REPO
-
-    if model is not None:
-        if not model.exists():
-            raise Failure(f"{model}: no such model folder (make one with `mlxflux convert`)")
-        return model
-    target = default_model_dir(8)
-    if target.exists():
-        return target
-    env = os.environ.get("MLXFLUX_SOURCE")
-    sources = list(sources) or ([Path(p) for p in env.split(os.pathsep) if p] if env else [])
-    log = lambda m: click.echo(m, err=True)  # noqa: E731
-    try:
-        if sources:
-            log(f"No model folder at {target}: converting from {', '.join(map(str, sources))}")
-            return convert(sources, target, progress=True, log=log)
-        log(GATED_NOTE.format(model=target, repo=FLUX_DEV_REPO))
-        return convert([], target, hf_repo=FLUX_DEV_REPO, progress=True, log=log)
-    except ConvertError as e:
-        raise Failure(str(e)) from None
-
-
-# Generation defaults: one table for the CLI's help, its settings and the presets' overrides
-GEN_DEFAULTS = {"width": 1024, "height": 1024, "steps": 20, "guidance": 3.5, "scheduler": "simple"}
-IMG2IMG_DENOISE = 0.75  # --init-image without --denoise and no preset value
-
-
 @main.command()
 @click.option("--preset", help="A cover preset (book, vinyl/album, dvd): prompt and settings.")
 @click.option("--prompt", help="The prompt (overrides the preset's).")
@@ -377,113 +336,6 @@ def gen(
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(data, indent=1))
     summarize(rep, written, all_seeds, group)
-
-
-def gen_settings(preset: str | None, given: dict) -> dict:
-    """Defaults, then the preset's values, then the flags given; checked before any model
-    loads. Every refusal is one line naming the flag."""
-    from .errors import SettingsError
-    from .presets import PresetError, get_preset
-    from .settings import CHECKED, check_settings, open_init_image
-
-    settings = {**GEN_DEFAULTS, "prompt": None, "denoise": None, "init_image": None}
-    size_given = given["width"] is not None or given["height"] is not None
-    if preset:
-        try:
-            p = get_preset(preset)
-        except PresetError as e:
-            raise Failure(str(e)) from None
-        settings.update({k: p[k] for k in settings if k in p})
-        size_given = True
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if not settings["prompt"]:
-        raise Failure("give --prompt TEXT or --preset NAME (see `mlxflux presets`)")
-    try:
-        settings["shift"] = "auto" if settings["shift"] == "auto" else float(settings["shift"])
-    except ValueError:
-        raise Failure(f"--shift: {settings['shift']!r} is not a number or 'auto'") from None
-    try:
-        if settings["init_image"] is None:
-            if given["denoise"] is not None:
-                raise Failure("--denoise: needs --init-image (it sets how much of it changes)")
-            settings["denoise"] = 1.0
-        else:
-            image = open_init_image(settings["init_image"])[0]
-            if not size_given:  # the original's size, rounded to multiples of 16
-                from .image import size_of
-
-                settings["width"], settings["height"] = size_of(image)
-            if settings["denoise"] is None:
-                settings["denoise"] = IMG2IMG_DENOISE
-        check_settings(**{k: settings[k] for k in CHECKED})
-    except SettingsError as e:
-        raise Failure(f"--{e.name.replace('_', '-')}: {e.reason}") from None
-    return settings
-
-
-def run_generation(pipe, settings, seeds, indexes, preset, output, tiled_decode) -> list[Path]:
-    """Pipeline.generate_many with a bar per image; each PNG written as soon as it is decoded.
-    Expected failures and Ctrl-C become one line; the images already written stay."""
-    from tqdm.auto import tqdm
-
-    from .errors import MlxfluxError
-    from .image import save_png
-    from .runs import output_path
-    from .settings import CHECKED
-
-    bars: dict[int, tqdm] = {}
-    written: list[Path] = []
-
-    def step_done(index: int, i: int, n: int) -> None:
-        if index not in bars:
-            label = f"image {index + 1}/{len(seeds)}" if len(seeds) > 1 else "denoise"
-            bars[index] = tqdm(total=n, desc=label, unit="step", dynamic_ncols=True)
-        bars[index].update(1)
-        if i == n:  # close now, so the bar's time is the denoising alone
-            bars[index].close()
-
-    kw = {k: settings[k] for k in CHECKED}
-    images = pipe.generate_many(
-        settings["prompt"], seeds, init_image=settings["init_image"], tiled_decode=tiled_decode,
-        on_step=step_done, **kw,
-    )  # fmt: skip
-    try:
-        for seed, image in images:
-            meta = dict(pipe.last_report.settings, seed=seed, version=__version__, preset=preset)
-            path = output_path(output, seed=seed, index=indexes[seed], preset=preset,
-                               prompt=settings["prompt"])  # fmt: skip
-            written.append(save_png(image, path.resolve(), meta))
-            click.echo(str(written[-1]))
-    except KeyboardInterrupt:
-        kept = f"{len(written)} of {len(seeds)} images written" if written else "no image written"
-        raise Failure(f"interrupted: {kept}") from None
-    except MlxfluxError as e:  # NonFiniteError, a tensor that does not load, ...
-        raise Failure(f"{e}; no image was written" if not written else str(e)) from None
-    finally:
-        for bar in bars.values():
-            bar.close()
-    for entry, path in zip(pipe.last_report.images, written, strict=False):
-        entry["output"] = str(path)
-    return written
-
-
-def summarize(rep, written: list[Path], all_seeds: list[int], group) -> None:
-    """Each stage's time and peak; with several images, the time per image; under mlx.launch,
-    rank 0 says how many images all processes wrote."""
-    from .runs import total
-
-    for name, st in rep.stages.items():
-        click.echo(
-            f"  {name:<11} {st.seconds:7.1f} s   peak {st.peak_bytes / 2**30:6.2f} GiB", err=True
-        )
-    if len(rep.images) > 1:
-        per = [i["denoise_seconds"] + i.get("decode_seconds", 0) for i in rep.images]
-        click.echo(f"  per image   {sum(per) / len(per):7.1f} s   ({len(per)} images)", err=True)
-    made = total(group, len(written))
-    if group.size() > 1 and group.rank() == 0:
-        click.echo(
-            f"{made} of {len(all_seeds)} images written by {group.size()} processes", err=True
-        )
 
 
 @main.command()

@@ -30,9 +30,9 @@ from .noise import comfy_noise
 from .sampling import DEFAULT_SHIFT, euler_step, img2img_sigmas, noise_scaling
 from .settings import CHECKED, check_settings, open_init_image
 from .tokenizers import CLIPTokenizer, T5Tokenizer
-from .weights import check_folder, load_component, load_group, read_manifest
+from .weights import DTYPES, check_folder, load_component, load_group, read_manifest
 
-PRECISIONS = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+PRECISIONS = DTYPES  # compute dtypes: the same names as the folder's storage dtypes
 DECODE_BUDGET = 2 << 30  # untiled VAE decode above this estimate runs row-tiled
 
 

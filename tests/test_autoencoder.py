@@ -144,10 +144,11 @@ def test_tiled_decode_matches_untiled_without_seams():
     tiled = np.array(ae.decode(z, tiled=True, tile_bytes=200_000))
     diff = np.abs(full - tiled)
     print(f"tiled vs untiled: mean {diff.mean() * 255:.2e}/255, max {diff.max() * 255:.2e}/255")
-    assert diff.mean() <= 0.5 / 255
+    # measured: mean 3.8e-5/255, max 2.7e-4/255 (float rounding of the banded convolutions)
+    assert diff.mean() <= 2e-4 / 255 and diff.max() <= 2e-3 / 255
     # no seam: the worst row and the worst column differ no more than the mean allows
-    assert diff.mean(axis=(0, 2, 3)).max() <= 0.5 / 255
-    assert diff.mean(axis=(0, 1, 3)).max() <= 0.5 / 255
+    assert diff.mean(axis=(0, 2, 3)).max() <= 5e-4 / 255
+    assert diff.mean(axis=(0, 1, 3)).max() <= 5e-4 / 255
     # and the tiled image against diffusers itself
     assert rel_err(tiled, reference_decode(vae, torch.from_numpy(np.array(z)))) <= 1e-4
 

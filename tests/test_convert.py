@@ -20,7 +20,7 @@ from mlxflux.weights import MANIFEST, load_component, read_manifest
 
 from . import tiny
 from .conftest import rel_err, to_mx
-from .test_text import tokenizer_dir
+from .helpers import run_cli, tokenizer_dir
 
 
 def reference_outputs(models, seed=0):
@@ -48,7 +48,8 @@ def reference_outputs(models, seed=0):
     return inputs, ids, clip_ids, z, out
 
 
-def check_folder(folder: Path, models, tol: float = 1e-4) -> dict[str, float]:
+def check_folder(folder: Path, models) -> dict[str, float]:
+    """Each component of a converted folder against the reference models: relative errors."""
     inputs, ids, clip_ids, z, want = reference_outputs(models)
     manifest = read_manifest(folder)
     errs = {}
@@ -199,7 +200,7 @@ def test_quantized_error_against_unquantized(tmp_path, models, bits, bound):
     src = tiny.write_diffusers(models, tmp_path / "src")
     full = check_folder(fp32([src], tmp_path / "full"), models)
     out = convert([src], tmp_path / f"q{bits}", bits=bits, dtype="float32")
-    q = check_folder(out, models, tol=bound)
+    q = check_folder(out, models)
     manifest = read_manifest(out)
     assert any(k.endswith(".scales") for k in manifest["components"]["transformer"]["tensors"])
     assert not any(k.endswith(".scales") for k in manifest["components"]["vae"]["tensors"])
@@ -213,13 +214,8 @@ def test_quantized_error_against_unquantized(tmp_path, models, bits, bound):
 # ---- bad input ----------------------------------------------------------------------------
 
 
-def run_cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mlxflux.cli", "convert", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+def convert_cli(*args, env=None):
+    return run_cli("convert", *args, env=env)
 
 
 def _bad_files(tmp: Path, models) -> dict[str, tuple[Path, str]]:
@@ -260,7 +256,7 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, models):
     others = other_flags(paths)
     for name, (path, message) in cases.items():
         out = tmp_path / f"out-{name}"
-        r = run_cli("--flux", path, *others, "--out", out)
+        r = convert_cli("--flux", path, *others, "--out", out)
         assert r.returncode == 2, (name, r.stderr)
         assert message in r.stderr and str(path) in r.stderr, (name, r.stderr)
         assert "Traceback" not in r.stderr
@@ -271,7 +267,7 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, models):
 def test_wrong_component_in_a_flag(tmp_path, models):
     _, paths = _bad_files(tmp_path, models)
     tok = ["--tokenizers", tokenizer_dir()]
-    r = run_cli(
+    r = convert_cli(
         "--flux",
         paths["vae"],
         "--ae",
@@ -285,7 +281,7 @@ def test_wrong_component_in_a_flag(tmp_path, models):
         tmp_path / "o1",
     )
     assert r.returncode == 2 and "autoencoder" in r.stderr and "--flux" in r.stderr
-    r = run_cli(
+    r = convert_cli(
         "--flux",
         paths["transformer"],
         "--ae",
@@ -311,11 +307,11 @@ def test_missing_and_extra_tensors(tmp_path, models):
     missing = dict(sd)
     del missing["single_blocks.1.linear2.bias"]
     save_file(missing, str(tmp_path / "missing.safetensors"))
-    r = run_cli("--flux", tmp_path / "missing.safetensors", *rest, "--out", tmp_path / "o")
+    r = convert_cli("--flux", tmp_path / "missing.safetensors", *rest, "--out", tmp_path / "o")
     assert r.returncode == 2 and "single_blocks.1.linear2.bias" in r.stderr, r.stderr
     extra = dict(sd, **{"double_blocks.0.img_attn.extra.weight": sd["img_in.weight"].clone()})
     save_file(extra, str(tmp_path / "extra.safetensors"))
-    r = run_cli("--flux", tmp_path / "extra.safetensors", *rest, "--out", tmp_path / "o")
+    r = convert_cli("--flux", tmp_path / "extra.safetensors", *rest, "--out", tmp_path / "o")
     assert r.returncode == 2 and "double_blocks.0.img_attn.extra.weight" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -382,15 +378,13 @@ def test_ctrl_c_leaves_no_half_written_folder(tmp_path, models):
 def test_info_prints_the_manifest(tmp_path, models):
     src = tiny.write_diffusers(models, tmp_path / "src")
     out = convert([src], tmp_path / "model", bits=8, dtype="bfloat16")
-    r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(out)],
-                       capture_output=True, text=True)  # fmt: skip
+    r = run_cli("info", out)
     assert r.returncode == 0, r.stderr
     manifest = read_manifest(out)
     assert "8-bit affine, group 64" in r.stdout and manifest["id"] in r.stdout
     for comp in ("transformer", "t5", "clip", "vae"):
         assert comp in r.stdout
-    r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(tmp_path)],
-                       capture_output=True, text=True)  # fmt: skip
+    r = run_cli("info", tmp_path)
     assert r.returncode == 2 and "not an mlxflux model folder" in r.stderr
 
 

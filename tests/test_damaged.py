@@ -4,8 +4,6 @@ stage runs (the Python API raises the package's errors at `load` / `generate`)."
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import mlx.core as mx
 import pytest
@@ -15,6 +13,7 @@ from mlxflux.convert import convert
 from mlxflux.weights import MANIFEST
 
 from . import tiny
+from .helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +39,7 @@ def shard(folder, comp, group=None):
 
 def gen(folder, *args, cwd):
     size = ["--width", "32", "--height", "32", "--steps", "1", "--seed", "1"]
-    cmd = [sys.executable, "-m", "mlxflux.cli", "gen", "--prompt", "a red cube", *size]
-    cmd += ["--model", str(folder), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    return run_cli("gen", "--prompt", "a red cube", *size, "--model", folder, *args, cwd=cwd)
 
 
 def assert_one_line_failure(r, *needles):
@@ -140,16 +137,14 @@ def test_a_healthy_copy_of_the_folder_generates(folder, tmp_path):
 
 
 def test_info_check_finds_a_flipped_bit_that_load_cannot_see(folder):
-    r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(folder), "--check"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = run_cli("info", folder, "--check")
     assert r.returncode == 0 and "checksums match" in r.stdout, r.stderr
     path = shard(folder, "transformer", "trunk")
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x10  # inside the last tensor's data: headers and sizes are unchanged
     path.write_bytes(bytes(data))
     mlxflux.load(folder)  # the cheap header check at load passes...
-    r = subprocess.run([sys.executable, "-m", "mlxflux.cli", "info", str(folder), "--check"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = run_cli("info", folder, "--check")
     assert r.returncode == 2 and "Traceback" not in r.stderr  # ...the checksums do not
     assert f"{path}: contents differ from what was converted" in r.stderr
 

@@ -17,9 +17,10 @@ from diffusers import FluxTransformer2DModel
 
 from mlxflux import kernels
 from mlxflux.models.layers import Linear
-from mlxflux.quant import GROUP_SIZE, quantize
+from mlxflux.quant import quantize
 
 from .conftest import randomize_, rel_err, to_mx
+from .helpers import quantize_dequantize_
 from .test_transformer import load_from_diffusers, make_inputs, run_reference
 
 # every Linear input width a multiple of 64, so every layer quantizes
@@ -39,19 +40,6 @@ BF16_BOUND = 2e-2
 # its dense bf16 equivalent (0.3%); the transformer measured 4.1e-2. GPU kernels accumulate in
 # float32, so on a GPU device BF16_BOUND applies.
 CPU_QMM_BF16_BOUND = 8e-2
-
-
-def quantize_dequantize_(module: torch.nn.Module, bits: int = 8) -> torch.nn.Module:
-    """Replace every quantizable Linear weight with its affine round trip, as the converter
-    and `mlxflux.quant` quantize it (per row, groups of 64, in float32)."""
-    with torch.no_grad():
-        for layer in module.modules():
-            w = getattr(layer, "weight", None)
-            if isinstance(layer, torch.nn.Linear) and w.shape[-1] % GROUP_SIZE == 0:
-                q = mx.quantize(to_mx(w), group_size=GROUP_SIZE, bits=bits)
-                deq = mx.dequantize(*q, group_size=GROUP_SIZE, bits=bits)
-                w.copy_(torch.from_numpy(np.array(deq)))
-    return module
 
 
 @pytest.mark.parametrize("value,want", [("", "split"), ("auto", "split"), ("fused", "fused"),

@@ -95,4 +95,4 @@ def test_comfy_noise_equals_torch_randn(seed, shape):
     want = torch.randn(shape, dtype=torch.float32, generator=torch.manual_seed(seed)).numpy()
     got = mlxflux.comfy_noise(seed, shape)
     assert got.dtype == np.float32 and got.shape == shape
-    assert np.abs(got - want).max() <= 1e-5
+    assert np.abs(got - want).max() <= 2e-6  # measured 5e-7 (log of floats differs in ulps)

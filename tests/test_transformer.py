@@ -164,7 +164,14 @@ def diffusers_single_file_convert(bfl: dict[str, torch.Tensor]) -> dict[str, tor
         'inner_dim = checkpoint["img_in.weight"].shape[0]',
         src,
     )
-    assert n == 1, "diffusers' converter changed: update this wrapper"
+    if n != 1:
+        import diffusers
+
+        pytest.fail(
+            f"diffusers {diffusers.__version__}: convert_flux_transformer_checkpoint_to_diffusers "
+            f"no longer holds the line 'inner_dim = 3072' this test patches (found {n}); update "
+            "diffusers_single_file_convert for this version"
+        )
     scope = dict(vars(single_file_utils))
     exec(src, scope)
     return scope["convert_flux_transformer_checkpoint_to_diffusers"](dict(bfl))

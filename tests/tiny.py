@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from .conftest import randomize_
+from .helpers import tiny_clip, tiny_t5, tokenizer_dir
 from .test_autoencoder import diffusers_to_bfl as vae_to_bfl
-from .test_text import tokenizer_dir
 from .test_transformer import diffusers_to_bfl as flux_to_bfl
 
 T5_WIDTH, CLIP_WIDTH = 64, 128
@@ -34,32 +33,8 @@ def make_models(seed: int = 0, guidance: bool = True) -> dict[str, torch.nn.Modu
         guidance_embeds=guidance,
         axes_dims_rope=(16, 56, 56),
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=32128,
-            d_model=T5_WIDTH,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-        )
-    )
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=CLIP_WIDTH,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=CLIP_WIDTH // 64,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            eos_token_id=49407,
-            bos_token_id=49406,
-            pad_token_id=49407,
-        )
-    )
+    t5 = tiny_t5(seed + 1, d_model=T5_WIDTH, layers=2)
+    clip = tiny_clip(seed + 2, hidden=CLIP_WIDTH, intermediate=256, layers=2)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -106,7 +106,8 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: `block.N`, an empty `attn` list, and a down/upsample."""
+    """One resolution level: `block.N` and, but for the last, a `downsample` (encoder) or
+    `upsample` (decoder); FLUX has no attention at these levels."""
 
     def __init__(self, blocks: list[ResnetBlock]):
         super().__init__()
