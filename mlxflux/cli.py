@@ -13,6 +13,7 @@ from .cli_gen import (
     Failure,
     ensure_model,
     gen_settings,
+    parse_lora,
     run_generation,
     summarize,
 )
@@ -256,6 +257,14 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     f"[default: the preset's, or {IMG2IMG_DENOISE}].",
 )
 @click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="FILE[:SCALE]",
+    help="A LoRA for the transformer (kohya/ComfyUI, diffusers/PEFT or BFL names), at SCALE "
+    "(default 1.0, negative allowed); repeat to stack them. Works on 8-bit models too.",
+)
+@click.option(
     "--model",
     type=click.Path(path_type=Path),
     help="Model folder [default: ~/.cache/mlxflux/models/flux1-dev-q8].",
@@ -290,7 +299,18 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     "not fit].",
 )
 def gen(
-    preset, seed, seeds, count, model, output, report, sources, precision, tiled_decode, **given
+    preset,
+    seed,
+    seeds,
+    count,
+    loras,
+    model,
+    output,
+    report,
+    sources,
+    precision,
+    tiled_decode,
+    **given,
 ):
     """Generate images, staged: text encoders, then the transformer, then the VAE.
 
@@ -305,6 +325,7 @@ def gen(
     from .runs import check_template, parse_seeds, share
 
     settings = gen_settings(preset, given)
+    settings["loras"] = [parse_lora(spec) for spec in loras]
     try:
         all_seeds = parse_seeds(seeds, count, seed)
         check_template(output, len(all_seeds) > 1)
@@ -319,14 +340,13 @@ def gen(
     size = f"{settings['width']}x{settings['height']}"
     init = f", from {settings['init_image']} at denoise {settings['denoise']}"
     where = f" (process {group.rank() + 1} of {group.size()})" if group.size() > 1 else ""
-    click.echo(
+    header = (
         f"seed{'s' if len(mine) > 1 else ''} {', '.join(map(str, mine))}{where}, {size}, "
         f"{settings['steps']} steps ({settings['scheduler']})"
-        f"{init if settings['init_image'] else ''}, model {folder}",
-        err=True,
+        f"{init if settings['init_image'] else ''}, model {folder}"
     )
     indexes = {s: all_seeds.index(s) for s in mine}
-    written = run_generation(pipe, settings, mine, indexes, preset, output, tiled_decode)
+    written = run_generation(pipe, settings, mine, indexes, preset, output, tiled_decode, header)
     rep = pipe.last_report
     if report:
         data = rep.to_dict()

@@ -101,7 +101,9 @@ def gen_settings(preset: str | None, given: dict) -> dict:
     return settings
 
 
-def run_generation(pipe, settings, seeds, indexes, preset, output, tiled_decode) -> list[Path]:
+def run_generation(
+    pipe, settings, seeds, indexes, preset, output, tiled_decode, header: str
+) -> list[Path]:
     """Pipeline.generate_many with a bar per image; each PNG written as soon as it is decoded.
     Expected failures and Ctrl-C become one line; the images already written stay."""
     from tqdm.auto import tqdm
@@ -112,6 +114,16 @@ def run_generation(pipe, settings, seeds, indexes, preset, output, tiled_decode)
     from .settings import CHECKED
 
     written: list[Path] = []
+    kw = {k: settings[k] for k in CHECKED}
+    try:  # every setting, init image and LoRA file is checked here, before any stage runs
+        images = pipe.generate_many(
+            settings["prompt"], seeds, init_image=settings["init_image"],
+            loras=settings["loras"], tiled_decode=tiled_decode, on_step=lambda *a: step_done(*a),
+            **kw,
+        )  # fmt: skip
+    except MlxfluxError as e:
+        raise Failure(str(e)) from None
+    click.echo(header, err=True)
 
     def new_bar(index: int):
         label = f"image {index + 1}/{len(seeds)}" if len(seeds) > 1 else "denoise"
@@ -126,11 +138,6 @@ def run_generation(pipe, settings, seeds, indexes, preset, output, tiled_decode)
             if index + 1 < len(seeds):
                 bars[index + 1] = new_bar(index + 1)
 
-    kw = {k: settings[k] for k in CHECKED}
-    images = pipe.generate_many(
-        settings["prompt"], seeds, init_image=settings["init_image"], tiled_decode=tiled_decode,
-        on_step=step_done, **kw,
-    )  # fmt: skip
     try:
         for seed, image in images:
             meta = dict(pipe.last_report.settings, seed=seed, version=__version__, preset=preset)
@@ -168,3 +175,14 @@ def summarize(rep, written: list[Path], all_seeds: list[int], group) -> None:
         click.echo(
             f"{made} of {len(all_seeds)} images written by {group.size()} processes", err=True
         )
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """FILE[:SCALE] -> (path, scale): a colon followed by a number is the scale."""
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(tail)
+        except ValueError:
+            pass  # a colon in the file name: the whole text is the path
+    return Path(spec), 1.0

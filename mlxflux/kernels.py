@@ -144,6 +144,19 @@ def linear_rows(layer: nn.Module, start: int = 0, stop: int | None = None):
     of the returned function, so a layer applied to token chunks costs one dequantization.
     """
     stop = layer.weight.shape[0] if stop is None else stop
+    base = _rows(layer, start, stop)
+    side = getattr(layer, "lora", None)  # mlxflux.lora: (down [r, in], up [out, r]), summed
+    if side is None:
+        return base
+    down, up = side[0], side[1][start:stop]
+
+    def with_lora(x: mx.array) -> mx.array:
+        return base(x) + (x @ down.astype(x.dtype).T) @ up.astype(x.dtype).T
+
+    return with_lora
+
+
+def _rows(layer: nn.Module, start: int, stop: int):
     bias = layer["bias"][start:stop] if "bias" in layer else None
     if not isinstance(layer, nn.QuantizedLinear):
         w = layer.weight[start:stop]

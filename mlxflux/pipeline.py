@@ -24,13 +24,22 @@ from PIL import Image
 from .errors import NonFiniteError, SettingsError
 from .image import cover, size_of
 from .kernels import default_precision
+from .lora import load_loras
 from .models.autoencoder import estimate_decode_bytes
 from .models.transformer import Conditioning, image_ids, pack_latents, unpack_latents
 from .noise import comfy_noise
 from .sampling import DEFAULT_SHIFT, euler_step, img2img_sigmas, noise_scaling
 from .settings import CHECKED, check_settings, open_init_image
 from .tokenizers import CLIPTokenizer, T5Tokenizer
-from .weights import DTYPES, check_folder, load_component, load_group, read_manifest
+from .weights import (
+    DTYPES,
+    build_model,
+    check_folder,
+    load_component,
+    load_group,
+    quantize_like,
+    read_manifest,
+)
 
 PRECISIONS = DTYPES  # compute dtypes: the same names as the folder's storage dtypes
 DECODE_BUDGET = 2 << 30  # untiled VAE decode above this estimate runs row-tiled
@@ -136,12 +145,25 @@ class Pipeline:
         del clip
         return txt, pooled
 
+    def transformer_with_loras(self, loras, group: str | None = None):
+        """The transformer (lazy: nothing read yet) with the LoRAs attached, and their reports.
+        Cheap without `group`: the files are read and matched, no weight is loaded."""
+        if group is None:
+            model = build_model("transformer", self.manifest["components"]["transformer"]["config"])
+            quantize_like(model, self.manifest["components"]["transformer"]["tensors"],
+                          self.manifest["quantization"])  # fmt: skip
+        else:
+            model = load_component(self.folder, "transformer", self.manifest, group=group)
+        reports = load_loras(model, loras, model.config.hidden_size) if loras else []
+        return model, reports
+
     def modulation(
-        self, pooled: mx.array, sigma_list: list[float], guidance: float
+        self, pooled: mx.array, sigma_list: list[float], guidance: float, loras=()
     ) -> tuple[object, Conditioning]:
-        """Every step's adaLN vectors at once; returns the transformer without those weights."""
+        """Every step's adaLN vectors at once; returns the transformer without those weights
+        (the LoRAs stay attached to its trunk layers)."""
         steps = len(sigma_list) - 1
-        model = load_component(self.folder, "transformer", self.manifest, group="modulation")
+        model, _ = self.transformer_with_loras(loras, group="modulation")
         cond = model.modulation(
             mx.array(sigma_list[:-1], dtype=mx.float32),
             mx.repeat(pooled.astype(self.dtype), steps, axis=0),
@@ -216,6 +238,7 @@ class Pipeline:
         noise=None,
         init_image=None,
         denoise: float = 1.0,
+        loras=(),
         tiled_decode: bool | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
@@ -228,10 +251,12 @@ class Pipeline:
             schedule of int(steps / denoise) steps, its last steps + 1 sigmas kept, starting
             from sigma0 * noise + (1 - sigma0) * latent (`sampling.img2img_sigmas`,
             `sampling.noise_scaling`). denoise 1 gives the text-to-image picture.
+        loras: [(path, scale), ...]: LoRA files for the transformer, stacked (`mlxflux.lora`);
+            `last_report.settings["loras"]` says what each one matched.
         """
         kw = dict(width=width, height=height, steps=steps, guidance=guidance,
                   scheduler=scheduler, shift=shift, t5_padding=t5_padding, init_image=init_image,
-                  denoise=denoise, tiled_decode=tiled_decode)  # fmt: skip
+                  denoise=denoise, loras=loras, tiled_decode=tiled_decode)  # fmt: skip
         job = self._prepare(prompt, [seed], noise=noise, **kw)
         ((_, image),) = self._run(job, on_step=on_step and (lambda _, i, n: on_step(i, n)))
         return image
@@ -244,7 +269,7 @@ class Pipeline:
         on_step: Callable[[int, int, int], None] | None = None,
         **kw,
     ) -> Iterator[tuple[int, Image.Image]]:
-        """(seed, image) for each seed, as `generate` would make it, each yielded once decoded.
+        """An iterator of (seed, image), each image as `generate` makes it, yielded once decoded.
 
         The prompt is encoded once and each stage's weights load once: every seed is denoised
         (latents are small), then the VAE decodes them in turn, so the peak stays the
@@ -256,7 +281,8 @@ class Pipeline:
         unknown = set(kw) - set(GENERATE_DEFAULTS)
         if unknown:
             raise TypeError(f"generate_many() got unexpected arguments: {sorted(unknown)}")
-        yield from self._run(self._prepare(prompt, list(seeds), **kw), on_step=on_step)
+        # checked here, at the call, before any stage: the iterator runs the stages
+        return self._run(self._prepare(prompt, list(seeds), **kw), on_step=on_step)
 
     def _prepare(self, prompt: str, seeds: list[int], *, noise=None, **kw) -> "Job":
         init = open_init_image(kw["init_image"]) if kw["init_image"] is not None else None
@@ -287,6 +313,13 @@ class Pipeline:
             settings["seeds"] = seeds
         if init is not None:
             settings.update(init_image=init[1], init_image_sha256=init[2], denoise=kw["denoise"])
+        if kw["loras"]:  # read and matched now, so a bad file fails before any stage
+            _, lora_reports = self.transformer_with_loras(kw["loras"])
+            settings["loras"] = [
+                {"file": r.file, "sha256": r.sha256, "scale": r.scale, "layers": r.layers,
+                 "not_applied": r.skipped, "unmatched": r.unmatched}
+                for r in lora_reports
+            ]  # fmt: skip
         report = Report(settings=settings)
         return Job(prompt, seeds, noise, shape, sigma_list, init, kw, report)
 
@@ -301,7 +334,7 @@ class Pipeline:
                 pixels = cover(job.init[0], kw["width"], kw["height"])
                 latent = self.encode_image(pixels, kw["tiled_decode"])
         with _Stage(report, "modulation"):
-            model, cond = self.modulation(pooled, sigma_list, kw["guidance"])
+            model, cond = self.modulation(pooled, sigma_list, kw["guidance"], kw["loras"])
             del pooled
         done, interrupted = [], None
         with _Stage(report, "denoise"):

@@ -1,0 +1,224 @@
+"""LoRAs in the three layouts people download, against ComfyUI's LoraLoaderModelOnly: the
+LoRA merged into the weights (W += scale * alpha / rank * up @ down, in BFL's layout, turned
+into diffusers' layout by diffusers' own converter), then FluxPipeline."""
+
+import copy
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import mlxflux
+from mlxflux.lora import LoraError
+
+from . import test_pipeline
+from .helpers import quantize_dequantize_, run_cli
+from .test_pipeline import HEIGHT, PROMPT, WIDTH, comfy_reference, compare
+from .test_transformer import diffusers_single_file_convert, diffusers_to_bfl
+
+models, folder, folder_q8 = test_pipeline.models, test_pipeline.folder, test_pipeline.folder_q8
+
+# layers a LoRA touches: fused q/k/v, a single block's [q, k, v | MLP] input, modulation (its
+# own stage), the final layer's (shift, scale) adaLN, an embedder
+LAYERS = [
+    "double_blocks.0.img_attn.qkv",
+    "double_blocks.1.txt_mlp.0",
+    "double_blocks.0.img_mod.lin",
+    "single_blocks.1.linear1",
+    "single_blocks.0.linear2",
+    "final_layer.adaLN_modulation.1",
+    "time_in.in_layer",
+    "txt_in",
+]
+RANK = 4
+
+
+def make_lora(models, seed: int, layers=LAYERS, alpha: float | None = 2.0) -> dict:
+    """BFL layer -> (down [r, in], up [out, r], alpha) with a visible effect."""
+    bfl = diffusers_to_bfl(models["transformer"].state_dict())
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in layers:
+        rows, cols = bfl[layer + ".weight"].shape
+        down = torch.randn(RANK, cols, generator=g) / cols**0.5
+        up = torch.randn(rows, RANK, generator=g) * 0.6 / RANK**0.5
+        out[layer] = (down, up, alpha)
+    return out
+
+
+def merged(models, loras: list[tuple[dict, float]]) -> dict:
+    """The reference: every LoRA merged into a copy of the transformer, as ComfyUI does."""
+    ref = copy.deepcopy(models["transformer"])
+    bfl = diffusers_to_bfl(ref.state_dict())
+    for lora, scale in loras:
+        for layer, (down, up, alpha) in lora.items():
+            a = (alpha if alpha is not None else RANK) / RANK
+            bfl[layer + ".weight"] = bfl[layer + ".weight"] + scale * a * up @ down
+    ref.load_state_dict(diffusers_single_file_convert(bfl))
+    return {**models, "transformer": ref}
+
+
+def write_bfl(lora: dict, path, prefix="diffusion_model."):
+    tensors = {}
+    for layer, (down, up, alpha) in lora.items():
+        tensors[f"{prefix}{layer}.lora_A.weight"] = down.contiguous()
+        tensors[f"{prefix}{layer}.lora_B.weight"] = up.contiguous()
+        if alpha is not None:
+            tensors[f"{prefix}{layer}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return path
+
+
+def write_kohya(lora: dict, path, text_encoder: bool = False):
+    tensors = {}
+    for layer, (down, up, alpha) in lora.items():
+        name = "lora_unet_" + layer.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.contiguous()
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    if text_encoder:  # a CLIP LoRA in the same file: not applied, and said so
+        tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.ones(2, 8)
+        tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.ones(8, 2)
+    save_file(tensors, str(path))
+    return path
+
+
+# diffusers / PEFT: separate q/k/v (+ proj_mlp) and (scale, shift) for the final adaLN; the
+# alpha / rank factor folded into up (PEFT files often carry no alpha)
+def _qkv(block: str) -> list:
+    return [(f"{block}.attn.to_{x}", i) for i, x in enumerate("qkv")]
+
+
+DIFFUSERS = {
+    "double_blocks.0.img_attn.qkv": _qkv("transformer_blocks.0"),
+    "double_blocks.1.txt_mlp.0": [("transformer_blocks.1.ff_context.net.0.proj", None)],
+    "double_blocks.0.img_mod.lin": [("transformer_blocks.0.norm1.linear", None)],
+    "single_blocks.1.linear1": _qkv("single_transformer_blocks.1")
+    + [("single_transformer_blocks.1.proj_mlp", 3)],
+    "single_blocks.0.linear2": [("single_transformer_blocks.0.proj_out", None)],
+    "final_layer.adaLN_modulation.1": [("norm_out.linear", "swap")],
+    "time_in.in_layer": [("time_text_embed.timestep_embedder.linear_1", None)],
+    "txt_in": [("context_embedder", None)],
+}
+
+
+def write_diffusers(lora: dict, path, hidden: int):
+    tensors = {}
+    for layer, (down, up, alpha) in lora.items():
+        up = up * (alpha if alpha is not None else RANK) / RANK
+        for name, part in DIFFUSERS[layer]:
+            if part == "swap":
+                half = up.shape[0] // 2
+                rows = torch.cat([up[half:], up[:half]])
+            elif part is None:
+                rows = up
+            else:
+                rows = up[part * hidden : (part + 1) * hidden] if part < 3 else up[3 * hidden :]
+            tensors[f"transformer.{name}.lora_A.weight"] = down.clone()
+            tensors[f"transformer.{name}.lora_B.weight"] = rows.contiguous()
+    save_file(tensors, str(path))
+    return path
+
+
+def hidden_of(models) -> int:
+    cfg = models["transformer"].config
+    return cfg.num_attention_heads * cfg.attention_head_dim
+
+
+def run(folder, loras, seed=5):
+    noise = mlxflux.comfy_noise(seed, (1, 16, HEIGHT // 8, WIDTH // 8))
+    pipe = mlxflux.load(folder)
+    image = pipe.generate(PROMPT, width=WIDTH, height=HEIGHT, steps=4, noise=noise, loras=loras)
+    return image, noise, pipe.last_report
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers", "bfl"])
+def test_each_layout_matches_comfyui_merge(models, folder, tmp_path, layout):
+    lora = make_lora(models, 1, alpha=None if layout == "diffusers" else 2.0)
+    path = tmp_path / f"{layout}.safetensors"
+    if layout == "kohya":
+        write_kohya(lora, path)
+    elif layout == "diffusers":
+        write_diffusers(lora, path, hidden_of(models))
+    else:
+        write_bfl(lora, path)
+    ours, noise, report = run(folder, [(path, 0.8)])
+    ref = comfy_reference(merged(models, [(lora, 0.8)]), "simple", 4, noise)
+    mean, worst = compare(ours, ref)
+    without = compare(run(folder, [])[0], ref)
+    print(f"{layout}: mean {mean:.3f}, max {worst} levels; without the LoRA {without}")
+    assert mean <= 0.75 and worst <= 4
+    assert without[0] > 10 * max(mean, 0.1)  # the LoRA changes the picture a lot
+    (entry,) = report.settings["loras"]
+    assert entry["layers"] == len(LAYERS) and entry["unmatched"] == [] and entry["scale"] == 0.8
+
+
+def test_two_stacked_loras_with_their_scales(models, folder, tmp_path):
+    a, b = make_lora(models, 2), make_lora(models, 3, LAYERS[::2])
+    files = [(write_bfl(a, tmp_path / "a.safetensors"), 0.7),
+             (write_kohya(b, tmp_path / "b.safetensors"), -0.5)]  # fmt: skip
+    ours, noise, _ = run(folder, files)
+    ref = comfy_reference(merged(models, [(a, 0.7), (b, -0.5)]), "simple", 4, noise)
+    mean, worst = compare(ours, ref)
+    print(f"stacked: mean {mean:.3f}, max {worst} levels")
+    assert mean <= 0.75 and worst <= 4
+
+
+def test_lora_on_8bit_weights_is_fully_there(models, folder_q8, tmp_path):
+    """The side path adds the LoRA exactly to 8-bit weights: the reference is the dequantized
+    8-bit model with the LoRA merged in full precision."""
+    lora = make_lora(models, 4)
+    path = write_bfl(lora, tmp_path / "style.safetensors")
+    ours, noise, _ = run(folder_q8, [(path, 1.0)])
+    q8 = dict(models)
+    for name in ("transformer", "t5"):
+        q8[name] = quantize_dequantize_(copy.deepcopy(models[name]), 8)
+    ref = comfy_reference(merged(q8, [(lora, 1.0)]), "simple", 4, noise)
+    mean, worst = compare(ours, ref)
+    print(f"8-bit + LoRA: mean {mean:.3f}, max {worst} levels")
+    assert mean <= 0.75 and worst <= 4
+
+
+def test_text_encoder_loras_are_reported_not_dropped(models, folder, tmp_path):
+    path = write_kohya(make_lora(models, 5), tmp_path / "k.safetensors", text_encoder=True)
+    _, _, report = run(folder, [(path, 1.0)])
+    (entry,) = report.settings["loras"]
+    assert entry["not_applied"] == ["lora_te1_text_model_encoder_layers_0_mlp_fc1"]
+
+
+def test_bad_lora_files_are_refused_before_any_stage(models, folder, tmp_path):
+    pipe = mlxflux.load(folder)
+    other = tmp_path / "other.safetensors"
+    save_file({"unet.down_blocks.0.lora_A.weight": torch.ones(2, 8),
+               "unet.down_blocks.0.lora_B.weight": torch.ones(8, 2)}, str(other))  # fmt: skip
+    lora = make_lora(models, 6, LAYERS[:1])
+    down, up, alpha = lora[LAYERS[0]]
+    wrong = write_bfl({LAYERS[0]: (down[:, :-1], up, alpha)}, tmp_path / "wrong.safetensors")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a LoRA")
+    missing = tmp_path / "no.safetensors"
+    cases = [(other, "applied to 0 layers"), (wrong, "do not fit"),
+             (text, "not a safetensors LoRA"), (missing, "no such")]  # fmt: skip
+    for path, match in cases:
+        with pytest.raises(LoraError, match=f"{path.name}: .*{match}"):
+            pipe.generate("x", width=32, height=32, steps=1, loras=[(path, 1.0)])
+        assert pipe.last_report is None
+
+
+def test_cli_lora_flag_records_file_hash_and_scale(models, folder, tmp_path):
+    path = write_kohya(make_lora(models, 7), tmp_path / "ink.safetensors")
+    size = ["--width", "32", "--height", "32", "--steps", "1", "--seed", "2"]
+    r = run_cli("gen", "--prompt", "x", *size, "--model", folder, "--lora", f"{path}:0.6",
+                cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    settings = json.loads(Image.open(r.stdout.strip()).text["mlxflux"])
+    (entry,) = settings["loras"]
+    assert entry["file"] == "ink.safetensors" and entry["scale"] == 0.6
+    assert len(entry["sha256"]) == 64
+    r = run_cli("gen", "--prompt", "x", "--steps", "1", "--model", folder, "--lora",
+                tmp_path / "missing.safetensors", cwd=tmp_path)  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "missing.safetensors: no such file" in lines[0]
