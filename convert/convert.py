@@ -3,6 +3,7 @@
 import contextlib
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mlxflux.weights import (
 )
 
 from .detect import NAMES, Part, SourceError, check_component, detect_path
+from .gguf_io import GGUFFile
 from .infer import (
     clip_config,
     flux_config_from_diffusers,
@@ -30,16 +32,17 @@ from .infer import (
 from .tokenizer_files import TokenizerFiles, find_tokenizers
 
 FLUX_DEV_REPO = "black-forest-labs/FLUX.1-dev"
+FLUX_SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"  # Apache-2.0, not gated
 
 
 class ConvertError(MlxfluxError, ValueError):
     """A conversion that cannot go ahead; the message names the file and the problem."""
 
 
-def default_model_dir(bits: int | None = 8) -> Path:
+def default_model_dir(bits: int | None = 8, model: str = "flux1-dev") -> Path:
     home = os.environ.get("MLXFLUX_HOME")
     base = Path(home).expanduser() if home else Path.home() / ".cache" / "mlxflux"
-    return base / "models" / f"flux1-dev-{'q' + str(bits) if bits else 'full'}"
+    return base / "models" / f"{model}-{'q' + str(bits) if bits else 'full'}"
 
 
 @dataclass
@@ -118,6 +121,14 @@ def plan_component(comp: str, part: Part, shapes: dict, axes_dim=None) -> Plan:
         cfg = vae.to_dict()
         if default_scale:
             notes.append("VAE scale 0.3611 / shift 0.1159 are FLUX's (the file carries none)")
+    gguf = [f for f in part.files if isinstance(f, GGUFFile)]
+    if gguf:
+        types = Counter(t.dtype for f in gguf for t in f.tensors.values())
+        listed = ", ".join(f"{n} {kind}" for kind, n in types.most_common())
+        notes.append(
+            f"{comp} read from GGUF ({listed}): each tensor dequantized to float32 by the gguf "
+            "package, then stored like any other source (quantized again with --bits)"
+        )
     return Plan(part, cfg, notes)
 
 

@@ -1,4 +1,4 @@
-"""What a checkpoint holds, read from its safetensors header (keys and dtypes), never its name."""
+"""What a checkpoint holds, read from its header (safetensors or GGUF), never its name."""
 
 import json
 from collections.abc import Iterator
@@ -10,6 +10,7 @@ import mlx.core as mx
 from mlxflux.errors import MlxfluxError
 from mlxflux.safetensors_io import SafetensorsError, SafetensorsFile
 
+from .gguf_io import GGUFFile, is_gguf
 from .keymaps import (
     assemble,
     bfl_transformer,
@@ -47,8 +48,8 @@ class Part:
 
     component: str
     layout: str  # bfl | diffusers | comfy-aio | hf
-    files: list[SafetensorsFile]
-    keys: dict[str, SafetensorsFile] = field(default_factory=dict)  # source key -> file
+    files: list  # SafetensorsFile or GGUFFile: the same interface
+    keys: dict = field(default_factory=dict)  # source key -> its file
     config: dict | None = None  # a diffusers / transformers config.json, when there is one
     scaled_fp8: bool = False
     bytes_read: int = 0  # for progress bars
@@ -123,9 +124,18 @@ def _component_of(keys: list[str]) -> tuple[str, str] | None:
     return None
 
 
+def open_checkpoint(path: Path):
+    """A safetensors or GGUF file, told apart by the first bytes, not the name."""
+    if is_gguf(path):
+        return GGUFFile(path)
+    if path.suffix == ".gguf":
+        raise SourceError(f"{path}: not a GGUF file (it does not start with GGUF's magic)")
+    return SafetensorsFile(path)
+
+
 def detect_file(path: Path) -> list[Part]:
-    """The components one safetensors file holds (several for an all-in-one checkpoint)."""
-    f = SafetensorsFile(path)
+    """The components one checkpoint file holds (several for an all-in-one checkpoint)."""
+    f = open_checkpoint(path)
     if not f.tensors:
         raise SourceError(f"{path}: holds no tensors")
     keys = list(f.keys())

@@ -42,10 +42,18 @@ def main():
     multiple=True,
     type=click.Path(path_type=Path),
     help="A file or folder to convert from (repeatable): a ComfyUI models/ folder, "
-    "a downloaded FLUX.1-dev folder, or single .safetensors files.",
+    "a downloaded FLUX.1-dev folder, or single .safetensors or .gguf files.",
 )
-@click.option("--flux", type=click.Path(path_type=Path), help="The transformer file.")
-@click.option("--t5", type=click.Path(path_type=Path), help="The T5-XXL encoder file.")
+@click.option(
+    "--flux",
+    type=click.Path(path_type=Path),
+    help="The transformer file (.safetensors, fp8 too, or a .gguf such as flux1-dev-Q8_0.gguf).",
+)
+@click.option(
+    "--t5",
+    type=click.Path(path_type=Path),
+    help="The T5-XXL encoder file (.safetensors, or a .gguf with llama.cpp's names).",
+)
 @click.option("--clip", type=click.Path(path_type=Path), help="The CLIP-L encoder file.")
 @click.option("--ae", type=click.Path(path_type=Path), help="The autoencoder (ae.safetensors).")
 @click.option(
@@ -204,7 +212,7 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     help=f"Height in pixels, a multiple of 16 [default: the preset's, the init image's, or "
     f"{GEN_DEFAULTS['height']}].",
 )
-@click.option("--steps", type=int, help=f"Euler steps [default: {GEN_DEFAULTS['steps']}].")
+@click.option("--steps", type=int, help="Euler steps [default: the model's: dev 20, schnell 4].")
 @click.option(
     "--guidance",
     type=float,
@@ -217,10 +225,8 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
 )
 @click.option(
     "--shift",
-    default="1.15",
-    show_default=True,
-    help="Fixed shift (ComfyUI's Flux dev workflow uses 1.15) or 'auto' for the "
-    "resolution-dependent shift of BFL/diffusers.",
+    help="Fixed shift or 'auto' for the resolution-dependent shift of BFL/diffusers "
+    "[default: the model's, as ComfyUI: dev 1.15, schnell 1.0].",
 )
 @click.option(
     "--seed",
@@ -288,6 +294,11 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     help="First run only: convert these files/folders if there is no model folder.",
 )
 @click.option(
+    "--hf-repo",
+    help="First run only: download and convert this Hugging Face repo, e.g. "
+    "black-forest-labs/FLUX.1-schnell (Apache-2.0, no account needed) [default: FLUX.1-dev].",
+)
+@click.option(
     "--precision",
     type=click.Choice(["float32", "bfloat16", "float16"]),
     help="Compute dtype [default: float32 on the CPU backend, bfloat16 on GPUs].",
@@ -308,6 +319,7 @@ def gen(
     output,
     report,
     sources,
+    hf_repo,
     precision,
     tiled_decode,
     **given,
@@ -332,11 +344,16 @@ def gen(
     except SettingsError as e:
         raise Failure(f"--{e.name}: {e.reason}") from None
     mine, group = share(all_seeds)
-    folder = ensure_model(model, sources)
+    folder = ensure_model(model, sources, hf_repo)
     try:
         pipe = load(folder, precision)  # checks the folder's files before any stage runs
     except MlxfluxError as e:
         raise Failure(str(e)) from None
+    for name, value in pipe.defaults.items():  # steps and shift: the model's unless given
+        if settings[name] is None:
+            settings[name] = value
+    if pipe.model_name == "flux1-schnell" and given["guidance"] is not None:
+        click.echo("note: FLUX.1 schnell has no guidance input; --guidance is ignored", err=True)
     size = f"{settings['width']}x{settings['height']}"
     init = f", from {settings['init_image']} at denoise {settings['denoise']}"
     where = f" (process {group.rank() + 1} of {group.size()})" if group.size() > 1 else ""

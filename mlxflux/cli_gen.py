@@ -20,7 +20,8 @@ class Failure(click.ClickException):
 
 
 # Generation defaults: one table for the CLI's help, its settings and the presets' overrides
-GEN_DEFAULTS = {"width": 1024, "height": 1024, "steps": 20, "guidance": 3.5, "scheduler": "simple"}
+# (steps and shift: the model's, Pipeline.defaults: dev 20 at 1.15, schnell 4 at 1.0)
+GEN_DEFAULTS = {"width": 1024, "height": 1024, "guidance": 3.5, "scheduler": "simple"}
 IMG2IMG_DENOISE = 0.75  # --init-image without --denoise and no preset value
 
 
@@ -34,8 +35,9 @@ Already have the files (ComfyUI's flux1-dev-fp8, t5xxl_fp8_e4m3fn, clip_l, ae)? 
   mlxflux gen --from ~/ComfyUI/models ...     (or set MLXFLUX_SOURCE)"""
 
 
-def ensure_model(model: Path | None, sources: tuple[Path, ...]) -> Path:
-    """The model folder to use; on first run, convert from --from/MLXFLUX_SOURCE or download."""
+def ensure_model(model: Path | None, sources: tuple[Path, ...], hf_repo: str | None = None):
+    """The model folder to use; on first run, convert from --from/MLXFLUX_SOURCE or download
+    (FLUX.1-dev, or --hf-repo's: black-forest-labs/FLUX.1-schnell needs no account)."""
     from .convert import ConvertError, convert, default_model_dir
     from .convert.convert import FLUX_DEV_REPO
 
@@ -43,12 +45,21 @@ def ensure_model(model: Path | None, sources: tuple[Path, ...]) -> Path:
         if not model.exists():
             raise Failure(f"{model}: no such model folder (make one with `mlxflux convert`)")
         return model
-    target = default_model_dir(8)
+    name = "flux1-dev"
+    if hf_repo:
+        name = hf_repo.rsplit("/", 1)[-1].lower().replace("flux.1-", "flux1-")
+    target = default_model_dir(8, name)
     if target.exists():
         return target
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if hf_repo and hf_repo != FLUX_DEV_REPO:
+        log(f"No model folder at {target}: downloading {hf_repo} and converting it")
+        try:
+            return convert([], target, hf_repo=hf_repo, progress=True, log=log)
+        except ConvertError as e:
+            raise Failure(str(e)) from None
     env = os.environ.get("MLXFLUX_SOURCE")
     sources = list(sources) or ([Path(p) for p in env.split(os.pathsep) if p] if env else [])
-    log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         if sources:
             log(f"No model folder at {target}: converting from {', '.join(map(str, sources))}")
@@ -66,7 +77,8 @@ def gen_settings(preset: str | None, given: dict) -> dict:
     from .presets import PresetError, get_preset
     from .settings import CHECKED, check_settings, open_init_image
 
-    settings = {**GEN_DEFAULTS, "prompt": None, "denoise": None, "init_image": None}
+    settings = {**GEN_DEFAULTS, "prompt": None, "denoise": None, "init_image": None,
+                "steps": None, "shift": None}  # fmt: skip
     size_given = given["width"] is not None or given["height"] is not None
     if preset:
         try:
@@ -79,7 +91,8 @@ def gen_settings(preset: str | None, given: dict) -> dict:
     if not settings["prompt"]:
         raise Failure("give --prompt TEXT or --preset NAME (see `mlxflux presets`)")
     try:
-        settings["shift"] = "auto" if settings["shift"] == "auto" else float(settings["shift"])
+        if settings["shift"] not in (None, "auto"):
+            settings["shift"] = float(settings["shift"])
     except ValueError:
         raise Failure(f"--shift: {settings['shift']!r} is not a number or 'auto'") from None
     try:

@@ -41,6 +41,11 @@ from .weights import (
     read_manifest,
 )
 
+# what a model folder's transformer implies when generate() is not told
+MODEL_DEFAULTS = {
+    "flux1-dev": {"steps": 20, "shift": DEFAULT_SHIFT},
+    "flux1-schnell": {"steps": 4, "shift": 1.0},  # ComfyUI's schnell: ModelSamplingFlux, shift 1
+}
 PRECISIONS = DTYPES  # compute dtypes: the same names as the folder's storage dtypes
 DECODE_BUDGET = 2 << 30  # untiled VAE decode above this estimate runs row-tiled
 
@@ -120,6 +125,9 @@ class Pipeline:
             raise SettingsError(f"must be one of {', '.join(PRECISIONS)}", "precision")
         self.manifest = read_manifest(self.folder)
         check_folder(self.folder, self.manifest)  # headers only: a damaged folder fails here
+        guided = self.manifest["components"]["transformer"]["config"]["guidance_embed"]
+        self.model_name = "flux1-dev" if guided else "flux1-schnell"
+        self.defaults = MODEL_DEFAULTS[self.model_name]
         self.dtype = PRECISIONS[self.precision]
         self.last_report: Report | None = None
 
@@ -229,11 +237,11 @@ class Pipeline:
         *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 20,
+        steps: int | None = None,
         guidance: float = 3.5,
         seed: int = 0,
         scheduler: str = "simple",
-        shift: float | str = DEFAULT_SHIFT,
+        shift: float | str | None = None,
         t5_padding: str = "comfy",
         noise=None,
         init_image=None,
@@ -245,6 +253,9 @@ class Pipeline:
         """Text to image, or image to image from `init_image`, staged.
 
         width/height: 1024, or with an init image its size rounded to multiples of 16.
+        steps/shift: the model's defaults (`MODEL_DEFAULTS`): FLUX.1-dev 20 steps at ComfyUI's
+            fixed shift 1.15; FLUX.1 schnell 4 steps at 1.0 (ComfyUI's schnell sampling).
+            schnell has no guidance input: `guidance` is ignored.
         noise: [1, 16, H/8, W/8], replaces the seeded ComfyUI noise.
         init_image: a PIL image or a path; scaled (Lanczos) to cover width x height and
             centre-cropped. As ComfyUI's LoadImage -> VAEEncode -> KSampler(denoise): the
@@ -285,6 +296,9 @@ class Pipeline:
         return self._run(self._prepare(prompt, list(seeds), **kw), on_step=on_step)
 
     def _prepare(self, prompt: str, seeds: list[int], *, noise=None, **kw) -> "Job":
+        for name, value in self.defaults.items():
+            if kw[name] is None:
+                kw[name] = value
         init = open_init_image(kw["init_image"]) if kw["init_image"] is not None else None
         width, height = kw["width"], kw["height"]
         if init is not None and width is None and height is None:
@@ -304,7 +318,7 @@ class Pipeline:
         )  # fmt: skip
         settings = dict(
             prompt=prompt, **{k: kw[k] for k in CHECKED if k != "denoise"}, sampler="euler",
-            cfg=1.0, precision=self.precision, model_id=self.model_id,
+            cfg=1.0, precision=self.precision, model=self.model_name, model_id=self.model_id,
             noise="given" if noise is not None else "comfy",
         )  # fmt: skip
         if len(seeds) == 1:

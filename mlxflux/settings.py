@@ -38,13 +38,14 @@ def check_settings(
 ) -> None:
     """Refuse settings that cannot give a right picture, before any stage runs."""
     check_size(width, height)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    # steps and shift may be None: the model's defaults, filled in (and checked) by Pipeline
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise SettingsError(f"must be a whole number of at least 1, got {steps!r}", "steps")
     if not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
         raise SettingsError(
             f"must be a finite number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}", "guidance"
         )
-    if shift != "auto" and (
+    if shift not in (None, "auto") and (
         not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0
     ):
         raise SettingsError(f"must be a finite number above 0 or 'auto', got {shift!r}", "shift")
@@ -56,7 +57,9 @@ def check_settings(
         raise SettingsError(f"must be comfy or max, got {t5_padding!r}", "t5_padding")
     if not isinstance(denoise, (int, float)) or not 0 < denoise <= 1:
         raise SettingsError(f"must be above 0 and at most 1, got {denoise!r}", "denoise")
-    if steps / denoise > 10_000:  # the schedule would have more steps than its sigma table
+    if (
+        steps is not None and steps / denoise > 10_000
+    ):  # the schedule would have more steps than its sigma table
         raise SettingsError(f"{denoise!r} is too small for {steps} steps", "denoise")
 
 

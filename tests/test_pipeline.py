@@ -236,9 +236,10 @@ def test_gen_refuses_sizes_that_are_not_multiples_of_16(tmp_path, folder):
     assert not list(tmp_path.glob("*.png"))
 
 
-def _hf_cache(root: Path, models) -> Path:
-    """A Hugging Face cache holding a tiny FLUX.1-dev snapshot, as huggingface-hub lays it out."""
-    repo = root / "hub" / "models--black-forest-labs--FLUX.1-dev"
+def hf_cache(root: Path, models, repo: str = "FLUX.1-dev") -> Path:
+    """A Hugging Face cache holding a tiny snapshot of black-forest-labs/<repo>, laid out as
+    huggingface-hub lays it out."""
+    repo = root / "hub" / f"models--black-forest-labs--{repo}"
     commit = "0" * 40
     tiny.write_diffusers(models, repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True)
@@ -247,7 +248,7 @@ def _hf_cache(root: Path, models) -> Path:
 
 
 def test_first_run_downloads_converts_and_generates(tmp_path, models):
-    hub = _hf_cache(tmp_path, models)
+    hub = hf_cache(tmp_path, models)
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "MLXFLUX_HOME": str(tmp_path / "home")}
     r = run_cli("gen", "--prompt", "a red cube", "--width", "64", "--height", "64", "--steps",
                 "1", "--seed", "5", env=env, cwd=tmp_path)  # fmt: skip
