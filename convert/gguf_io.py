@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxflux.safetensors_io import SafetensorsError
+from mlxflux.safetensors_io import SafetensorsError, TensorFile
 
 MAGIC = b"GGUF"
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -61,10 +61,12 @@ class GGUFTensor:
     shape: tuple[int, ...]  # numpy order (GGUF stores the innermost dimension first)
     start: int
     nbytes: int
-    index: int  # position in the reader's tensor list
+    kind: object  # gguf.GGMLQuantizationType
+    raw_shape: tuple[int, ...]  # the stored array's shape (rows x bytes for block types)
+    raw_dtype: object  # its numpy dtype
 
 
-class GGUFFile:
+class GGUFFile(TensorFile):
     """A validated GGUF file with per-tensor, dequantizing reads."""
 
     def __init__(self, path: str | Path):
@@ -81,7 +83,7 @@ class GGUFFile:
         llama_t5 = any(t.name.startswith("enc.blk.") for t in self._reader.tensors)
         size = self.path.stat().st_size
         self.tensors: dict[str, GGUFTensor] = {}
-        for i, t in enumerate(self._reader.tensors):
+        for t in self._reader.tensors:
             kind = t.tensor_type.name
             if kind not in SUPPORTED:
                 raise SafetensorsError(
@@ -92,23 +94,21 @@ class GGUFFile:
                 raise SafetensorsError(f"{self.path}: truncated: tensor {t.name} ends past the end")
             name = _t5_name(t.name) if llama_t5 else t.name
             shape = tuple(int(n) for n in reversed(t.shape))
-            self.tensors[name] = GGUFTensor(kind, shape, int(t.data_offset), int(t.n_bytes), i)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def keys(self):
-        return self.tensors.keys()
-
-    @property
-    def dtypes(self) -> set[str]:
-        return {t.dtype for t in self.tensors.values()}
+            self.tensors[name] = GGUFTensor(
+                kind, shape, int(t.data_offset), int(t.n_bytes), t.tensor_type,
+                tuple(t.data.shape), t.data.dtype,
+            )  # fmt: skip
+        del self._reader  # its memory map: tensors are read with plain file reads
 
     def read(self, key: str) -> mx.array:
-        """One tensor, dequantized by the gguf package, as float32 (exactly its values)."""
+        """One tensor, dequantized by the gguf package, as float32 (exactly its values).
+
+        Read with a plain file read rather than through the memory map, so the process holds
+        one tensor at a time and not the pages of every tensor read so far."""
         from gguf import quants
 
         info = self.tensors[key]
-        t = self._reader.tensors[info.index]
-        values = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        return mx.array(values.reshape(info.shape))
+        count = info.nbytes // np.dtype(info.raw_dtype).itemsize
+        raw = np.fromfile(self.path, dtype=info.raw_dtype, count=count, offset=info.start)
+        values = quants.dequantize(raw.reshape(info.raw_shape), info.kind)
+        return mx.array(np.asarray(values, dtype=np.float32).reshape(info.shape))

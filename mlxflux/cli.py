@@ -19,6 +19,11 @@ from .cli_gen import (
 )
 
 
+def path_option(*names, **kw):
+    """A click option taking a file or folder path."""
+    return click.option(*names, type=click.Path(path_type=Path), **kw)
+
+
 def _bits(value: str) -> int | None:
     return None if value == "none" else int(value)
 
@@ -44,21 +49,18 @@ def main():
     help="A file or folder to convert from (repeatable): a ComfyUI models/ folder, "
     "a downloaded FLUX.1-dev folder, or single .safetensors or .gguf files.",
 )
-@click.option(
+@path_option(
     "--flux",
-    type=click.Path(path_type=Path),
     help="The transformer file (.safetensors, fp8 too, or a .gguf such as flux1-dev-Q8_0.gguf).",
 )
-@click.option(
+@path_option(
     "--t5",
-    type=click.Path(path_type=Path),
     help="The T5-XXL encoder file (.safetensors, or a .gguf with llama.cpp's names).",
 )
-@click.option("--clip", type=click.Path(path_type=Path), help="The CLIP-L encoder file.")
-@click.option("--ae", type=click.Path(path_type=Path), help="The autoencoder (ae.safetensors).")
-@click.option(
+@path_option("--clip", help="The CLIP-L encoder file.")
+@path_option("--ae", help="The autoencoder (ae.safetensors).")
+@path_option(
     "--tokenizers",
-    type=click.Path(path_type=Path),
     help="A folder holding CLIP's vocab.json + merges.txt and T5's spiece.model.",
 )
 @click.option(
@@ -80,9 +82,8 @@ def main():
     show_default=True,
     help="dtype of what is not quantized.",
 )
-@click.option(
+@path_option(
     "--out",
-    type=click.Path(path_type=Path),
     help="Output folder [default: ~/.cache/mlxflux/models/flux1-dev-q8, or under $MLXFLUX_HOME].",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
@@ -91,7 +92,8 @@ def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, 
     complete and verified).
 
     Every layout is detected from the file's header: Black Forest Labs single files, ComfyUI
-    fp8 (also scaled fp8 and all-in-one checkpoints), diffusers folders.
+    fp8 (also scaled fp8 and all-in-one checkpoints), diffusers folders, GGUF files (FLUX
+    transformers, T5 encoders), FLUX.1 dev and schnell.
     """
     from .convert import ConvertError
     from .convert import convert as run
@@ -250,9 +252,8 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     show_default=True,
     help="comfy: pad T5 tokens to >=256; max: pad/truncate to 512.",
 )
-@click.option(
+@path_option(
     "--init-image",
-    type=click.Path(path_type=Path),
     help="Image to image: start from this picture (e.g. the original cover), scaled to cover "
     "the size and centre-cropped, as ComfyUI's LoadImage -> VAEEncode -> KSampler.",
 )
@@ -270,9 +271,8 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     help="A LoRA for the transformer (kohya/ComfyUI, diffusers/PEFT or BFL names), at SCALE "
     "(default 1.0, negative allowed); repeat to stack them. Works on 8-bit models too.",
 )
-@click.option(
+@path_option(
     "--model",
-    type=click.Path(path_type=Path),
     help="Model folder [default: ~/.cache/mlxflux/models/flux1-dev-q8].",
 )
 @click.option(
@@ -281,9 +281,8 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     "covers/dvd-{seed}.png) [default: <preset or prompt>-<seed>.png here]. Never overwrites: "
     "an existing name gets -1, -2, ...",
 )
-@click.option(
+@path_option(
     "--report",
-    type=click.Path(path_type=Path),
     help="Write per-stage time and memory as JSON to this file.",
 )
 @click.option(
@@ -378,9 +377,7 @@ def gen(
 @main.command()
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--output", type=click.Path(path_type=Path), required=True, help="The sheet's PNG path."
-)
+@path_option("--output", required=True, help="The sheet's PNG path.")
 @click.option("--height", type=click.IntRange(64, 4096), default=512, show_default=True,
               help="Height of every picture on the sheet.")  # fmt: skip
 def compare(original, images, output, height):

@@ -10,11 +10,10 @@ nothing is read before its stage. Every stage's output is checked for NaN/inf (a
 would otherwise save a black PNG): `NonFiniteError` names the stage and step.
 """
 
-import gc
 import inspect
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,6 +27,7 @@ from .lora import load_loras
 from .models.autoencoder import estimate_decode_bytes
 from .models.transformer import Conditioning, image_ids, pack_latents, unpack_latents
 from .noise import comfy_noise
+from .report import Report, Stage
 from .sampling import DEFAULT_SHIFT, euler_step, img2img_sigmas, noise_scaling
 from .settings import CHECKED, check_settings, open_init_image
 from .tokenizers import CLIPTokenizer, T5Tokenizer
@@ -54,54 +54,6 @@ def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None)
     """Raise NonFiniteError unless every value of x is finite (one reduction, one sync)."""
     if not mx.all(mx.isfinite(x)).item():
         raise NonFiniteError(stage, step, steps, precision)
-
-
-@dataclass
-class StageStats:
-    seconds: float = 0.0
-    peak_bytes: int = 0
-    active_bytes_after: int = 0
-
-
-@dataclass
-class Report:
-    stages: dict[str, StageStats] = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-    images: list[dict] = field(default_factory=list)  # per seed: seconds to denoise, decode
-
-    @property
-    def peak_bytes(self) -> int:
-        return max((s.peak_bytes for s in self.stages.values()), default=0)
-
-    def to_dict(self) -> dict:
-        return {
-            "stages": {k: vars(v) for k, v in self.stages.items()},
-            "peak_bytes": self.peak_bytes,
-            "settings": self.settings,
-            "images": self.images,
-        }
-
-
-class _Stage:
-    """Times a stage and records its peak; on exit, collects and clears MLX's cache."""
-
-    def __init__(self, report: Report, name: str):
-        self.report, self.name = report, name
-
-    def __enter__(self):
-        mx.synchronize()
-        mx.reset_peak_memory()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        mx.synchronize()
-        stats = StageStats(time.perf_counter() - self.start, mx.get_peak_memory())
-        gc.collect()
-        mx.clear_cache()
-        stats.active_bytes_after = mx.get_active_memory()
-        self.report.stages[self.name] = stats
-        return False
 
 
 def denoise_step(model, x, txt, cond: Conditioning, rope, sigma: float, sigma_next: float):
@@ -340,18 +292,18 @@ class Pipeline:
     def _run(self, job: "Job", on_step=None) -> Iterator[tuple[int, Image.Image]]:
         report, kw, sigma_list = job.report, job.kw, job.sigma_list
         self.last_report = report
-        with _Stage(report, "text"):
+        with Stage(report, "text"):
             txt, pooled = self.encode_text(job.prompt, kw["t5_padding"])
         latent = None
         if job.init is not None:
-            with _Stage(report, "encode"):
+            with Stage(report, "encode"):
                 pixels = cover(job.init[0], kw["width"], kw["height"])
                 latent = self.encode_image(pixels, kw["tiled_decode"])
-        with _Stage(report, "modulation"):
+        with Stage(report, "modulation"):
             model, cond = self.modulation(pooled, sigma_list, kw["guidance"], kw["loras"])
             del pooled
         done, interrupted = [], None
-        with _Stage(report, "denoise"):
+        with Stage(report, "denoise"):
             load_group(model, self.folder, "transformer", self.manifest, "trunk")
             for index, seed in enumerate(job.seeds):
                 noise = job.noise if job.noise is not None else comfy_noise(seed, job.shape)
@@ -367,7 +319,7 @@ class Pipeline:
                 report.images.append({"seed": seed, "denoise_seconds": _since(start)})
             del model, cond, txt
         if done:
-            with _Stage(report, "decode"):
+            with Stage(report, "decode"):
                 ae = load_component(self.folder, "vae", self.manifest)
                 for (seed, x), entry in zip(done, report.images, strict=False):
                     start = time.perf_counter()

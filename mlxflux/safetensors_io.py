@@ -73,7 +73,25 @@ def _decode_fp8_e5m2(raw: np.ndarray) -> mx.array:
     return mx.array((raw.astype(np.uint16) << 8).view(np.float16))
 
 
-class SafetensorsFile:
+class TensorFile:
+    """What the converter asks of a checkpoint file: `path`, `tensors` (key -> info with
+    `dtype`, `shape`, `start`, `nbytes`), `header_sha256` and `read(key)`."""
+
+    path: Path
+    tensors: dict
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def keys(self):
+        return self.tensors.keys()
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {t.dtype for t in self.tensors.values()}
+
+
+class SafetensorsFile(TensorFile):
     """A validated safetensors header plus lazy, per-tensor reads."""
 
     def __init__(self, path: str | os.PathLike):
@@ -127,16 +145,6 @@ class SafetensorsFile:
                     f"the file has {size}"
                 )
             self.tensors[key] = TensorInfo(dtype, shape, base + a, base + b)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def keys(self):
-        return self.tensors.keys()
-
-    @property
-    def dtypes(self) -> set[str]:
-        return {t.dtype for t in self.tensors.values()}
 
     def read(self, key: str) -> mx.array:
         """One tensor as an mx.array; fp8 is decoded exactly to bfloat16 (e4m3) / float16 (e5m2)."""

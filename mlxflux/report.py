@@ -1,0 +1,55 @@
+"""Per-stage time and memory: what `--report` writes and `Pipeline.last_report` holds."""
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+
+@dataclass
+class StageStats:
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    active_bytes_after: int = 0
+
+
+@dataclass
+class Report:
+    stages: dict[str, StageStats] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    images: list[dict] = field(default_factory=list)  # per seed: seconds to denoise, decode
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((s.peak_bytes for s in self.stages.values()), default=0)
+
+    def to_dict(self) -> dict:
+        return {
+            "stages": {k: vars(v) for k, v in self.stages.items()},
+            "peak_bytes": self.peak_bytes,
+            "settings": self.settings,
+            "images": self.images,
+        }
+
+
+class Stage:
+    """Times a stage and records its peak; on exit, collects and clears MLX's cache."""
+
+    def __init__(self, report: Report, name: str):
+        self.report, self.name = report, name
+
+    def __enter__(self):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        mx.synchronize()
+        stats = StageStats(time.perf_counter() - self.start, mx.get_peak_memory())
+        gc.collect()
+        mx.clear_cache()
+        stats.active_bytes_after = mx.get_active_memory()
+        self.report.stages[self.name] = stats
+        return False
