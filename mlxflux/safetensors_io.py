@@ -171,7 +171,7 @@ class SafetensorsFile(TensorFile):
 class ShardWriter:
     """Writes (key, array) pairs into `<prefix>-NNNNN.safetensors` shards of bounded size."""
 
-    def __init__(self, folder: Path, prefix: str, shard_bytes: int = 512 << 20):
+    def __init__(self, folder: Path, prefix: str, shard_bytes: int = 256 << 20):
         self.folder, self.prefix, self.shard_bytes = folder, prefix, shard_bytes
         self.pending: dict[str, mx.array] = {}
         self.pending_bytes = 0
