@@ -137,6 +137,16 @@ def run_generation(
     except MlxfluxError as e:
         raise Failure(str(e)) from None
     click.echo(header, err=True)
+    for lora in pipe.last_report.settings.get("loras", []):
+        click.echo(f"lora {lora['file']} x {lora['scale']:g}: {lora['layers']} layers", err=True)
+        if lora["not_applied"]:
+            n = len(lora["not_applied"])
+            click.echo(f"  warning: {n} text-encoder LoRA layers not applied "
+                       "(mlxflux applies LoRAs to the transformer only)", err=True)  # fmt: skip
+        if lora["unmatched"]:
+            listed = ", ".join(lora["unmatched"][:5])
+            more = f" (+{len(lora['unmatched']) - 5} more)" if len(lora["unmatched"]) > 5 else ""
+            click.echo(f"  warning: keys that match no layer: {listed}{more}", err=True)
 
     def new_bar(index: int):
         label = f"image {index + 1}/{len(seeds)}" if len(seeds) > 1 else "denoise"

@@ -287,6 +287,7 @@ class Pipeline:
                 for r in lora_reports
             ]  # fmt: skip
         report = Report(settings=settings)
+        self.last_report = report  # checked: what will run, before anything runs
         return Job(prompt, seeds, noise, shape, sigma_list, init, kw, report)
 
     def _run(self, job: "Job", on_step=None) -> Iterator[tuple[int, Image.Image]]:

@@ -182,11 +182,22 @@ def test_lora_on_8bit_weights_is_fully_there(models, folder_q8, tmp_path):
     assert mean <= 0.75 and worst <= 4
 
 
-def test_text_encoder_loras_are_reported_not_dropped(models, folder, tmp_path):
+def test_text_encoder_and_unknown_keys_are_reported_not_dropped(models, folder, tmp_path):
     path = write_kohya(make_lora(models, 5), tmp_path / "k.safetensors", text_encoder=True)
     _, _, report = run(folder, [(path, 1.0)])
     (entry,) = report.settings["loras"]
     assert entry["not_applied"] == ["lora_te1_text_model_encoder_layers_0_mlp_fc1"]
+    # the CLI says so, and names keys that match no layer
+    lora = make_lora(models, 5, LAYERS[:2])
+    # a layer this model does not have (block 7): listed, not silently dropped
+    lora["double_blocks.7.img_mlp.0"] = tuple(t.clone() for t in lora[LAYERS[0]][:2]) + (2.0,)
+    odd = write_kohya(lora, tmp_path / "odd.safetensors", text_encoder=True)
+    size = ["--width", "32", "--height", "32", "--steps", "1", "--seed", "2"]
+    r = run_cli("gen", "--prompt", "x", *size, "--model", folder, "--lora", odd, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "lora odd.safetensors x 1: 2 layers" in r.stderr
+    assert "1 text-encoder LoRA layers not applied" in r.stderr
+    assert "keys that match no layer: lora_unet_double_blocks_7_img_mlp_0" in r.stderr
 
 
 def test_bad_lora_files_are_refused_before_any_stage(models, folder, tmp_path):
