@@ -33,11 +33,10 @@ from .settings import CHECKED, check_settings, open_init_image
 from .tokenizers import CLIPTokenizer, T5Tokenizer
 from .weights import (
     DTYPES,
-    build_model,
+    build_component,
     check_folder,
     load_component,
     load_group,
-    quantize_like,
     read_manifest,
 )
 
@@ -109,9 +108,7 @@ class Pipeline:
         """The transformer (lazy: nothing read yet) with the LoRAs attached, and their reports.
         Cheap without `group`: the files are read and matched, no weight is loaded."""
         if group is None:
-            model = build_model("transformer", self.manifest["components"]["transformer"]["config"])
-            quantize_like(model, self.manifest["components"]["transformer"]["tensors"],
-                          self.manifest["quantization"])  # fmt: skip
+            model = build_component("transformer", self.manifest)
         else:
             model = load_component(self.folder, "transformer", self.manifest, group=group)
         reports = load_loras(model, loras, model.config.hidden_size) if loras else []

@@ -194,6 +194,14 @@ def quantize_like(model: nn.Module, tensors, quantization: dict) -> None:
     )
 
 
+def build_component(name: str, manifest: dict) -> nn.Module:
+    """A folder's component as built and quantized, with no weights attached (nothing read)."""
+    entry = manifest["components"][name]
+    model = build_model(name, entry["config"])
+    quantize_like(model, entry["tensors"], manifest["quantization"])
+    return model
+
+
 def load_component(
     folder: str | os.PathLike, name: str, manifest: dict | None = None, group: str | None = None
 ) -> nn.Module:
@@ -203,10 +211,7 @@ def load_component(
     or `trunk`); the other parameters stay unevaluated placeholders until `load_group`.
     """
     manifest = manifest or read_manifest(folder)
-    entry = manifest["components"][name]
-    model = build_model(name, entry["config"])
-    quantize_like(model, entry["tensors"], manifest["quantization"])
-    return load_group(model, folder, name, manifest, group)
+    return load_group(build_component(name, manifest), folder, name, manifest, group)
 
 
 def load_group(
