@@ -3,6 +3,7 @@ reference text encoders, and 8-bit reference weights."""
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,18 +26,40 @@ def tokenizer_dir() -> Path:
 
 
 def run_cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
-    """`mlxflux ARGS...` in a fresh process, as a user runs it."""
+    """`mlxflux ARGS...` in a fresh process, as a user runs it (stdin closed: the suite's own
+    stdin may be a terminal, a pipe or nothing at all)."""
     return subprocess.run(
-        [sys.executable, "-m", "mlxflux.cli", *map(str, args)],
+        [sys.executable, "-m", "mlxflux.cli", *map(str, args)], stdin=subprocess.DEVNULL,
         capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
     )  # fmt: skip
 
 
-def interrupted_gen(method: str, nth: int, args: list, cwd) -> subprocess.CompletedProcess:
+# A child that sends itself Ctrl-C must not depend on the SIGINT disposition it inherited: a
+# background job (`cmd &` from a non-interactive shell) and `nohup` start with SIGINT ignored,
+# Python then installs no KeyboardInterrupt handler, and the signal would do nothing. The child
+# puts Python's own handler back, as a terminal's foreground job has it.
+CTRL_C_PREAMBLE = "import os, signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
+def run_python(code: str, sigint_ignored: bool = False, cwd=None) -> subprocess.CompletedProcess:
+    """`python -c CODE` in a fresh process; `sigint_ignored` starts it as a background job
+    would be started, with SIGINT ignored."""
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return subprocess.run(
+        [sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        cwd=cwd, preexec_fn=ignore_sigint if sigint_ignored else None,
+    )  # fmt: skip
+
+
+def interrupted_gen(
+    method: str, nth: int, args: list, cwd, sigint_ignored: bool = False
+) -> subprocess.CompletedProcess:
     """`mlxflux gen ARGS` in a fresh process that gets Ctrl-C (SIGINT) as `Pipeline.<method>`
     is called for the nth time."""
-    code = (
-        "import os, signal\n"
+    code = CTRL_C_PREAMBLE + (
         "import mlxflux.pipeline as p\n"
         f"real, calls = p.Pipeline.{method}, []\n"
         "def interrupted(self, *a, **k):\n"
@@ -48,7 +71,7 @@ def interrupted_gen(method: str, nth: int, args: list, cwd) -> subprocess.Comple
         "from mlxflux.cli import main\n"
         f"main(['gen', *{[str(a) for a in args]!r}])\n"
     )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+    return run_python(code, sigint_ignored, cwd=cwd)
 
 
 def tiny_clip(seed=0, hidden=64, intermediate=96, layers=3) -> CLIPTextModel:

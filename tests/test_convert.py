@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +18,7 @@ from mlxflux.weights import MANIFEST, load_component, read_manifest
 
 from . import tiny
 from .conftest import rel_err, to_mx
-from .helpers import run_cli, tokenizer_dir
+from .helpers import CTRL_C_PREAMBLE, run_cli, run_python, tokenizer_dir
 
 
 def reference_outputs(models, seed=0):
@@ -355,8 +353,7 @@ def test_existing_folder_is_refused_without_force_and_kept_on_failure(
 def test_ctrl_c_leaves_no_half_written_folder(tmp_path, models):
     src = tiny.write_diffusers(models, tmp_path / "src")
     out = tmp_path / "model"
-    code = (
-        "import os, signal, mlx.core as mx\n"
+    code = CTRL_C_PREAMBLE + (
         "from mlxflux import safetensors_io\n"
         "real = safetensors_io.mx.save_safetensors\n"
         "n = [0]\n"
@@ -368,7 +365,7 @@ def test_ctrl_c_leaves_no_half_written_folder(tmp_path, models):
         "from mlxflux.cli import main\n"
         f"main(['convert', '--from', {str(src)!r}, '--out', {str(out)!r}, '--bits', 'none'])\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = run_python(code)
     assert r.returncode != 0
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -282,10 +282,12 @@ def test_first_run_converts_from_mlxflux_source(tmp_path, models):
     assert "converting from" in r.stderr
 
 
-def test_ctrl_c_during_generation_writes_no_file(tmp_path, folder):
+# sigint_ignored: started as `pytest &` or `nohup pytest` starts its children (issue 26)
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "background"])
+def test_ctrl_c_during_generation_writes_no_file(tmp_path, folder, sigint_ignored):
     args = ["--prompt", "x", "--width", "32", "--height", "32", "--steps", "1", "--seed", "1",
             "--model", folder]  # fmt: skip
-    r = interrupted_gen("decode", 1, args, cwd=tmp_path)
+    r = interrupted_gen("decode", 1, args, cwd=tmp_path, sigint_ignored=sigint_ignored)
     assert r.returncode == 2, r.stderr
     assert "interrupted: no image written" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []  # no PNG, no temporary file

@@ -101,7 +101,15 @@ def test_mlx_launch_splits_the_seeds_across_two_processes(folder, tmp_path):
            "mlxflux.cli", "gen", "--prompt", "x", "--width", "32", "--height", "32", "--steps",
            "1", "--seeds", "4,5,6", "--output", "{seed}.png", "--model", str(folder)]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    r = subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["4.png", "5.png", "6.png"]
     assert sorted(Path(p).name for p in r.stdout.split() if p.endswith(".png")) == [
