@@ -39,9 +39,15 @@ timeout 120 python3 bench/denoise_memory.py --precision bfloat16 --sizes 256,dvd
   --out "$OUT/denoise_memory" > /dev/null 2>&1
 cat "$OUT/denoise_memory.md"
 
-echo "== seconds per step against torch bf16 (4 double + 8 single blocks)"
-timeout 200 python3 bench/speed.py --depth 4 --single 8 --precisions bfloat16 --bits none,8 \
-  --sizes vinyl,dvd --torch-device cuda --torch-dtype bfloat16 --iters 5 --warmup 2 \
-  --out "$OUT/speed" > /dev/null 2>&1
+echo "== seconds per step against torch bf16: bfloat16 and float16 (its guards included)"
+timeout 240 python3 bench/speed.py --depth 4 --single 8 --precisions bfloat16,float16 \
+  --bits none,8 --sizes vinyl,dvd --torch-device cuda --torch-dtype bfloat16 --iters 5 \
+  --warmup 2 --out "$OUT/speed" > /dev/null 2>&1
 cat "$OUT/speed.md"
+
+echo "== where a step's time goes, bf16 against torch bf16"
+timeout 120 python3 bench/speed.py --depth 4 --single 8 --precisions bfloat16 --bits none \
+  --sizes dvd --torch-device cuda --torch-dtype bfloat16 --breakdown --out "$OUT/speed" \
+  > /dev/null 2>&1
+cat "$OUT/speed_breakdown.md"
 rm -f "$OUT/speed.json"

@@ -2,6 +2,7 @@
 
     python bench/speed.py                      # full width, 1+1 blocks, all preset sizes
     python bench/speed.py --depth 19 --single 38 --torch-device mps   # the full model, on a Mac
+    python bench/speed.py --sizes book --breakdown --bits none,8      # where a step's time goes
 
 Measures the first step (kernel compilation included) and the steady state (warm-up, then
 --iters steps; median and spread) at each resolution, for mlxflux in each --precision and --bits
@@ -82,6 +83,55 @@ def timed(fn, warmup: int, iters: int) -> dict:
     }
 
 
+# torch ops by kind, by their own (self) time: what the profiler does not name here is
+# elementwise work (gelu, layer_norm, mul, add, ...)
+TORCH_MATMUL = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"}
+TORCH_MOVES = {"aten::cat", "aten::copy_", "aten::clone", "aten::contiguous", "aten::stack",
+               "aten::index", "aten::empty_like", "aten::empty", "aten::zeros", "aten::to",
+               "aten::_to_copy", "aten::unbind", "aten::split", "aten::chunk"}  # fmt: skip
+KINDS = ("matmul", "attention", "elementwise", "data movement + other")
+
+
+def torch_kind(name: str) -> str:
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention"
+    if name in TORCH_MATMUL:
+        return "matmul"
+    return "data movement + other" if name in TORCH_MOVES else "elementwise"
+
+
+def breakdown_torch(ref, h: int, w: int, args) -> dict:
+    """One profiled diffusers step: seconds per kind (torch.profiler's self CPU times)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = torch_inputs(ref, h, w, args)
+    with torch.no_grad():
+        ref(**inputs, return_dict=False)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            ref(**inputs, return_dict=False)[0].sum().item()
+            total = time.perf_counter() - start
+    kinds = dict.fromkeys(KINDS, 0.0)
+    for e in prof.key_averages():
+        kinds[torch_kind(e.key)] += e.self_cpu_time_total / 1e6
+    return {"total_s": total, **kinds}
+
+
+def breakdown_mlx(model, dtype, h: int, w: int, args) -> dict:
+    """One profiled mlxflux step: seconds per kind (kernels.profiling), the rest is data
+    movement (concatenations, layout copies) and the Euler update."""
+    step = mlx_step(model, dtype, h, w)
+    step()  # warm-up (and the JIT's first compilation)
+    with kernels.profiling() as prof:
+        start = time.perf_counter()
+        step()
+        total = time.perf_counter() - start
+    kinds = {k: prof.get(k, 0.0) for k in KINDS[:3]}
+    kinds[KINDS[3]] = total - sum(kinds.values())
+    return {"total_s": total, **kinds}
+
+
 def build_reference(args):
     import torch
     from diffusers import FluxTransformer2DModel
@@ -120,32 +170,38 @@ def mlx_from_reference(ref, precision: str, bits: int | None):
     return model, dtype
 
 
-def bench_mlx(model, dtype, h: int, w: int, args) -> dict:
+def mlx_step(model, dtype, h: int, w: int):
+    """The pipeline's own step on random inputs: the trunk evaluated block by block, then the
+    Euler update."""
     from mlxflux.models.transformer import image_ids
     from mlxflux.pipeline import denoise_step
 
     n_img = (h // 16) * (w // 16)
+    wide = mx.float32 if dtype == mx.float16 else dtype  # as Pipeline.wide_dtype
     img = mx.random.normal((1, n_img, 64))  # the pipeline's float32 latent
-    txt = mx.random.normal((1, TXT, 4096)).astype(dtype)
+    txt = mx.random.normal((1, TXT, 4096)).astype(wide)
     cond = model.modulation(
-        mx.array([0.7]), mx.random.normal((1, 768)).astype(dtype), mx.array([3.5])
+        mx.array([0.7]), mx.random.normal((1, 768)).astype(wide), mx.array([3.5])
     )
     rope = model.rope(image_ids(h, w), TXT)
     mx.eval(img, txt, cond.arrays(), rope)
-    # the pipeline's own step: the trunk evaluated block by block, then the Euler update
-    step = lambda: denoise_step(model, img, txt, cond, rope, 0.7, 0.6)  # noqa: E731
-    return timed(step, args.warmup, args.iters)
+    return lambda: denoise_step(model, img, txt, cond, rope, 0.7, 0.6, dtype=dtype)
 
 
-def bench_torch(ref, h: int, w: int, args) -> dict:
+def bench_mlx(model, dtype, h: int, w: int, args) -> dict:
+    return timed(mlx_step(model, dtype, h, w), args.warmup, args.iters)
+
+
+def torch_inputs(ref, h: int, w: int, args) -> dict:
+    """Random inputs for diffusers' transformer (moved to --torch-device and --torch-dtype)."""
     import torch
 
     from mlxflux.models.transformer import image_ids
 
     dev, dtype = args.torch_device, getattr(torch, args.torch_dtype)
-    ref = ref.to(dev, dtype)
+    ref.to(dev, dtype)
     n_img = (h // 16) * (w // 16)
-    inputs = dict(
+    return dict(
         hidden_states=torch.randn(1, n_img, 64, device=dev, dtype=dtype),
         encoder_hidden_states=torch.randn(1, TXT, 4096, device=dev, dtype=dtype),
         pooled_projections=torch.randn(1, 768, device=dev, dtype=dtype),
@@ -154,6 +210,12 @@ def bench_torch(ref, h: int, w: int, args) -> dict:
         txt_ids=torch.zeros(TXT, 3, device=dev),
         guidance=torch.tensor([3.5], device=dev, dtype=dtype),
     )
+
+
+def bench_torch(ref, h: int, w: int, args) -> dict:
+    import torch
+
+    inputs = torch_inputs(ref, h, w, args)
 
     def step():
         with torch.no_grad():
@@ -221,6 +283,12 @@ def main():
         choices=["float32", "bfloat16", "float16"],
         help="diffusers' dtype: compare like with like (GPUs: bfloat16)",
     )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead of timing steps, profile one step of each: seconds in matmuls, "
+        "attention, elementwise kernels and the rest, for mlxflux and torch",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", default="bench/results/speed")
@@ -235,13 +303,15 @@ def main():
     cfg = flux_config_from_diffusers(dict(ref.config))
     ceiling = matmul_ceiling(args.torch_device)
     print(f"matmul ceiling (fp32 GFLOP/s): {ceiling}", flush=True)
-    mflux = build_mflux(ref)
-    rows = []
     variants = [
         (prec, None if b == "none" else int(b))
         for prec in args.precisions.split(",")
         for b in args.bits.split(",")
     ]
+    if args.breakdown:
+        return run_breakdown(ref, variants, args)
+    mflux = build_mflux(ref)
+    rows = []
     for size in args.sizes.split(","):
         h, w = SIZES[size]
         flops = flops_per_step(cfg, (h // 16) * (w // 16))
@@ -273,6 +343,37 @@ def main():
         "mflux": mflux if isinstance(mflux, str) else "measured",
     }
     write_results(rows, meta, Path(args.out))
+
+
+def run_breakdown(ref, variants, args) -> None:
+    """A profiled step per implementation and size, as a Markdown table beside --out."""
+    lines = [
+        f"Where a step's time goes (seconds; {args.depth} double + {args.single} single "
+        f"blocks, width {args.width}, {TXT} text tokens; {platform.machine()}, MLX on "
+        f"{mx.default_device()}, {date.today().isoformat()}). mlxflux: kernels.profiling() "
+        "(each kernel evaluated on its own); torch: torch.profiler self CPU times.",
+        "",
+        "| size | implementation | step s | " + " | ".join(KINDS) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in KINDS) + " |",
+    ]
+    for size in args.sizes.split(","):
+        h, w = SIZES[size]
+        results = [(f"torch {args.torch_device} {args.torch_dtype}",
+                    breakdown_torch(ref, h, w, args))]  # fmt: skip
+        for prec, bits in variants:
+            model, dtype = mlx_from_reference(ref, prec, bits)
+            name = f"mlxflux {prec}" + (f" {bits}-bit" if bits else "") + f" ({kernels.mode()})"
+            results.append((name, breakdown_mlx(model, dtype, h, w, args)))
+            del model
+            mx.clear_cache()
+        for name, r in results:
+            cells = " | ".join(f"{r[k]:.2f}" for k in KINDS)
+            lines.append(f"| {size} | {name} | {r['total_s']:.2f} | {cells} |")
+            print(lines[-1], flush=True)
+    out = Path(args.out + "_breakdown").with_suffix(".md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_results(rows: list, meta: dict, out: Path) -> None:

@@ -300,7 +300,9 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
 @click.option(
     "--precision",
     type=click.Choice(["float32", "bfloat16", "float16"]),
-    help="Compute dtype [default: float32 on the CPU backend, bfloat16 on GPUs].",
+    help="Compute dtype [default: float32 on the CPU backend; on Macs float16 on M1/M2 (no "
+    "native bfloat16; float32 residual streams, and any block that overflows float16 runs "
+    "again in float32), bfloat16 on M3 and later; bfloat16 on CUDA].",
 )
 @click.option(
     "--tiled-decode/--no-tiled-decode",
@@ -359,7 +361,8 @@ def gen(
     header = (
         f"seed{'s' if len(mine) > 1 else ''} {', '.join(map(str, mine))}{where}, {size}, "
         f"{settings['steps']} steps ({settings['scheduler']})"
-        f"{init if settings['init_image'] else ''}, model {folder}"
+        f"{init if settings['init_image'] else ''}, model {folder}, "
+        f"{pipe.precision} ({pipe.precision_why})"
     )
     indexes = {s: all_seeds.index(s) for s in mine}
     written = run_generation(pipe, settings, mine, indexes, preset, output, tiled_decode, header)

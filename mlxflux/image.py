@@ -18,6 +18,7 @@ def parameters_text(s: dict) -> str:
         f"CFG scale: {s['cfg']}, Distilled CFG Scale: {s['guidance']}, Seed: {s['seed']}, "
         f"Size: {s['width']}x{s['height']}, Shift: {s['shift']}, T5 padding: {s['t5_padding']}, "
         f"Model: {s.get('model', 'flux1-dev')} ({s.get('model_id', '')}), "
+        f"Precision: {s.get('precision', '')}, "
         f"Version: mlxflux {s.get('version', '')}",
     ]
     if s.get("init_image"):  # A1111's name for img2img's denoise

@@ -14,12 +14,16 @@ On CUDA the quantized matmul falls back to a slower kernel when the group size i
 the input width, so there, at many tokens, a layer is dequantized to the compute dtype and the
 regular matmul runs (not measured on a GPU yet; Metal keeps `mx.quantized_matmul`).
 
-The models call `attention` and `linear` and never ask which device they are on. `calls`
-counts which kernel each call chose, so tests can show which path really ran.
+The models call `attention`, `linear` and `gelu` and never ask which device they are on.
+`calls` counts which kernel each call chose, so tests can show which path really ran, and
+`profiling()` times each kind of kernel for `bench/speed.py --breakdown`.
 """
 
+import contextlib
 import functools
 import os
+import re
+import time
 from collections import Counter
 
 import mlx.core as mx
@@ -29,9 +33,57 @@ from .errors import MlxfluxError
 
 MODES = ("auto", "fused", "split")
 CUDA_DEQUANTIZE_TOKENS = 1024  # CUDA: dequantize + matmul from this many tokens up
-SCORES_BYTES = 64 << 20  # split attention: float32 scores per chunk (heads x query rows)
+SCORES_BYTES = 8 << 20  # split attention: float32 scores per chunk (heads x query rows): 8 MiB
+# measured fastest at the book size (64 MiB: 5.5 s per attention, 16: 2.84, 8: 2.80, 1: 3.84)
 
 calls: Counter = Counter()
+_profile: Counter | None = None  # seconds per kind of kernel while `profiling()` is on
+
+
+@contextlib.contextmanager
+def profiling():
+    """Time every kernel call (seconds per kind: matmul, attention, elementwise).
+
+    Each kernel evaluates its inputs first and its output after, so the times add up to the
+    kernels' own work; what the step spends elsewhere (concatenations, layout copies, the
+    Euler update) is the step's time less their sum. On a GPU, evaluation that synchronous
+    loses the lazy graph's batching, so a profiled GPU step is slower than a real one.
+    """
+    global _profile
+    _profile, outer = Counter(), _profile
+    try:
+        yield _profile
+    finally:
+        _profile = outer
+
+
+def kernel(kind: str):
+    """Decorator for the trunk's kernels (matmul, attention, elementwise): on the split path
+    (the CPU backend) each call is evaluated on its own, its inputs first and its output after;
+    while `profiling()` is on, on any path, and its wall time is counted under `kind`.
+
+    Why evaluate each kernel on the CPU: a block evaluated as one lazy graph let the attention
+    chunks of the second CPU stream start beside the default stream's BLAS calls, and the two
+    fought over the cores: a book-size step took 17.0-18.3 s lazily, 15.4 s kernel by kernel
+    (full width, 1+1 blocks). A GPU keeps its lazy graph: there the batching pays.
+    """
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if _profile is None and mode() != "split":
+                return fn(*args, **kwargs)
+            mx.eval(*(a for a in args if isinstance(a, mx.array)))
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            mx.eval(out)
+            if _profile is not None:
+                _profile[kind] += time.perf_counter() - start
+            return out
+
+        return run
+
+    return wrap
 
 
 class KernelModeError(MlxfluxError, ValueError):
@@ -56,9 +108,36 @@ def mode() -> str:
 
 
 def default_precision() -> str:
-    """float32 on the CPU backend (no fast 16-bit matmul there); bfloat16 on Metal/CUDA (fp16
-    overflows in FLUX's activations without care; bf16 has fp32's range)."""
-    return "float32" if backend() == "cpu" else "bfloat16"
+    """The compute dtype `precision=None` picks on this machine (`precision_choice`)."""
+    return precision_choice()[0]
+
+
+def apple_gpu_generation(architecture: str) -> int | None:
+    """13 for M1 (`applegpu_g13g`, `g13s`, ...), 14 for M2, 15 for M3, 16 for M4; None when
+    the string is not an Apple GPU architecture."""
+    match = re.fullmatch(r"applegpu_g(\d+)[a-z]*", architecture.strip().lower())
+    return int(match.group(1)) if match else None
+
+
+def precision_choice(device_info: dict | None = None) -> tuple[str, str]:
+    """(precision, why) for `precision=None`.
+
+    float32 on the CPU backend (no fast 16-bit matmul there). On Metal, float16 where the GPU
+    has no bfloat16 (M1 and M2: MLX emulates it, ~50% slower), with float32 residual streams
+    and a float32 re-run of any block that overflows (docs/numerics.md); bfloat16 on M3 and
+    later, and on CUDA. `device_info`: `mx.metal.device_info()`'s dict (tests pass a mock).
+    """
+    kind = backend()
+    if kind == "cpu":
+        return "float32", "MLX's CPU backend: float32 (no fast 16-bit matmul on the CPU)"
+    if kind == "cuda":
+        return "bfloat16", "CUDA GPU: native bfloat16"
+    info = device_info if device_info is not None else mx.metal.device_info()
+    arch = str(info.get("architecture", ""))
+    gen = apple_gpu_generation(arch)
+    if gen is not None and gen < 15:
+        return "float16", f"{arch} (M1/M2 class): no native bfloat16, float16 with guards"
+    return "bfloat16", f"{arch or 'Apple GPU'}: native bfloat16"
 
 
 # ---- attention ------------------------------------------------------------------------------
@@ -71,6 +150,7 @@ def _cpu_streams() -> tuple:
     return (mx.default_stream(mx.cpu), *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
 
 
+@kernel("attention")
 def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """Softmax attention over [B, H, L, D] -> [B, L, H*D], scaled by 1/sqrt(D)."""
     b, h, n, d = q.shape
@@ -84,31 +164,123 @@ def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
+LOG2E = 1.4426950408889634
+
+
 def _split_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Two matmuls and a softmax, in chunks of heads and query rows with at most SCORES_BYTES
-    of float32 scores each, so the [L, L] scores never exist whole. Chunks alternate between
-    CPU streams, which run on their own threads: MLX's CPU softmax (its exp) is single-threaded
-    and was ~80% of the time at 4096 tokens; two streams nearly halve it."""
-    b, h, n, _ = q.shape
+    """Attention as BLAS matmuls and a softmax written for the CPU, in chunks of heads and
+    query rows with at most SCORES_BYTES of float32 scores each (the [L, L] scores never
+    exist whole, and a chunk stays in the last-level cache between the passes over it).
+
+    The softmax runs in base 2: q is scaled by log2(e)/sqrt(D) once, so the scores come out
+    of the matmul as s * log2(e), and 2**(s - max) is `exp2_nonpositive`, a polynomial the
+    compiler vectorizes (MLX's CPU exp is scalar, ~90 M/s: it was 80% of attention). The
+    normalizer comes out of the second matmul: v gets a column of ones, so probs @ [v, 1]
+    holds the row sums in its last column and the probabilities are never divided. Chunks
+    alternate between CPU streams, which run on their own threads."""
+    b, h, n, d = q.shape
     m = k.shape[2]
     per_row = b * m * 4
     rows = max(1, min(n, SCORES_BYTES // per_row))
     rows = -(-n // -(-n // rows))  # equal chunks: 4464 rows -> 2 x 2232, not 3758 + 706
     heads = max(1, min(h, SCORES_BYTES // (per_row * rows)))
     streams = _cpu_streams()
+    q = q * (scale * LOG2E)
+    v1 = mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
     out_heads = []
     j = 0
     for i in range(0, h, heads):
-        ki, vi = k[:, i : i + heads].swapaxes(-1, -2), v[:, i : i + heads]
+        ki, vi = k[:, i : i + heads].swapaxes(-1, -2), v1[:, i : i + heads]
         parts = []
         for r in range(0, n, rows):
-            s = streams[j % len(streams)]
+            with mx.stream(streams[j % len(streams)]):
+                s = (q[:, i : i + heads, r : r + rows] @ ki).astype(mx.float32)
+                p = exp2_nonpositive(s - s.max(axis=-1, keepdims=True))
+                o = p.astype(v.dtype) @ vi
+                parts.append((o[..., :d] / o[..., d:]).astype(v.dtype))
             j += 1
-            qi = mx.multiply(q[:, i : i + heads, r : r + rows], scale, stream=s)
-            probs = mx.softmax(mx.matmul(qi, ki, stream=s), axis=-1, precise=True, stream=s)
-            parts.append(mx.matmul(probs, vi, stream=s))
         out_heads.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2))
     return out_heads[0] if len(out_heads) == 1 else mx.concatenate(out_heads, axis=1)
+
+
+# ---- elementwise math written for the CPU backend -------------------------------------------
+# MLX's CPU transcendentals are scalar and single-threaded (exp ~90 M elements/s, tanh ~60 M;
+# docs/numerics.md). Polynomials in plain arithmetic, `mx.compile`d, become one loop of C++ that
+# the system compiler vectorizes (~10x faster). Without a C++ compiler MLX silently runs them
+# uncompiled: the same values, slower (tests/test_kernels.py checks that the JIT really ran).
+
+
+@mx.compile
+def _exp2_fraction(y: mx.array) -> mx.array:
+    """2**(y - n) for n = y rounded to the nearest integer (y <= 0, so truncating y - 0.5
+    rounds), by Cephes' polynomial for 2**f on [-0.5, 0.5] (relative error ~2e-7)."""
+    f = y - (y - 0.5).astype(mx.int32).astype(mx.float32)
+    p = f * 1.535336188319500e-4 + 1.339887440266574e-3
+    p = p * f + 9.618437357674640e-3
+    p = p * f + 5.550332471162809e-2
+    p = p * f + 2.402264791363012e-1
+    p = p * f + 6.931472028550421e-1
+    return p * f + 1.0
+
+
+@mx.compile
+def _exp2_scale(fraction_bits: mx.array, y: mx.array) -> mx.array:
+    """Multiply by 2**n by adding n to the float32 exponent field (results below 2**-125,
+    and -inf, become 0)."""
+    n = mx.maximum((y - 0.5).astype(mx.int32), -126)
+    return (fraction_bits + n * (1 << 23)) * (n > -126).astype(mx.int32)
+
+
+def exp2_nonpositive(y: mx.array) -> mx.array:
+    """2**y for float32 y <= 0 (softmax after the max is subtracted), vectorizable on the CPU.
+    Two compiled loops, as `mx.compile` does not fuse across the bit reinterpretation."""
+    fraction = _exp2_fraction(y)
+    return _exp2_scale(fraction.view(mx.int32), y).view(mx.float32)
+
+
+# tanh(x) = p(x) / q(x) on |x| <= 7.905 (Eigen's `ptanh_float` coefficients; float32 tanh is
+# +-1 beyond): max error 1.4e-6 in GELU against nn.gelu_approx
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+           5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+           4.89352455891786e-03)  # fmt: skip
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+           4.89352518554385e-03)  # fmt: skip
+
+
+@mx.compile
+def _gelu_rational(x: mx.array) -> mx.array:
+    u = mx.clip(
+        0.7978845608028654 * (x + 0.044715 * x * x * x), -7.90531110763549805, 7.90531110763549805
+    )
+    u2 = u * u
+    p = u2 * _TANH_P[0] + _TANH_P[1]
+    for c in _TANH_P[2:]:
+        p = p * u2 + c
+    q = u2 * _TANH_Q[0] + _TANH_Q[1]
+    for c in _TANH_Q[2:]:
+        q = q * u2 + c
+    return 0.5 * x * (1.0 + u * p / q)
+
+
+@kernel("elementwise")
+def gelu(x: mx.array) -> mx.array:
+    """GELU with the tanh approximation (FLUX's MLPs): MLX's own on the fused path; on the
+    split path the vectorizable rational form, its rows shared between the CPU streams (one
+    thread each: a [1024, 12288] chunk took 98 ms on one, 77 ms on two with the concatenation).
+    """
+    if mode() == "fused":
+        return nn.gelu_approx(x)
+    calls["rational_gelu"] += 1
+    streams = _cpu_streams()
+    rows = x.shape[-2]
+    if rows < 2 * len(streams):
+        return _gelu_rational(x.astype(mx.float32)).astype(x.dtype)
+    step = -(-rows // len(streams))
+    parts = []
+    for s, start in zip(streams, range(0, rows, step), strict=False):
+        with mx.stream(s):
+            parts.append(_gelu_rational(x[..., start : start + step, :].astype(mx.float32)))
+    return mx.concatenate(parts, axis=-2).astype(x.dtype)
 
 
 # ---- linear layers ---------------------------------------------------------------------------
@@ -147,13 +319,13 @@ def linear_rows(layer: nn.Module, start: int = 0, stop: int | None = None):
     base = _rows(layer, start, stop)
     side = getattr(layer, "lora", None)  # mlxflux.lora: (down [r, in], up [out, r]), summed
     if side is None:
-        return base
+        return kernel("matmul")(base)
     down, up = side[0], side[1][start:stop]
 
     def with_lora(x: mx.array) -> mx.array:
         return base(x) + (x @ down.astype(x.dtype).T) @ up.astype(x.dtype).T
 
-    return with_lora
+    return kernel("matmul")(with_lora)
 
 
 def _rows(layer: nn.Module, start: int, stop: int):

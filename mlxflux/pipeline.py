@@ -10,6 +10,7 @@ nothing is read before its stage. Every stage's output is checked for NaN/inf (a
 would otherwise save a black PNG): `NonFiniteError` names the stage and step.
 """
 
+import functools
 import inspect
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from PIL import Image
 
 from .errors import NonFiniteError, SettingsError
 from .image import cover, size_of
-from .kernels import default_precision
+from .kernels import precision_choice
 from .lora import load_loras
 from .models.autoencoder import estimate_decode_bytes
 from .models.transformer import Conditioning, image_ids, pack_latents, unpack_latents
@@ -55,14 +56,16 @@ def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None)
         raise NonFiniteError(stage, step, steps, precision)
 
 
-def denoise_step(model, x, txt, cond: Conditioning, rope, sigma: float, sigma_next: float):
+def denoise_step(
+    model, x, txt, cond: Conditioning, rope, sigma: float, sigma_next: float, dtype=None
+):
     """One evaluated Euler step of the trunk: x (packed, float32) -> x at sigma_next.
 
-    The trunk runs in txt's dtype and is evaluated after every block, so only one block's
-    activations are alive at a time, whatever a backend's command buffers would otherwise keep
-    (CUDA held ~10 GiB of finished intermediates at the DVD size).
+    The trunk runs in `dtype` (default: txt's) and is evaluated after every block, so only one
+    block's activations are alive at a time, whatever a backend's command buffers would
+    otherwise keep (CUDA held ~10 GiB of finished intermediates at the DVD size).
     """
-    v = model.trunk(x.astype(txt.dtype), txt, cond, rope, after_block=mx.eval)
+    v = model.trunk(x, txt, cond, rope, after_block=mx.eval, dtype=dtype or txt.dtype)
     x = euler_step(x, v, sigma, sigma_next)
     mx.eval(x)
     return x
@@ -71,7 +74,10 @@ def denoise_step(model, x, txt, cond: Conditioning, rope, sigma: float, sigma_ne
 class Pipeline:
     def __init__(self, folder: str | Path, precision: str | None = None):
         self.folder = Path(folder)
-        self.precision = precision or default_precision()
+        if precision:
+            self.precision, self.precision_why = precision, "asked for"
+        else:
+            self.precision, self.precision_why = precision_choice()
         if self.precision not in PRECISIONS:
             raise SettingsError(f"must be one of {', '.join(PRECISIONS)}", "precision")
         self.manifest = read_manifest(self.folder)
@@ -80,6 +86,9 @@ class Pipeline:
         self.model_name = "flux1-dev" if guided else "flux1-schnell"
         self.defaults = MODEL_DEFAULTS[self.model_name]
         self.dtype = PRECISIONS[self.precision]
+        # float16 keeps float32 where its range is not enough: the text the trunk reads, the
+        # modulation vectors and the residual streams (docs/numerics.md, "float16")
+        self.wide_dtype = mx.float32 if self.dtype == mx.float16 else self.dtype
         self.last_report: Report | None = None
 
     @property
@@ -123,7 +132,7 @@ class Pipeline:
         model, _ = self.transformer_with_loras(loras, group="modulation")
         cond = model.modulation(
             mx.array(sigma_list[:-1], dtype=mx.float32),
-            mx.repeat(pooled.astype(self.dtype), steps, axis=0),
+            mx.repeat(pooled.astype(self.wide_dtype), steps, axis=0),
             mx.full((steps,), guidance, dtype=mx.float32),
         )
         for table in cond.arrays():  # one layer at a time: one dequantized copy alive
@@ -145,22 +154,32 @@ class Pipeline:
         height, width = noise.shape[2] * 8, noise.shape[3] * 8
         steps = len(sigma_list) - 1
         rope = model.rope(image_ids(height, width), txt.shape[1])
-        txt = txt.astype(self.dtype)
+        txt = txt.astype(self.wide_dtype)
         x = pack_latents(mx.array(noise, dtype=mx.float32))
         for i in range(steps):
-            x = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigma_list[i : i + 2])
+            sigmas = sigma_list[i : i + 2]
+            x = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigmas, dtype=self.dtype)
             check_finite(x, "denoise", self.precision, i + 1, steps)
             if on_step:
                 on_step(i + 1, steps)
         return unpack_latents(x, height, width)
 
+    def _vae(self, run: Callable[[mx.Dtype], mx.array], stage: str) -> mx.array:
+        """run(dtype), evaluated; in float16, run again in float32 if it overflowed."""
+        out = run(self.dtype)
+        mx.eval(out)
+        if self.dtype == mx.float16 and not mx.all(mx.isfinite(out)).item():
+            self.float32_fallbacks.append(stage)
+            out = run(mx.float32)
+            mx.eval(out)
+        check_finite(out, stage, self.precision)
+        return out
+
     def decode(self, ae, latent: mx.array, tiled: bool | None) -> Image.Image:
         h, w = latent.shape[2] * 8, latent.shape[3] * 8
         if tiled is None:
             tiled = estimate_decode_bytes(h, w, ae.config, self.dtype.size) > DECODE_BUDGET
-        img = ae.decode(latent.astype(self.dtype), tiled=tiled)
-        mx.eval(img)
-        check_finite(img, "decode", self.precision)
+        img = self._vae(lambda d: ae.decode(latent.astype(d), tiled=tiled), "decode")
         # ComfyUI's SaveImage truncates: uint8(clip(255 * x))
         return Image.fromarray(np.array((img[0].astype(mx.float32) * 255).astype(mx.uint8)))
 
@@ -172,9 +191,7 @@ class Pipeline:
         if tiled is None:
             h, w = pixels.height, pixels.width
             tiled = estimate_decode_bytes(h, w, ae.config, self.dtype.size) > DECODE_BUDGET
-        z = ae.encode(x.astype(self.dtype), tiled=tiled)
-        mx.eval(z)
-        check_finite(z, "encode", self.precision)
+        z = self._vae(functools.partial(_encode, ae, x, tiled), "encode")
         del ae
         return np.array(z.astype(mx.float32))
 
@@ -267,7 +284,8 @@ class Pipeline:
         )  # fmt: skip
         settings = dict(
             prompt=prompt, **{k: kw[k] for k in CHECKED if k != "denoise"}, sampler="euler",
-            cfg=1.0, precision=self.precision, model=self.model_name, model_id=self.model_id,
+            cfg=1.0, precision=self.precision, precision_why=self.precision_why,
+            model=self.model_name, model_id=self.model_id,
             noise="given" if noise is not None else "comfy",
         )  # fmt: skip
         if len(seeds) == 1:
@@ -290,6 +308,8 @@ class Pipeline:
     def _run(self, job: "Job", on_step=None) -> Iterator[tuple[int, Image.Image]]:
         report, kw, sigma_list = job.report, job.kw, job.sigma_list
         self.last_report = report
+        # float16: the blocks and VAE stages that overflowed it and ran again in float32
+        self.float32_fallbacks = report.settings.setdefault("float32_fallbacks", [])
         with Stage(report, "text"):
             txt, pooled = self.encode_text(job.prompt, kw["t5_padding"])
         latent = None
@@ -315,6 +335,7 @@ class Pipeline:
                     interrupted = e
                     break
                 report.images.append({"seed": seed, "denoise_seconds": _since(start)})
+            self.float32_fallbacks.extend(sorted(model.float32_blocks))
             del model, cond, txt
         if done:
             with Stage(report, "decode"):
@@ -349,6 +370,10 @@ class Job:
     init: tuple | None  # (image, name, sha256)
     kw: dict
     report: Report
+
+
+def _encode(ae, x: mx.array, tiled: bool, dtype: mx.Dtype) -> mx.array:
+    return ae.encode(x.astype(dtype), tiled=tiled)
 
 
 def _since(start: float) -> float:

@@ -34,6 +34,7 @@ def rope_tables(
     return mx.array(np.cos(angle).astype(np.float32)), mx.array(np.sin(angle).astype(np.float32))
 
 
+@kernels.kernel("elementwise")
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Rotate interleaved pairs (x0, x1) of x [B, H, L, D] in float32 (BFL `apply_rope`)."""
     shape, dtype = x.shape, x.dtype
@@ -72,6 +73,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.scale = mx.ones((dim,))
 
+    @kernels.kernel("elementwise")
     def __call__(self, x: mx.array) -> mx.array:
         y = mx.fast.rms_norm(x.astype(mx.float32), self.scale.astype(mx.float32), 1e-6)
         return y.astype(x.dtype)
@@ -87,6 +89,20 @@ class QKNorm(nn.Module):
 def layer_norm(x: mx.array) -> mx.array:
     """LayerNorm without affine parameters, eps 1e-6."""
     return mx.fast.layer_norm(x, None, None, 1e-6)
+
+
+@kernels.kernel("elementwise")
+def norm_modulate(x: mx.array, shift: mx.array, scale: mx.array, dtype=None) -> mx.array:
+    """adaLN: (1 + scale) * layer_norm(x) + shift, in x's dtype, cast to `dtype` (the next
+    matmul's input)."""
+    y = modulate(layer_norm(x), shift, scale)
+    return y if dtype is None else y.astype(dtype)
+
+
+@kernels.kernel("elementwise")
+def gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
+    """The residual update x + gate * y, with gate [B, D] broadcast over tokens."""
+    return x + gate[:, None] * y
 
 
 class MLPEmbedder(nn.Module):

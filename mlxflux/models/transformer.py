@@ -9,6 +9,7 @@ can evaluate every step's modulation first and then drop those weights (docs/des
 memory plan).
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -16,16 +17,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..kernels import attention, linear_rows
+from ..kernels import attention, gelu, linear_rows
 from .config import strict_from_dict
 from .layers import (
     Linear,
     MLPEmbedder,
     QKNorm,
     apply_rope,
-    layer_norm,
+    gated_add,
     map_tokens,
-    modulate,
+    norm_modulate,
     rope_tables,
     timestep_embedding,
 )
@@ -129,7 +130,7 @@ def mlp(dim: int, hidden: int) -> list[nn.Module]:
 def run_mlp(layers: list[nn.Module], x: mx.array) -> mx.array:
     """The MLP over token chunks, each layer's weight prepared once for all chunks."""
     fc1, fc2 = linear_rows(layers[0]), linear_rows(layers[2])
-    return map_tokens(lambda t: fc2(nn.gelu_approx(fc1(t))), x)
+    return map_tokens(lambda t: fc2(gelu(fc1(t))), x)
 
 
 def _chunks(m: mx.array, n: int) -> list[mx.array]:
@@ -147,12 +148,14 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(d, cfg.num_heads, cfg.qkv_bias)
         self.txt_mlp = mlp(d, cfg.mlp_hidden)
 
-    def __call__(self, img, txt, img_mod, txt_mod, rope):
+    def __call__(self, img, txt, img_mod, txt_mod, rope, dtype=None):
+        """`dtype`: the matmuls' dtype (default: the streams'); the residual streams keep theirs."""
+        dt = dtype or img.dtype
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _chunks(img_mod, 6)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _chunks(txt_mod, 6)
 
-        iq, ik, iv = self.img_attn.qkv_heads(modulate(layer_norm(img), i_shift1, i_scale1))
-        tq, tk, tv = self.txt_attn.qkv_heads(modulate(layer_norm(txt), t_shift1, t_scale1))
+        iq, ik, iv = self.img_attn.qkv_heads(norm_modulate(img, i_shift1, i_scale1, dt))
+        tq, tk, tv = self.txt_attn.qkv_heads(norm_modulate(txt, t_shift1, t_scale1, dt))
         # joint attention over [txt, img] tokens
         q = apply_rope(mx.concatenate([tq, iq], axis=2), *rope)
         k = apply_rope(mx.concatenate([tk, ik], axis=2), *rope)
@@ -161,13 +164,13 @@ class DoubleStreamBlock(nn.Module):
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
-        img = img + i_gate1[:, None] * self.img_attn.proj(img_attn)
-        img = img + i_gate2[:, None] * run_mlp(
-            self.img_mlp, modulate(layer_norm(img), i_shift2, i_scale2)
+        img = gated_add(img, i_gate1, self.img_attn.proj(img_attn))
+        img = gated_add(
+            img, i_gate2, run_mlp(self.img_mlp, norm_modulate(img, i_shift2, i_scale2, dt))
         )
-        txt = txt + t_gate1[:, None] * self.txt_attn.proj(txt_attn)
-        txt = txt + t_gate2[:, None] * run_mlp(
-            self.txt_mlp, modulate(layer_norm(txt), t_shift2, t_scale2)
+        txt = gated_add(txt, t_gate1, self.txt_attn.proj(txt_attn))
+        txt = gated_add(
+            txt, t_gate2, run_mlp(self.txt_mlp, norm_modulate(txt, t_shift2, t_scale2, dt))
         )
         return img, txt
 
@@ -183,10 +186,10 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(d, double=False)
 
-    def __call__(self, x, mod, rope):
+    def __call__(self, x, mod, rope, dtype=None):
         shift, scale, gate = _chunks(mod, 3)
         b, n, d = x.shape
-        h = modulate(layer_norm(x), shift, scale)
+        h = norm_modulate(x, shift, scale, dtype or x.dtype)
         # linear1 is [q, k, v | MLP in]: attention needs every token's q/k/v; the MLP half
         # (4x wider) and linear2 run over token chunks
         qkv = linear_rows(self.linear1, 0, 3 * d)(h)
@@ -197,9 +200,9 @@ class SingleStreamBlock(nn.Module):
         mlp_in, out = linear_rows(self.linear1, 3 * d), linear_rows(self.linear2)
 
         def tail(a: mx.array, t: mx.array) -> mx.array:
-            return out(mx.concatenate([a, nn.gelu_approx(mlp_in(t))], axis=-1))
+            return out(mx.concatenate([a, gelu(mlp_in(t))], axis=-1))
 
-        return x + gate[:, None] * map_tokens(tail, attn, h)
+        return gated_add(x, gate, map_tokens(tail, attn, h))
 
 
 class LastLayer(nn.Module):
@@ -209,9 +212,9 @@ class LastLayer(nn.Module):
         # BFL: nn.Sequential(SiLU, Linear) -> key `adaLN_modulation.1`
         self.adaLN_modulation = [nn.SiLU(), Linear(dim, 2 * dim)]
 
-    def __call__(self, x, mod):
+    def __call__(self, x, mod, dtype=None):
         shift, scale = _chunks(mod, 2)  # BFL order (diffusers stores scale, shift)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return self.linear(norm_modulate(x, shift, scale, dtype or x.dtype))
 
 
 @dataclass
@@ -247,6 +250,7 @@ class FluxTransformer(nn.Module):
         self.double_blocks = [DoubleStreamBlock(cfg) for _ in range(cfg.depth)]
         self.single_blocks = [SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks)]
         self.final_layer = LastLayer(d, cfg.in_channels)
+        self.float32_blocks: set[str] = set()  # float16 runs: blocks that overflowed it
 
     def modulation(
         self, timesteps: mx.array, pooled: mx.array, guidance: mx.array | None = None
@@ -276,24 +280,59 @@ class FluxTransformer(nn.Module):
         cond: Conditioning,
         rope: tuple[mx.array, mx.array],
         after_block: Callable[..., None] | None = None,
+        dtype: mx.Dtype | None = None,
     ) -> mx.array:
-        """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, in_channels].
+        """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, in_channels]
+        in the residual streams' dtype.
 
+        `dtype` (default: txt's) is the dtype of the matmuls and attention. In float16 the
+        residual streams stay float32 (every add into them is a float32 add) and each block
+        is checked: a block whose output is not finite (a matmul, attention or modulated input
+        left float16's range) runs again in float32, and so does that block for the rest of
+        this model's life (`float32_blocks`). docs/numerics.md, "float16".
         `after_block(*streams)` is called with the residual streams after every block (the
         pipeline evaluates them there, which bounds the memory a lazy graph holds).
         """
-        img = self.img_in(img)
-        txt = self.txt_in(txt)
-        for block, (img_mod, txt_mod) in zip(self.double_blocks, cond.double, strict=True):
-            img, txt = block(img, txt, img_mod, txt_mod, rope)
+        dt = dtype or txt.dtype
+        stream = mx.float32 if dt == mx.float16 else dt
+
+        def embed(d):
+            return self.img_in(img.astype(d)).astype(stream), self.txt_in(txt.astype(d)).astype(
+                stream
+            )
+
+        img, txt = self._checked("input", embed, dt)
+        for i, (block, (img_mod, txt_mod)) in enumerate(
+            zip(self.double_blocks, cond.double, strict=True)
+        ):
+            run = functools.partial(block, img, txt, img_mod, txt_mod, rope)
+            img, txt = self._checked(f"double_blocks.{i}", lambda d, run=run: run(dtype=d), dt)
             if after_block:
                 after_block(img, txt)
         x = mx.concatenate([txt, img], axis=1)
-        for block, mod in zip(self.single_blocks, cond.single, strict=True):
-            x = block(x, mod, rope)
+        for i, (block, mod) in enumerate(zip(self.single_blocks, cond.single, strict=True)):
+            run = functools.partial(block, x, mod, rope)
+            (x,) = self._checked(f"single_blocks.{i}", lambda d, run=run: (run(dtype=d),), dt)
             if after_block:
                 after_block(x)
-        return self.final_layer(x[:, txt.shape[1] :], cond.final)
+        n_txt = txt.shape[1]
+        final = functools.partial(self.final_layer, x[:, n_txt:], cond.final)
+        (v,) = self._checked("final_layer", lambda d: (final(dtype=d).astype(stream),), dt)
+        return v
+
+    def _checked(self, name: str, run: Callable, dtype: mx.Dtype) -> tuple:
+        """run(dtype) -> arrays; in float16, evaluated and re-run in float32 unless finite."""
+        if dtype != mx.float16:
+            return run(dtype)
+        if name in self.float32_blocks:
+            return run(mx.float32)
+        out = run(dtype)
+        finite = mx.stack([mx.isfinite(o).all() for o in out]).all()
+        mx.eval(*out, finite)
+        if finite.item():
+            return out
+        self.float32_blocks.add(name)
+        return run(mx.float32)
 
     def __call__(
         self,
@@ -304,6 +343,8 @@ class FluxTransformer(nn.Module):
         img_ids: np.ndarray,
         guidance: mx.array | None = None,
     ) -> mx.array:
+        if txt.dtype == mx.float16:  # as the pipeline runs float16: modulation in float32
+            pooled = pooled.astype(mx.float32)
         cond = self.modulation(timesteps, pooled, guidance)
         return self.trunk(img, txt, cond, self.rope(img_ids, txt.shape[1]))
 
