@@ -152,10 +152,13 @@ def build_reference(args):
 def mlx_from_reference(ref, precision: str, bits: int | None):
     from mlxflux.convert.infer import flux_config_from_diffusers
     from mlxflux.convert.keymaps import assemble, diffusers_transformer
+    from mlxflux.models import transformer
     from mlxflux.models.transformer import FluxTransformer
     from mlxflux.quant import quantize
     from mlxflux.weights import load_strict
 
+    transformer.FLOAT16_GUARDS = precision != "float16-unguarded"
+    precision = precision.removesuffix("-unguarded")
     items = ((k, mx.array(v.detach().float().numpy())) for k, v in ref.state_dict().items())
     weights = dict(assemble(items, diffusers_transformer, "reference"))
     model = load_strict(
@@ -173,11 +176,13 @@ def mlx_from_reference(ref, precision: str, bits: int | None):
 def mlx_step(model, dtype, h: int, w: int):
     """The pipeline's own step on random inputs: the trunk evaluated block by block, then the
     Euler update."""
+    from mlxflux.models import transformer
     from mlxflux.models.transformer import image_ids
     from mlxflux.pipeline import denoise_step
 
     n_img = (h // 16) * (w // 16)
-    wide = mx.float32 if dtype == mx.float16 else dtype  # as Pipeline.wide_dtype
+    guarded = dtype == mx.float16 and transformer.FLOAT16_GUARDS
+    wide = mx.float32 if guarded else dtype  # as Pipeline.wide_dtype
     img = mx.random.normal((1, n_img, 64))  # the pipeline's float32 latent
     txt = mx.random.normal((1, TXT, 4096)).astype(wide)
     cond = model.modulation(
@@ -274,7 +279,12 @@ def main():
     p.add_argument("--single", type=int, default=1, help="single-stream blocks (FLUX.1-dev: 38)")
     p.add_argument("--width", type=int, default=3072, help="hidden size (FLUX.1-dev: 3072)")
     p.add_argument("--sizes", default="256,book,vinyl,dvd", help=f"from {sorted(SIZES)}")
-    p.add_argument("--precisions", default="float32", help="comma list: float32,bfloat16,float16")
+    p.add_argument(
+        "--precisions",
+        default="float32",
+        help="comma list: float32,bfloat16,float16,float16-unguarded (float16 with its float32 "
+        "streams and overflow checks off: what the guards cost)",
+    )
     p.add_argument("--bits", default="none,8", help="comma list of none,4,6,8")
     p.add_argument("--torch-device", default="cpu", help="cpu, mps or cuda")
     p.add_argument(
@@ -319,7 +329,7 @@ def main():
         torch_name = f"torch {args.torch_device} {args.torch_dtype}"
         rows.append({"size": size, "impl": torch_name, **torch_t})
         for prec, bits in variants:
-            model, dtype = mlx_from_reference(ref, prec, bits)
+            model, dtype = mlx_from_reference(ref, prec, bits)  # sets FLOAT16_GUARDS
             t = bench_mlx(model, dtype, h, w, args)
             name = f"mlxflux {prec}" + (f" {bits}-bit" if bits else "") + f" ({kernels.mode()})"
             rows.append({"size": size, "impl": name, **t})

@@ -7,6 +7,9 @@ the converter's fused BFL layers.
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -117,3 +120,82 @@ def test_cuda_dequantizes_layers_at_many_tokens(monkeypatch):
         assert dict(kernels.calls) == {kernel: 1}
         with torch.no_grad():
             assert rel_err(got, ref(x)) <= 1e-5
+
+
+def test_split_path_dequantizes_in_row_blocks_at_few_tokens(monkeypatch):
+    """The CPU path dequantizes a layer whole, or a block of rows at a time for few tokens:
+    both equal the dequantized reference."""
+    monkeypatch.setenv("MLXFLUX_KERNELS", "split")
+    monkeypatch.setattr(kernels, "DEQUANTIZE_BLOCK", 64)  # 192 rows: three blocks
+    layer = torch.nn.Linear(128, 192)
+    randomize_(layer, 3)
+    ref = quantize_dequantize_(copy.deepcopy(layer))
+    holder = nn.Module()
+    holder.layer = Linear(128, 192)
+    holder.layer.load_weights([("weight", to_mx(layer.weight)), ("bias", to_mx(layer.bias))])
+    quantize(holder, 8)
+    limit = kernels.DEQUANTIZE_BLOCK_TOKENS
+    for tokens, blocked in [(limit, 1), (limit + 1, 0)]:
+        x = torch.randn(1, tokens, 128)
+        kernels.calls.clear()
+        got = np.array(holder.layer(to_mx(x)))
+        assert kernels.calls["dequantize_blocks"] == blocked
+        with torch.no_grad():
+            assert rel_err(got, ref(x)) <= 1e-5
+
+
+# ---- the CPU's own elementwise kernels --------------------------------------------------------
+
+
+def test_exp2_nonpositive_matches_numpy():
+    y = np.concatenate([
+        -np.linspace(0, 130, 200_001, dtype=np.float32),  # the normal range and past it
+        np.array([0.0, -0.0, -1e-8, -0.5, -125.9, -126.0, -126.1, -149.0, -1e30, -np.inf],
+                 dtype=np.float32),
+    ])  # fmt: skip
+    got = np.array(kernels.exp2_nonpositive(mx.array(y)))
+    want = np.exp2(y.astype(np.float64))
+    normal = want >= 2.0**-125  # below that the kernel flushes to zero
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    assert rel.max() <= 3e-7, rel.max()
+    assert np.all(got[~normal] <= 2.0**-125) and np.all(got >= 0)
+    assert got[-1] == 0 and got[-2] == 0  # -inf and far below the range: exactly zero
+
+
+def test_rational_gelu_matches_torch(monkeypatch):
+    monkeypatch.setenv("MLXFLUX_KERNELS", "split")
+    x = np.concatenate([np.linspace(-20, 20, 100_001), [0.0, 1e-30, -1e30, 1e30]])
+    x = x.astype(np.float32).reshape(5, -1)  # rows: shared between the CPU streams
+    kernels.calls.clear()
+    got = np.array(kernels.gelu(mx.array(x)))
+    assert kernels.calls["rational_gelu"] == 1
+    want = torch.nn.functional.gelu(torch.from_numpy(x).double(), approximate="tanh").numpy()
+    finite = np.abs(x) < 1e29
+    assert np.abs(got[finite] - want[finite]).max() <= 2e-6 * np.maximum(1, np.abs(x[finite])).max()
+    assert np.all(np.abs(got[finite] - want[finite]) <= 2e-6 * np.maximum(1, np.abs(x[finite])))
+
+
+def test_the_cpu_kernels_are_really_compiled(tmp_path):
+    """MLX compiles `mx.compile`d functions on the CPU with the system's C++ compiler, caches the
+    library under $TMPDIR/mlx, and silently runs them uncompiled without a compiler. The CPU
+    path relies on the compiled loops (10x faster): a library must appear for each of GELU and
+    exp2's two loops, and none without a compiler on PATH (so this check can tell)."""
+    code = (
+        "import os; os.environ['MLXFLUX_KERNELS'] = 'split'\n"
+        "import mlx.core as mx\n"
+        "from mlxflux import kernels\n"
+        "mx.set_default_device(mx.cpu)\n"
+        "x = mx.random.normal((64, 256))\n"
+        "mx.eval(kernels.gelu(x), kernels.exp2_nonpositive(-mx.abs(x)))\n"
+    )
+
+    def libraries(tmp, path):
+        env = {**os.environ, "TMPDIR": str(tmp), "PATH": path}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return sorted(p.name for p in tmp.glob("mlx/*/cpu/*.so"))
+
+    (tmp_path / "with").mkdir(), (tmp_path / "without").mkdir()
+    assert len(libraries(tmp_path / "with", os.environ["PATH"])) >= 3
+    assert libraries(tmp_path / "without", str(tmp_path)) == []  # no g++: silently uncompiled

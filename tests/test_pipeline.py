@@ -319,7 +319,8 @@ def broken_folder(tmp_path_factory):
 
 def test_float16_reruns_the_overflowing_layer_in_float32(overflowing_folder):
     """float16 never draws another picture where float32 draws a good one: the final layer
-    overflows float16 and runs again in float32 (docs/numerics.md, "float16")."""
+    overflows float16 and runs again in float32, then (the latent now ~1e4) the input
+    embedding at step 2, then the VAE decode (docs/numerics.md, "float16")."""
     kw = dict(width=32, height=32, steps=2, seed=1)
     want = np.asarray(mlxflux.load(overflowing_folder, precision="float32").generate("a", **kw))
     pipe = mlxflux.load(overflowing_folder, precision="float16")
@@ -329,7 +330,7 @@ def test_float16_reruns_the_overflowing_layer_in_float32(overflowing_folder):
     assert diff.mean() <= BF16_MEAN and diff.max() <= BF16_MAX
     settings = pipe.last_report.settings
     assert settings["precision"] == "float16" and settings["precision_why"] == "asked for"
-    assert settings["float32_fallbacks"] == ["final_layer"]
+    assert settings["float32_fallbacks"] == ["final_layer", "input", "decode"]
 
 
 def test_overflow_raises_naming_the_stage_and_step(broken_folder, overflowing_folder):
