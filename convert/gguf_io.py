@@ -109,13 +109,19 @@ class GGUFFile(TensorFile):
 
         info = self.tensors[key]
         count = info.nbytes // np.dtype(info.raw_dtype).itemsize
-        raw = np.fromfile(self.path, dtype=info.raw_dtype, count=count, offset=info.start)
-        raw = raw.reshape(info.raw_shape)
-        if raw.ndim < 2:
-            return mx.array(quants.dequantize(raw, info.kind).astype(np.float32))
-        # rows in chunks: the dequantizer's float32 temporaries stay ~32 MiB, not the tensor
-        out = np.empty((raw.shape[0], int(np.prod(info.shape)) // raw.shape[0]), np.float32)
-        step = max(1, (32 << 20) // (4 * out.shape[1]))
-        for r in range(0, raw.shape[0], step):
-            out[r : r + step] = quants.dequantize(raw[r : r + step], info.kind)
-        return mx.array(out.reshape(info.shape))
+        try:
+            raw = np.fromfile(self.path, dtype=info.raw_dtype, count=count, offset=info.start)
+            raw = raw.reshape(info.raw_shape)
+        except (OSError, ValueError) as e:  # the file changed or its header lied
+            raise SafetensorsError(f"{self.path}: tensor {key} cannot be read ({e})") from None
+        try:
+            if raw.ndim < 2:
+                return mx.array(quants.dequantize(raw, info.kind).astype(np.float32))
+            # rows in chunks: the dequantizer's float32 temporaries stay ~32 MiB, not the tensor
+            out = np.empty((raw.shape[0], int(np.prod(info.shape)) // raw.shape[0]), np.float32)
+            step = max(1, (32 << 20) // (4 * out.shape[1]))
+            for r in range(0, raw.shape[0], step):
+                out[r : r + step] = quants.dequantize(raw[r : r + step], info.kind)
+            return mx.array(out.reshape(info.shape))
+        except (ValueError, TypeError, IndexError, ZeroDivisionError) as e:
+            raise SafetensorsError(f"{self.path}: tensor {key} does not decode ({e})") from None

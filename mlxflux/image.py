@@ -5,6 +5,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -51,7 +52,11 @@ def write_png(image: Image.Image, path: str | os.PathLike, chunks: dict[str, str
     info = PngImagePlugin.PngInfo()
     for key, text in chunks.items():
         info.add_text(key, text)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    from .weights import remove_stale
+
+    remove_stale(path.parent, f".{path.stem}.tmp-")  # left by a killed process
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{os.getpid()}-", suffix=".png",
+                               dir=path.parent)  # fmt: skip
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
@@ -77,21 +82,50 @@ def open_image(source) -> tuple[Image.Image, str, str]:
     from .errors import SettingsError
 
     if isinstance(source, Image.Image):
-        rgb = source.convert("RGB")
+        rgb = _to_rgb(source)
         return rgb, "<PIL image>", hashlib.sha256(rgb.tobytes()).hexdigest()
     path = Path(source).expanduser()
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            rgb = img.convert("RGB")
     except FileNotFoundError:
         raise SettingsError(f"{path}: no such file", "init_image") from None
     except IsADirectoryError:
         raise SettingsError(f"{path}: is a folder, not an image", "init_image") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SettingsError(f"{path}: not a readable image ({e})", "init_image") from None
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot be read ({e.strerror or e})", "init_image") from None
+    try:
+        with warnings.catch_warnings():  # Pillow's bomb warning: refused below by our own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:  # refused before a pixel is decoded
+                raise SettingsError(
+                    f"{path}: {w}x{h} is {w * h / 1e6:.0f} megapixels; mlxflux reads images up "
+                    f"to {MAX_PIXELS / 1e6:.0f}", "init_image",
+                )  # fmt: skip
+            img.load()
+            rgb = _to_rgb(img)
+    except SettingsError:
+        raise
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SettingsError(f"{path}: not a readable image ({first})", "init_image") from None
     return rgb, path.name, hashlib.sha256(data).hexdigest()
+
+
+MAX_PIXELS = 64_000_000  # 8000 x 8000: an RGB copy is 192 MB; a cover scan is ~10-40 MP
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """As ComfyUI's LoadImage: the EXIF orientation applied, 32-bit integer pixels scaled by
+    1/255, then RGB (alpha dropped, CMYK and palettes converted)."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "I":
+        img = img.point(lambda v: v * (1 / 255))
+    return img.convert("RGB")
 
 
 def size_of(image: Image.Image) -> tuple[int, int]:

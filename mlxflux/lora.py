@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import MlxfluxError
+from .safetensors_io import SafetensorsError, SafetensorsFile
 
 
 class LoraError(MlxfluxError, ValueError):
@@ -109,13 +110,17 @@ def load_loras(model: nn.Module, loras, hidden: int) -> list[LoraReport]:
 
 
 def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int):
-    try:
+    if not path.is_file():
+        raise LoraError(f"{path}: no such file")
+    try:  # our reader validates the whole header and reads every tensor now, not lazily
         data = path.read_bytes()
-        tensors = mx.load(str(path))
-    except FileNotFoundError:
-        raise LoraError(f"{path}: no such file") from None
-    except (OSError, RuntimeError, ValueError) as e:
-        raise LoraError(f"{path}: not a safetensors LoRA file ({e})") from None
+        file = SafetensorsFile(path)
+        tensors = {key: file.read(key) for key in list(file.tensors)}
+    except SafetensorsError as e:
+        reason = str(e).removeprefix(f"{path}: ")
+        raise LoraError(f"{path}: not a safetensors LoRA file ({reason})") from None
+    except OSError as e:
+        raise LoraError(f"{path}: cannot be read ({e.strerror or e})") from None
     report = LoraReport(path.name, hashlib.sha256(data).hexdigest(), scale)
     groups: dict[str, dict[str, mx.array]] = {}
     for key, value in tensors.items():
@@ -137,14 +142,17 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int):
         down, up = g["down"].astype(mx.float32), g["up"].astype(mx.float32)
         layer = layers[layer_path]
         out_rows, in_cols = layer.weight.shape[0], _in_features(layer)
-        rank = down.shape[0]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != rank or down.shape[1] != in_cols:
+        rank = down.shape[0] if down.ndim == 2 else -1
+        if (down.ndim != 2 or up.ndim != 2 or up.shape[1] != rank or down.shape[1] != in_cols
+                or rank == 0):  # fmt: skip
             raise LoraError(
                 f"{path}: {base}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit "
                 f"{layer_path} ({in_cols} inputs, {out_rows} outputs)"
             )
         if offset + up.shape[0] > out_rows:
             raise LoraError(f"{path}: {base}: {up.shape[0]} rows do not fit in {layer_path}")
+        if "alpha" in g and g["alpha"].size != 1:
+            raise LoraError(f"{path}: {base}: alpha has shape {tuple(g['alpha'].shape)}, not 1")
         alpha = float(g["alpha"].item()) if "alpha" in g else float(rank)
         up = up * (scale * alpha / rank)
         if swap is not None:

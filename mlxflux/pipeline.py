@@ -82,7 +82,7 @@ class Pipeline:
             raise SettingsError(f"must be one of {', '.join(PRECISIONS)}", "precision")
         self.manifest = read_manifest(self.folder)
         check_folder(self.folder, self.manifest)  # headers only: a damaged folder fails here
-        guided = self.manifest["components"]["transformer"]["config"]["guidance_embed"]
+        guided = self.manifest["components"]["transformer"]["config"].get("guidance_embed", True)
         self.model_name = "flux1-dev" if guided else "flux1-schnell"
         self.defaults = MODEL_DEFAULTS[self.model_name]
         self.dtype = PRECISIONS[self.precision]

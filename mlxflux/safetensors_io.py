@@ -8,6 +8,7 @@ tensor, not the file. Writing fills shards of bounded size with `mx.save_safeten
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
 
 class SafetensorsError(MlxfluxError, ValueError):
     """A file that is not a readable safetensors file; the message names it."""
+
+
+def _is_count(x) -> bool:
+    """A non-negative JSON integer (not a bool, float or string)."""
+    return type(x) is int and x >= 0
 
 
 _NUMPY = {
@@ -124,7 +130,10 @@ class SafetensorsFile(TensorFile):
             raise SafetensorsError(f"{self.path}: broken safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise SafetensorsError(f"{self.path}: safetensors header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise SafetensorsError(f"{self.path}: safetensors metadata is not a JSON object")
+        self.metadata = metadata
         base = 8 + n
         self.tensors: dict[str, TensorInfo] = {}
         for key, t in header.items():
@@ -134,8 +143,10 @@ class SafetensorsFile(TensorFile):
                 raise SafetensorsError(f"{self.path}: bad header entry for {key}") from None
             if dtype not in _ITEMSIZE:
                 raise SafetensorsError(f"{self.path}: tensor {key} has unsupported dtype {dtype}")
-            want = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
-            if b - a != want or a < 0:
+            if not all(_is_count(d) for d in (*shape, a, b)) or len(shape) > 8:
+                raise SafetensorsError(f"{self.path}: bad shape or offsets for tensor {key}")
+            want = math.prod(shape) * _ITEMSIZE[dtype]  # Python ints: no overflow
+            if b - a != want:
                 raise SafetensorsError(
                     f"{self.path}: tensor {key} has {b - a} bytes for shape {shape} {dtype}"
                 )
@@ -145,14 +156,22 @@ class SafetensorsFile(TensorFile):
                     f"the file has {size}"
                 )
             self.tensors[key] = TensorInfo(dtype, shape, base + a, base + b)
+        spans = sorted((t.start, t.end, k) for k, t in self.tensors.items() if t.end > t.start)
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                raise SafetensorsError(f"{self.path}: tensors {first} and {second} overlap")
 
     def read(self, key: str) -> mx.array:
         """One tensor as an mx.array; fp8 is decoded exactly to bfloat16 (e4m3) / float16 (e5m2)."""
         t = self.tensors[key]
         dtype = np.uint8 if t.dtype.startswith("F8") else _NUMPY.get(t.dtype, np.uint16)
-        raw = np.fromfile(
-            self.path, dtype=dtype, count=t.nbytes // _ITEMSIZE[t.dtype], offset=t.start
-        )
+        count = t.nbytes // _ITEMSIZE[t.dtype]
+        try:
+            raw = np.fromfile(self.path, dtype=dtype, count=count, offset=t.start)
+        except OSError as e:
+            raise SafetensorsError(f"{self.path}: tensor {key} cannot be read ({e})") from None
+        if raw.size != count:  # the file shrank since its header was read
+            raise SafetensorsError(f"{self.path}: truncated: tensor {key} is incomplete")
         raw = raw.reshape(t.shape)
         if t.dtype == "BF16":
             return mx.array(raw).view(mx.bfloat16)

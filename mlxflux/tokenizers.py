@@ -62,6 +62,10 @@ class T5Tokenizer:
 
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(spiece))
 
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
     def tokens(self, text: str) -> list[int]:
         return self._sp.encode(text)
 

@@ -84,6 +84,25 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 TOKENIZER_FILES = ("clip/vocab.json", "clip/merges.txt", "t5/spiece.model")  # under tokenizers/
 REDO = "re-run `mlxflux convert` to rebuild the model folder"
+# the manifest records the sha256 of every file besides the weight shards (which carry their
+# own, per component) and of its own fields: small files, checked at every load
+SMALL_FILES = "files_sha256"
+SELF_SHA = "manifest_sha256"
+
+
+def small_files(folder: Path) -> list[str]:
+    """The folder's files other than weight shards and the manifest: the components' config
+    files and every tokenizer file, as paths relative to the folder."""
+    found = [f"{c}/config.json" for c in COMPONENTS if (folder / c / "config.json").is_file()]
+    tok = folder / "tokenizers"
+    found += sorted(p.relative_to(folder).as_posix() for p in tok.rglob("*") if p.is_file())
+    return found
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the manifest's fields (all but this checksum itself), key order aside."""
+    fields = {k: v for k, v in manifest.items() if k != SELF_SHA}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def component_files(manifest: dict, name: str) -> list[str]:
@@ -92,11 +111,28 @@ def component_files(manifest: dict, name: str) -> list[str]:
 
 def check_folder(folder: str | os.PathLike, manifest: dict) -> None:
     """Check, without reading tensor data, that every file the manifest names is there and
-    complete, with the recorded tensors, shapes and dtypes, and that the tokenizer files are
-    there. Reads only safetensors headers: milliseconds for a full model."""
+    complete, with the recorded tensors, shapes and dtypes, that configs, tokenizers and the
+    manifest are what conversion wrote, and that the tokenizers load. Reads only headers and
+    the small files: milliseconds for a full model."""
+    folder = Path(folder)
+    try:
+        _check_folder(folder, manifest)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a manifest edited by hand
+        raise ModelFolderError(
+            f"{folder / MANIFEST}: malformed ({type(e).__name__}: {e}); {REDO}"
+        ) from None
+
+
+def _check_folder(folder: Path, manifest: dict) -> None:
     from .safetensors_io import MLX_DTYPE, SafetensorsError, SafetensorsFile
 
-    folder = Path(folder)
+    quantization = manifest["quantization"]
+    if quantization["bits"] not in (None, 2, 3, 4, 5, 6, 8) or quantization["group_size"] not in (
+        32,
+        64,
+        128,
+    ):
+        raise ModelFolderError(f"{folder / MANIFEST}: unknown quantization {quantization}; {REDO}")
     for rel in TOKENIZER_FILES:
         path = folder / "tokenizers" / rel
         if not path.is_file() or path.stat().st_size == 0:
@@ -132,6 +168,80 @@ def check_folder(folder: str | os.PathLike, manifest: dict) -> None:
             raise ModelFolderError(
                 f"{folder / name}: tensors not in the manifest: {_listing(extra)}; {REDO}"
             )
+        check_config_file(folder / name / "config.json", entry["config"])
+    check_integrity(folder, manifest)
+    check_tokenizers(folder, manifest)
+
+
+def check_config_file(path: Path, config: dict) -> None:
+    """A component's config.json must say what the manifest says (folders may lack one)."""
+    if not path.exists():
+        return
+    try:
+        text = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"{path}: broken JSON ({e}); {REDO}") from None
+    if text != config:
+        raise ModelFolderError(f"{path}: differs from the manifest's config; {REDO}")
+
+
+def check_integrity(folder: Path, manifest: dict) -> None:
+    """The small files and the manifest against the checksums recorded at conversion (folders
+    converted before they were recorded are not checked here; `info --check` says so)."""
+    for rel, want in manifest.get(SMALL_FILES, {}).items():
+        path = folder / rel
+        if not path.is_file():
+            raise ModelFolderError(f"{path}: missing (the model folder is incomplete); {REDO}")
+        if file_sha256(path) != want:
+            raise ModelFolderError(f"{path}: changed since conversion (checksum differs); {REDO}")
+    if SELF_SHA in manifest and manifest_sha256(manifest) != manifest[SELF_SHA]:
+        raise ModelFolderError(f"{folder / MANIFEST}: edited since conversion; {REDO}")
+
+
+def check_tokenizers(folder: Path, manifest: dict) -> None:
+    """Build both tokenizers from the folder's files, as a generation will: a damaged file is
+    refused now, in one line naming it, instead of failing inside the text stage."""
+    from .tokenizers import CLIPTokenizer, T5Tokenizer
+
+    tok = folder / "tokenizers"
+    vocab, merges, spiece = (
+        tok / "clip" / "vocab.json",
+        tok / "clip" / "merges.txt",
+        tok / "t5" / "spiece.model",
+    )
+    clip_vocab = manifest["components"]["clip"]["config"].get("vocab_size", 49408)
+    t5_vocab = manifest["components"]["t5"]["config"].get("vocab_size", 32128)
+    try:
+        ids = json.loads(vocab.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"{vocab}: broken JSON ({e}); {REDO}") from None
+    if not isinstance(ids, dict) or not all(
+        isinstance(k, str) and type(v) is int and 0 <= v < clip_vocab for k, v in ids.items()
+    ):
+        raise ModelFolderError(
+            f"{vocab}: not a CLIP vocabulary (token -> id below {clip_vocab}); {REDO}"
+        )
+    try:
+        lines = merges.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ModelFolderError(f"{merges}: not UTF-8 text ({e}); {REDO}") from None
+    merge_lines = ((i, line) for i, line in enumerate(lines, 1) if not line.startswith("#version"))
+    bad = next((i for i, line in merge_lines if len(line.split(" ")) != 2), None)
+    if bad is not None:
+        raise ModelFolderError(f"{merges}: line {bad} is not a merge (two tokens); {REDO}")
+    try:
+        CLIPTokenizer(vocab, merges)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise ModelFolderError(
+            f"{vocab.parent}: CLIP tokenizer files do not load ({e}); {REDO}"
+        ) from None
+    try:
+        pieces = T5Tokenizer(spiece).vocab_size
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError with its own text
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFolderError(f"{spiece}: not a SentencePiece model ({first}); {REDO}") from None
+    if not 0 < pieces <= t5_vocab:
+        raise ModelFolderError(f"{spiece}: {pieces} pieces, T5's embedding has {t5_vocab}; {REDO}")
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
@@ -143,9 +253,30 @@ def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
 
 
 def verify_checksums(folder: str | os.PathLike, manifest: dict, progress=None) -> list[str]:
-    """Hash every weight file against the checksums recorded at conversion; returns the
-    problems found (empty when all match). `progress(nbytes)` is called per file."""
+    """Hash every file of the folder against the checksums recorded at conversion (weights,
+    configs, tokenizers, the manifest's own fields); returns the problems found (empty when all
+    match), files that conversion did not write included. `progress(nbytes)` per weight file."""
     folder, problems = Path(folder), []
+    small = manifest.get(SMALL_FILES)
+    if small is None:
+        problems.append(f"{folder}: no checksums of configs and tokenizers recorded (converted "
+                        "by an older mlxflux)")  # fmt: skip
+    else:
+        for rel, want in small.items():
+            path = folder / rel
+            if not path.is_file():
+                problems.append(f"{path}: missing; {REDO}")
+            elif file_sha256(path) != want:
+                problems.append(f"{path}: contents differ from what was converted; {REDO}")
+    if SELF_SHA in manifest and manifest_sha256(manifest) != manifest[SELF_SHA]:
+        problems.append(f"{folder / MANIFEST}: edited since conversion; {REDO}")
+    known = {MANIFEST, *(small or {}), *small_files(folder)}
+    known |= {f"{c}/{f}" for c in COMPONENTS for f in component_files(manifest, c)}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if path.is_file() and not hidden and rel not in known:
+            problems.append(f"{path}: not part of the model folder as converted")
     for name in COMPONENTS:
         sums = manifest["components"][name].get("sha256", {})
         for file in component_files(manifest, name):
@@ -320,8 +451,16 @@ def write_model_folder(
     order; tokenizers: anything with `copy_to(folder)` (convert's TokenizerFiles). On any
     failure, Ctrl-C included, the sibling is removed and `out` is untouched.
     """
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, f".{out.name}.partial-")
+    if not out.exists():  # a process killed between its two renames: put the old folder back
+        for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+            pid = old.name.rsplit(".old-", 1)[1].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                old.rename(out)
+                break
+    remove_stale(out.parent, f".{out.name}.old-")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         manifest = {
@@ -341,6 +480,8 @@ def write_model_folder(
             )
         tokenizers.copy_to(tmp / "tokenizers")
         manifest["id"] = _manifest_id(manifest)
+        manifest[SMALL_FILES] = {rel: file_sha256(tmp / rel) for rel in small_files(tmp)}
+        manifest[SELF_SHA] = manifest_sha256(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         check_folder(tmp, manifest)  # re-read every header: what was written is what we meant
         _replace(tmp, out)
@@ -348,6 +489,31 @@ def write_model_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def remove_stale(folder: Path, prefix: str) -> list[Path]:
+    """Remove what a killed process left: `<prefix><pid>-...` entries whose process is gone
+    (kill -9 or a power cut skip the cleanup; Ctrl-C does not). Returns what was removed."""
+    removed = []
+    for path in folder.glob(f"{prefix}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _manifest_id(manifest: dict) -> str:
@@ -362,7 +528,7 @@ def _manifest_id(manifest: dict) -> str:
 def _replace(tmp: Path, out: Path) -> None:
     """Move the finished folder into place; an old folder is kept until the new one is there."""
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         out.rename(old)
         try:
             tmp.rename(out)

@@ -64,3 +64,14 @@ def rel_err(out, ref) -> float:
     ref = np.asarray(ref.detach().numpy() if isinstance(ref, torch.Tensor) else ref, np.float64)
     assert out.shape == ref.shape, (out.shape, ref.shape)
     return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's counts (tests/test_fuzz.py), when it ran."""
+    import sys
+
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz is not None and fuzz.COUNTS:
+        terminalreporter.section("fuzzing: cases per reader")
+        for line in fuzz.summary_lines():
+            terminalreporter.write_line(line)

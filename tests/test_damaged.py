@@ -4,6 +4,7 @@ stage runs (the Python API raises the package's errors at `load` / `generate`)."
 import json
 import math
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -110,8 +111,47 @@ def garbage_shard(folder):
     return "vae", "not a safetensors file"
 
 
+def truncate_vocab(folder):
+    path = folder / "tokenizers" / "clip" / "vocab.json"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "vocab.json", "changed since conversion"
+
+
+def edit_vocab(folder):
+    """Still valid JSON, one id changed: only a checksum can tell."""
+    path = folder / "tokenizers" / "clip" / "vocab.json"
+    vocab = json.loads(path.read_text())
+    vocab["cat</w>"] += 1
+    path.write_text(json.dumps(vocab))
+    return "vocab.json", "changed since conversion"
+
+
+def garble_spiece(folder):
+    path = folder / "tokenizers" / "t5" / "spiece.model"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    return "spiece.model", "changed since conversion"
+
+
+def edit_config_file(folder):
+    path = folder / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(config, depth=config["depth"] + 1)))
+    return "config.json", "differs from the manifest's config"
+
+
+def edit_manifest_field(folder):
+    """A field no other check reads (the quantization's group size is read only at load)."""
+    m = manifest(folder)
+    m["notes"] = [*m.get("notes", []), "edited"]
+    (folder / MANIFEST).write_text(json.dumps(m))
+    return MANIFEST, "edited since conversion"
+
+
 DAMAGE = [delete_trunk_shard, remove_component, wrong_shape, truncate_t5, delete_spiece,
-          empty_merges, broken_manifest, unknown_config_key, garbage_shard]  # fmt: skip
+          empty_merges, broken_manifest, unknown_config_key, garbage_shard, truncate_vocab,
+          edit_vocab, garble_spiece, edit_config_file, edit_manifest_field]  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
@@ -129,6 +169,76 @@ def test_damaged_folder_is_refused_at_load_in_one_line(folder, tmp_path, damage)
     assert not list(out.iterdir())
     if damage is not broken_manifest:
         assert "mlxflux convert" in line  # says what to do
+
+
+def old_folder(folder):
+    """A folder converted before configs and tokenizers had checksums: parsed at load."""
+    m = manifest(folder)
+    del m["files_sha256"], m["manifest_sha256"]
+    (folder / MANIFEST).write_text(json.dumps(m))
+    return folder
+
+
+def vocab_cut(folder):
+    path = folder / "tokenizers" / "clip" / "vocab.json"
+    path.write_bytes(path.read_bytes()[:1000])
+    return "vocab.json", "broken JSON"
+
+
+def vocab_ids_out_of_range(folder):
+    path = folder / "tokenizers" / "clip" / "vocab.json"
+    vocab = json.loads(path.read_text())
+    vocab["cat</w>"] = 10**6
+    path.write_text(json.dumps(vocab))
+    return "vocab.json", "not a CLIP vocabulary"
+
+
+def merges_cut_mid_line(folder):
+    path = folder / "tokenizers" / "clip" / "merges.txt"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text[: len(text) // 2].rsplit(" ", 1)[0] + "\n" + "x")
+    return "merges.txt", "is not a merge"
+
+
+def spiece_garbage(folder):
+    path = folder / "tokenizers" / "t5" / "spiece.model"
+    path.write_bytes(b"\x0a\xff\xff\xff" + path.read_bytes()[4:200])
+    return "spiece.model", "not a SentencePiece model"
+
+
+@pytest.mark.parametrize("damage", [vocab_cut, vocab_ids_out_of_range, merges_cut_mid_line,
+                                    spiece_garbage], ids=lambda f: f.__name__)  # fmt: skip
+def test_damaged_tokenizers_of_old_folders_are_refused_at_load(folder, tmp_path, damage):
+    name, why = damage(old_folder(folder))
+    with pytest.raises(mlxflux.ModelFolderError, match=why) as info:
+        mlxflux.load(folder)
+    assert name in str(info.value)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_one_line_failure(gen(folder, cwd=out), name, why)
+    assert not list(out.iterdir())
+
+
+def test_info_check_catches_a_change_to_any_file(pristine, tmp_path):
+    """Every file of the folder, one at a time: one byte added at its end (the manifest: a
+    field changed) makes `info --check` fail naming that file; an added file is named too."""
+    files = sorted(p.relative_to(pristine) for p in pristine.rglob("*") if p.is_file())
+    assert len(files) >= 10 and Path(MANIFEST) in files
+    for rel in files:
+        folder = shutil.copytree(pristine, tmp_path / f"copy-{len(list(tmp_path.iterdir()))}")
+        if rel == Path(MANIFEST):
+            edit_manifest_field(folder)
+        else:
+            with open(folder / rel, "ab") as f:
+                f.write(b"\n")
+        r = run_cli("info", folder, "--check")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (rel, r.stderr)
+        assert str(folder / rel) in r.stderr, (rel, r.stderr)
+        shutil.rmtree(folder)
+    folder = shutil.copytree(pristine, tmp_path / "extra")
+    (folder / "clip" / "notes.txt").write_text("mine")
+    r = run_cli("info", folder, "--check")
+    assert r.returncode == 2 and "notes.txt: not part of the model folder" in r.stderr
 
 
 def test_a_healthy_copy_of_the_folder_generates(folder, tmp_path):
