@@ -4,7 +4,16 @@ a bug and keeps its traceback."""
 
 
 class MlxfluxError(Exception):
-    """Base of mlxflux's expected failures."""
+    """Base of mlxflux's expected failures. Its message is always one line: control characters
+    from file contents (a tensor named "a\\nb") or names are shown escaped."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
+
+
+def one_line(text: str) -> str:
+    """`text` with newlines and other control characters written as escapes."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
 
 
 class ModelFolderError(MlxfluxError, ValueError):
