@@ -6,8 +6,6 @@ modulation are scaled up until layer outputs reach ~16x float16's largest value 
 residual streams pass it too; the reference is diffusers in float32 on the same weights.
 """
 
-import copy
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,11 +13,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from mlxflux import kernels
-from mlxflux.quant import quantize
 
 from .conftest import randomize_, rel_err, to_mx
-from .helpers import quantize_dequantize_
-from .test_kernels import BF16_BOUND, CPU_QMM_BF16_BOUND, QUANTIZABLE
+from .test_kernels import BF16_BOUND, CPU_QMM_BF16_BOUND, QUANTIZABLE, with_bits
 from .test_transformer import load_from_diffusers, make_inputs, run_reference
 
 FP16_MAX = 65504.0
@@ -106,11 +102,7 @@ def bound(mode: str, bits) -> float:
 @pytest.mark.parametrize("overflow", [False, True], ids=["plain", "overflowing"])
 def test_float16_matches_float32(monkeypatch, mode, bits, overflow):
     monkeypatch.setenv("MLXFLUX_KERNELS", mode)
-    ref = overflowing_reference(4, OVERFLOW if overflow else (1.0, 1.0))
-    model = load_from_diffusers(ref)
-    if bits:
-        quantize(model, bits)
-        ref = quantize_dequantize_(copy.deepcopy(ref), bits)
+    model, ref = with_bits(overflowing_reference(4, OVERFLOW if overflow else (1.0, 1.0)), bits)
     inputs = make_inputs(ref, 1, 64, 96, 7)
     peak = largest_activation(ref, inputs)
     if overflow:  # the test means something only if float16 really overflows

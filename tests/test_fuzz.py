@@ -274,8 +274,7 @@ def test_gguf_header_counts(tmp_path, gguf_bytes, count, field):
 @pytest.fixture(scope="module")
 def lora_setup(models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
-    src = tiny.write_diffusers(models, tmp / "src")
-    folder = convert([src], tmp / "model", bits=None, dtype="float32")
+    folder = tiny.converted(models, tmp)
     lora = make_lora(models, 3)
     files = {"bfl": write_bfl(lora, tmp / "bfl.safetensors").read_bytes(),
              "kohya": write_kohya(lora, tmp / "kohya.safetensors").read_bytes()}  # fmt: skip
@@ -298,9 +297,7 @@ def test_lora_reader(tmp_path, lora_setup, how, layout):
 
 @pytest.fixture(scope="module")
 def pristine(models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("folder")
-    src = tiny.write_diffusers(models, tmp / "src")
-    return convert([src], tmp / "model", bits=8, dtype="float32")
+    return tiny.converted(models, tmp_path_factory.mktemp("folder"), bits=8)
 
 
 @pytest.fixture(scope="module")

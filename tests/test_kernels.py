@@ -60,17 +60,23 @@ def test_unknown_mode_is_refused_with_the_choices(monkeypatch):
         kernels.mode()
 
 
+def with_bits(ref, bits):
+    """(the MLX model of diffusers' `ref`, quantized to `bits`, and the reference holding the
+    same dequantized weights)."""
+    model = load_from_diffusers(ref)
+    if bits:
+        quantize(model, bits)
+        ref = quantize_dequantize_(copy.deepcopy(ref), bits)
+    return model, ref
+
+
 @pytest.mark.parametrize("mode", ["split", "fused"])
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("bits", [None, 8])
 def test_transformer_matches_diffusers_in_each_mode(monkeypatch, mode, precision, bits):
     monkeypatch.setenv("MLXFLUX_KERNELS", mode)
     torch.manual_seed(4)
-    ref = randomize_(FluxTransformer2DModel(**QUANTIZABLE), 4)
-    model = load_from_diffusers(ref)
-    if bits:
-        quantize(model, bits)
-        ref = quantize_dequantize_(copy.deepcopy(ref), bits)
+    model, ref = with_bits(randomize_(FluxTransformer2DModel(**QUANTIZABLE), 4), bits)
     inputs = make_inputs(ref, 1, 64, 96, 7)
     want = run_reference(ref, inputs)
     dtype = getattr(mx, precision)
@@ -99,19 +105,25 @@ def test_transformer_matches_diffusers_in_each_mode(monkeypatch, mode, precision
         assert kernels.calls["dequantize_fp32" if fused else "quantized_matmul"] == 0
 
 
-def test_cuda_dequantizes_layers_at_many_tokens(monkeypatch):
-    """On CUDA, 8-bit layers at >= CUDA_DEQUANTIZE_TOKENS tokens dequantize to the compute
-    dtype and use the regular matmul (MLX's quantized kernel is ~2x slower there)."""
-    monkeypatch.setenv("MLXFLUX_KERNELS", "fused")
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+def quantized_layer(seed: int):
+    """A 128 -> 192 Linear as an 8-bit MLX layer, and the torch layer holding its dequantized
+    weights (the reference)."""
     layer = torch.nn.Linear(128, 192)
-    randomize_(layer, 2)
+    randomize_(layer, seed)
     ref = quantize_dequantize_(copy.deepcopy(layer))
     holder = nn.Module()
     holder.layer = Linear(128, 192)
     holder.layer.load_weights([("weight", to_mx(layer.weight)), ("bias", to_mx(layer.bias))])
     quantize(holder, 8)
-    mlx_layer = holder.layer
+    return holder.layer, ref
+
+
+def test_cuda_dequantizes_layers_at_many_tokens(monkeypatch):
+    """On CUDA, 8-bit layers at >= CUDA_DEQUANTIZE_TOKENS tokens dequantize to the compute
+    dtype and use the regular matmul (MLX's quantized kernel is ~2x slower there)."""
+    monkeypatch.setenv("MLXFLUX_KERNELS", "fused")
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    mlx_layer, ref = quantized_layer(2)
     for tokens, kernel in [(kernels.CUDA_DEQUANTIZE_TOKENS - 1, "quantized_matmul"),
                            (kernels.CUDA_DEQUANTIZE_TOKENS, "dequantize_matmul")]:  # fmt: skip
         x = torch.randn(1, tokens, 128)
@@ -127,18 +139,12 @@ def test_split_path_dequantizes_in_row_blocks_at_few_tokens(monkeypatch):
     both equal the dequantized reference."""
     monkeypatch.setenv("MLXFLUX_KERNELS", "split")
     monkeypatch.setattr(kernels, "DEQUANTIZE_BLOCK", 64)  # 192 rows: three blocks
-    layer = torch.nn.Linear(128, 192)
-    randomize_(layer, 3)
-    ref = quantize_dequantize_(copy.deepcopy(layer))
-    holder = nn.Module()
-    holder.layer = Linear(128, 192)
-    holder.layer.load_weights([("weight", to_mx(layer.weight)), ("bias", to_mx(layer.bias))])
-    quantize(holder, 8)
+    mlx_layer, ref = quantized_layer(3)
     limit = kernels.DEQUANTIZE_BLOCK_TOKENS
     for tokens, blocked in [(limit, 1), (limit + 1, 0)]:
         x = torch.randn(1, tokens, 128)
         kernels.calls.clear()
-        got = np.array(holder.layer(to_mx(x)))
+        got = np.array(mlx_layer(to_mx(x)))
         assert kernels.calls["dequantize_blocks"] == blocked
         with torch.no_grad():
             assert rel_err(got, ref(x)) <= 1e-5

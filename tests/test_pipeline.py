@@ -38,9 +38,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def folder(models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipe")
-    src = tiny.write_diffusers(models, tmp / "src")
-    return convert([src], tmp / "model", bits=None, dtype="float32")
+    return tiny.converted(models, tmp_path_factory.mktemp("pipe"))
 
 
 def reference_pipeline(models, scheduler) -> FluxPipeline:
@@ -131,9 +129,7 @@ def test_comfyui_mode_matches_flux_pipeline_given_comfy_sigmas(models, folder, s
 
 @pytest.fixture(scope="module")
 def folder_q8(models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipe_q8")
-    src = tiny.write_diffusers(models, tmp / "src")
-    return convert([src], tmp / "model", bits=8, dtype="float32")
+    return tiny.converted(models, tmp_path_factory.mktemp("pipe_q8"), bits=8)
 
 
 @pytest.fixture(scope="module")
@@ -299,9 +295,7 @@ def scaled_folder(tmp_path_factory, factor: float):
     models = tiny.make_models(seed=5)
     with torch.no_grad():
         models["transformer"].proj_out.weight.mul_(factor)
-    tmp = tmp_path_factory.mktemp("overflow")
-    src = tiny.write_diffusers(models, tmp / "src")
-    return convert([src], tmp / "model", bits=None, dtype="float32")
+    return tiny.converted(models, tmp_path_factory.mktemp("overflow"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 import mlxflux
-from mlxflux.convert import convert
 from mlxflux.weights import check_folder, read_manifest
 
 from . import tiny
@@ -32,8 +31,8 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder(source, tmp_path_factory):
-    return convert([source], tmp_path_factory.mktemp("model") / "model", bits=8, dtype="float32")
+def folder(tmp_path_factory):
+    return tiny.converted(tiny.make_models(seed=41), tmp_path_factory.mktemp("model"), bits=8)
 
 
 def rss_bytes() -> int:

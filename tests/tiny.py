@@ -76,6 +76,15 @@ def write_diffusers(models, folder: Path, shard: str | None = None) -> Path:
     return folder
 
 
+def converted(models, tmp: Path, bits: int | None = None) -> Path:
+    """`models` written as the diffusers repo under tmp/src and converted to tmp/model (float32
+    storage, `bits` quantization)."""
+    from mlxflux.convert import convert
+
+    return convert([write_diffusers(models, tmp / "src")], tmp / "model", bits=bits,
+                   dtype="float32")  # fmt: skip
+
+
 def _fp8(t: torch.Tensor, kind) -> torch.Tensor:
     return t.to(kind) if t.ndim == 2 else t.to(torch.bfloat16)
 
