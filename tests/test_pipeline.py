@@ -327,6 +327,24 @@ def test_float16_reruns_the_overflowing_layer_in_float32(overflowing_folder):
     assert settings["float32_fallbacks"] == ["final_layer", "input", "decode"]
 
 
+def test_png_and_header_say_which_precision_ran_and_why(tmp_path, overflowing_folder):
+    """The default on this backend, and float16 asked for, with the blocks that re-ran."""
+    size = ["--width", "32", "--height", "32", "--steps", "2", "--seed", "1"]
+    for flags, want, why in [([], kernels.default_precision(), "MLX's CPU backend"),
+                             (["--precision", "float16"], "float16", "asked for")]:  # fmt: skip
+        out = tmp_path / f"{want}.png"
+        r = run_cli("gen", "--prompt", "a", *size, *flags, "--model", overflowing_folder,
+                    "--output", out)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"{want} ({why}" in r.stderr  # the header line
+        with Image.open(out) as img:
+            meta = json.loads(img.info["mlxflux"])
+            assert f"Precision: {want}" in img.info["parameters"]
+        assert meta["precision"] == want and why in meta["precision_why"]
+        if want == "float16":
+            assert meta["float32_fallbacks"] == ["final_layer", "input", "decode"]
+
+
 def test_overflow_raises_naming_the_stage_and_step(broken_folder, overflowing_folder):
     for precision in ("float32", "bfloat16"):
         pipe = mlxflux.load(broken_folder, precision=precision)
