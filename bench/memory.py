@@ -27,7 +27,7 @@ DIFFUSERS_BF16 = {"transformer": 11.90e9, "t5": 4.76e9, "clip": 0.123e9, "vae": 
 RUN = """
 import json, resource, sys, mlx.core as mx
 import mlxflux
-pipe = mlxflux.load(sys.argv[1])
+pipe = mlxflux.load(sys.argv[1], memory_budget=None if sys.argv[4] == "auto" else sys.argv[4])
 pipe.generate("A cinematic DVD cover for the movie Interstellar.", width=int(sys.argv[2]),
               height=int(sys.argv[3]), steps=1, seed=0)
 rep = pipe.last_report.to_dict()
@@ -36,9 +36,9 @@ print(json.dumps(rep))
 """
 
 
-def run(model: str, w: int, h: int) -> dict:
+def run(model: str, w: int, h: int, budget: str = "auto") -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", RUN, model, str(w), str(h)], capture_output=True, text=True
+        [sys.executable, "-c", RUN, model, str(w), str(h), budget], capture_output=True, text=True
     )
     if out.returncode:
         raise SystemExit(out.stderr)
@@ -49,6 +49,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a make_random_model.py (or real) folder")
     p.add_argument("--sizes", default="256,book,vinyl,dvd")
+    p.add_argument(
+        "--memory-budget", default="auto", help="GiB or auto: stages that do not fit stream"
+    )
     p.add_argument("--out", default="bench/results/memory")
     a = p.parse_args()
     manifest = json.loads((Path(a.model) / "mlxflux.json").read_text())
@@ -56,7 +59,7 @@ def main():
     rows = []
     for size in a.sizes.split(","):
         w, h = SIZES[size]
-        rep = run(a.model, w, h)
+        rep = run(a.model, w, h, a.memory_budget)
         rows.append({"size": size, "bits": bits, **rep})
         print(json.dumps(rows[-1]["stages"]), flush=True)
     weights = {k: v * 2 / GIB for k, v in DIFFUSERS_BF16.items()}

@@ -305,6 +305,15 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     "again in float32), bfloat16 on M3 and later; bfloat16 on CUDA].",
 )
 @click.option(
+    "--memory-budget",
+    default="auto",
+    show_default=True,
+    help="Memory the run may use, in GiB, or 'auto' (on a Mac the GPU's recommended working "
+    "set, elsewhere the available memory, less a margin). Stages whose weights do not fit "
+    "read them from the model folder a block at a time (the same pixels, slower where the disk "
+    "is slow); a budget below what even that needs is refused before anything runs.",
+)
+@click.option(
     "--tiled-decode/--no-tiled-decode",
     default=None,
     help="Force the VAE's row-tiled decode (and encode) on or off [default: when it would "
@@ -322,6 +331,7 @@ def gen(
     sources,
     hf_repo,
     precision,
+    memory_budget,
     tiled_decode,
     **given,
 ):
@@ -347,7 +357,7 @@ def gen(
     mine, group = share(all_seeds)
     folder = ensure_model(model, sources, hf_repo)
     try:
-        pipe = load(folder, precision)  # checks the folder's files before any stage runs
+        pipe = load(folder, precision, memory_budget)  # checks the folder before any stage
     except MlxfluxError as e:
         raise Failure(str(e)) from None
     for name, value in pipe.defaults.items():  # steps and shift: the model's unless given

@@ -136,7 +136,7 @@ def run_generation(
         )  # fmt: skip
     except MlxfluxError as e:
         raise Failure(str(e)) from None
-    click.echo(header, err=True)
+    click.echo(f"{header}, memory: {pipe.last_report.settings['memory_plan']}", err=True)
     for lora in pipe.last_report.settings.get("loras", []):
         click.echo(f"lora {lora['file']} x {lora['scale']:g}: {lora['layers']} layers", err=True)
         if lora["not_applied"]:

@@ -25,8 +25,15 @@ from .errors import NonFiniteError, SettingsError
 from .image import cover, size_of
 from .kernels import precision_choice
 from .lora import load_loras
+from .memory_plan import Plan, make_plan, parse_budget, tensor_bytes
 from .models.autoencoder import estimate_decode_bytes
-from .models.transformer import Conditioning, image_ids, pack_latents, unpack_latents
+from .models.transformer import (
+    Conditioning,
+    image_ids,
+    is_modulation_key,
+    pack_latents,
+    unpack_latents,
+)
 from .noise import comfy_noise
 from .report import Report, Stage
 from .sampling import DEFAULT_SHIFT, euler_step, img2img_sigmas, noise_scaling
@@ -34,6 +41,8 @@ from .settings import CHECKED, check_settings, open_init_image
 from .tokenizers import CLIPTokenizer, T5Tokenizer
 from .weights import (
     DTYPES,
+    BlockWeights,
+    StreamedBlocks,
     build_component,
     check_folder,
     load_component,
@@ -57,7 +66,15 @@ def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None)
 
 
 def denoise_step(
-    model, x, txt, cond: Conditioning, rope, sigma: float, sigma_next: float, dtype=None
+    model,
+    x,
+    txt,
+    cond: Conditioning,
+    rope,
+    sigma: float,
+    sigma_next: float,
+    dtype=None,
+    block_weights=None,
 ):
     """One evaluated Euler step of the trunk: x (packed, float32) -> x at sigma_next.
 
@@ -65,15 +82,17 @@ def denoise_step(
     block's activations are alive at a time, whatever a backend's command buffers would
     otherwise keep (CUDA held ~10 GiB of finished intermediates at the DVD size).
     """
-    v = model.trunk(x, txt, cond, rope, after_block=mx.eval, dtype=dtype or txt.dtype)
+    v = model.trunk(x, txt, cond, rope, after_block=mx.eval, dtype=dtype or txt.dtype,
+                    block_weights=block_weights)  # fmt: skip
     x = euler_step(x, v, sigma, sigma_next)
     mx.eval(x)
     return x
 
 
 class Pipeline:
-    def __init__(self, folder: str | Path, precision: str | None = None):
+    def __init__(self, folder: str | Path, precision: str | None = None, memory_budget=None):
         self.folder = Path(folder)
+        self.memory_budget = parse_budget(memory_budget)  # bytes, or None for the machine's
         if precision:
             self.precision, self.precision_why = precision, "asked for"
         else:
@@ -97,12 +116,15 @@ class Pipeline:
 
     # ---- stages ---------------------------------------------------------------------------
 
-    def encode_text(self, prompt: str, t5_padding: str) -> tuple[mx.array, mx.array]:
+    def encode_text(
+        self, prompt: str, t5_padding: str, streamed: bool = False, stage: Stage | None = None
+    ) -> tuple[mx.array, mx.array]:
         tok = self.folder / "tokenizers"
         t5_ids = T5Tokenizer(tok / "t5" / "spiece.model")(prompt, t5_padding)
         clip_ids = CLIPTokenizer(tok / "clip" / "vocab.json", tok / "clip" / "merges.txt")(prompt)
         t5 = load_component(self.folder, "t5", self.manifest)
-        txt = t5(mx.array([t5_ids]))
+        blocks = self._blocks(t5, "t5", t5.block_names(), streamed)
+        txt = t5(mx.array([t5_ids]), block_weights=blocks)
         mx.eval(txt)
         check_finite(txt, "text (T5)", self.precision)
         del t5
@@ -111,7 +133,34 @@ class Pipeline:
         mx.eval(pooled)
         check_finite(pooled, "text (CLIP)", self.precision)
         del clip
+        if stage is not None:
+            stage.bytes_read = self._read_bytes(blocks, "t5") + self._group_bytes("clip")
+            stage.read_wait_seconds = blocks.wait_seconds
         return txt, pooled
+
+    def _blocks(self, model, name: str, prefixes, streamed: bool, include=None) -> BlockWeights:
+        """How a stage gets its blocks' weights: resident, or streamed (the memory plan)."""
+        if not streamed:
+            return BlockWeights()
+        kw = {"include": include} if include else {}
+        return StreamedBlocks(model, self.folder, name, self.manifest, prefixes, **kw)
+
+    def _group_bytes(self, name: str, group: str | None = None, include=None) -> int:
+        """Bytes of a component's (or a file group's) tensors: what a resident stage reads."""
+        entry = self.manifest["components"][name]
+        files = set(entry["files"][group]) if group else None
+        sizes = tensor_bytes(entry)
+        return sum(n for k, n in sizes.items()
+                   if (files is None or entry["tensors"][k]["file"] in files)
+                   and (include is None or include(k)))  # fmt: skip
+
+    def _read_bytes(self, blocks: BlockWeights, name: str, group=None) -> int:
+        if not blocks.streamed:
+            return self._group_bytes(name, group)
+        streamed = set(blocks.files)
+        rest = self._group_bytes(name, group, lambda k: not any(
+            k.startswith(p + ".") for p in streamed))  # fmt: skip
+        return blocks.bytes_read + rest
 
     def transformer_with_loras(self, loras, group: str | None = None):
         """The transformer (lazy: nothing read yet) with the LoRAs attached, and their reports.
@@ -135,9 +184,11 @@ class Pipeline:
             mx.repeat(pooled.astype(self.wide_dtype), steps, axis=0),
             mx.full((steps,), guidance, dtype=mx.float32),
         )
-        for table in cond.arrays():  # one layer at a time: one dequantized copy alive
+        # one layer at a time, each dropped once its table is there: one layer's weights alive
+        for table, release in zip(cond.arrays(), model.modulation_releases(), strict=True):
             mx.eval(table)
             check_finite(table, "modulation", self.precision)
+            release()
         model.drop_modulation()
         return model, cond
 
@@ -149,6 +200,7 @@ class Pipeline:
         noise: np.ndarray,
         sigma_list: list[float],
         on_step: Callable[[int, int], None] | None = None,
+        block_weights: BlockWeights | None = None,
     ) -> mx.array:
         """Euler over the transformer trunk; the latent [1, 16, H/8, W/8] stays float32."""
         height, width = noise.shape[2] * 8, noise.shape[3] * 8
@@ -158,7 +210,8 @@ class Pipeline:
         x = pack_latents(mx.array(noise, dtype=mx.float32))
         for i in range(steps):
             sigmas = sigma_list[i : i + 2]
-            x = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigmas, dtype=self.dtype)
+            x = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigmas, dtype=self.dtype,
+                             block_weights=block_weights)  # fmt: skip
             check_finite(x, "denoise", self.precision, i + 1, steps)
             if on_step:
                 on_step(i + 1, steps)
@@ -301,28 +354,39 @@ class Pipeline:
                  "not_applied": r.skipped, "unmatched": r.unmatched}
                 for r in lora_reports
             ]  # fmt: skip
-        report = Report(settings=settings)
+        # the memory plan: which stages stream; refused here when even streaming cannot fit
+        plan = make_plan(self.manifest, kw["width"], kw["height"], self.dtype.size,
+                         self.memory_budget, steps=len(sigma_list) - 1)  # fmt: skip
+        settings["memory_plan"] = plan.describe()
+        report = Report(settings=settings, plan=plan.kind)
         self.last_report = report  # checked: what will run, before anything runs
-        return Job(prompt, seeds, noise, shape, sigma_list, init, kw, report)
+        return Job(prompt, seeds, noise, shape, sigma_list, init, kw, report, plan)
 
     def _run(self, job: "Job", on_step=None) -> Iterator[tuple[int, Image.Image]]:
         report, kw, sigma_list = job.report, job.kw, job.sigma_list
         self.last_report = report
         # float16: the blocks and VAE stages that overflowed it and ran again in float32
         self.float32_fallbacks = report.settings.setdefault("float32_fallbacks", [])
-        with Stage(report, "text"):
-            txt, pooled = self.encode_text(job.prompt, kw["t5_padding"])
+        plan = job.plan
+        report.plan = plan.kind
+        with Stage(report, "text") as stage:
+            txt, pooled = self.encode_text(
+                job.prompt, kw["t5_padding"], "text" in plan.streamed, stage
+            )
         latent = None
         if job.init is not None:
             with Stage(report, "encode"):
                 pixels = cover(job.init[0], kw["width"], kw["height"])
                 latent = self.encode_image(pixels, kw["tiled_decode"])
-        with Stage(report, "modulation"):
+        with Stage(report, "modulation") as stage:
             model, cond = self.modulation(pooled, sigma_list, kw["guidance"], kw["loras"])
+            stage.bytes_read = self._group_bytes("transformer", "modulation")
             del pooled
         done, interrupted = [], None
-        with Stage(report, "denoise"):
+        with Stage(report, "denoise") as stage:
             load_group(model, self.folder, "transformer", self.manifest, "trunk")
+            blocks = self._blocks(model, "transformer", model.block_names(),
+                                  "denoise" in plan.streamed, trunk_key)  # fmt: skip
             for index, seed in enumerate(job.seeds):
                 noise = job.noise if job.noise is not None else comfy_noise(seed, job.shape)
                 if latent is not None:
@@ -330,16 +394,21 @@ class Pipeline:
                 start = time.perf_counter()
                 steps = on_step and (lambda i, n, index=index: on_step(index, i, n))
                 try:
-                    done.append((seed, self.denoise(model, cond, txt, noise, sigma_list, steps)))
+                    done.append((seed, self.denoise(model, cond, txt, noise, sigma_list, steps,
+                                                    blocks)))  # fmt: skip
                 except KeyboardInterrupt as e:  # between steps: keep what is finished
                     interrupted = e
                     break
                 report.images.append({"seed": seed, "denoise_seconds": _since(start)})
+            blocks.done()
+            stage.bytes_read = self._read_bytes(blocks, "transformer", "trunk")
+            stage.read_wait_seconds = blocks.wait_seconds
             self.float32_fallbacks.extend(sorted(model.float32_blocks))
-            del model, cond, txt
+            del model, cond, txt, blocks
         if done:
-            with Stage(report, "decode"):
+            with Stage(report, "decode") as stage:
                 ae = load_component(self.folder, "vae", self.manifest)
+                stage.bytes_read = self._group_bytes("vae")
                 for (seed, x), entry in zip(done, report.images, strict=False):
                     start = time.perf_counter()
                     image = self.decode(ae, x, kw["tiled_decode"])
@@ -370,16 +439,26 @@ class Job:
     init: tuple | None  # (image, name, sha256)
     kw: dict
     report: Report
+    plan: Plan
 
 
 def _encode(ae, x: mx.array, tiled: bool, dtype: mx.Dtype) -> mx.array:
     return ae.encode(x.astype(dtype), tiled=tiled)
 
 
+def trunk_key(key: str) -> bool:
+    """The transformer's keys the denoise stage reads (the modulation stage read the rest)."""
+    return not is_modulation_key(key)
+
+
 def _since(start: float) -> float:
     return time.perf_counter() - start
 
 
-def load(model_dir: str | Path, precision: str | None = None) -> Pipeline:
-    """A pipeline over a converted model folder; lazy: no weights are read until used."""
-    return Pipeline(model_dir, precision)
+def load(model_dir: str | Path, precision: str | None = None, memory_budget=None) -> Pipeline:
+    """A pipeline over a converted model folder; lazy: no weights are read until used.
+
+    memory_budget: None or "auto" (the machine's: Metal's recommended working set, elsewhere
+    the available memory, less a margin) or GiB; stages whose weights and activations do not
+    fit it stream their blocks from the folder (`mlxflux.memory_plan`)."""
+    return Pipeline(model_dir, precision, memory_budget)

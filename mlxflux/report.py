@@ -12,6 +12,8 @@ class StageStats:
     seconds: float = 0.0
     peak_bytes: int = 0
     active_bytes_after: int = 0
+    bytes_read: int = 0  # weights read from the model folder during the stage
+    read_wait_seconds: float = 0.0  # streamed: time blocks waited for their weights
 
 
 @dataclass
@@ -19,6 +21,7 @@ class Report:
     stages: dict[str, StageStats] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     images: list[dict] = field(default_factory=list)  # per seed: seconds to denoise, decode
+    plan: str = "resident"  # the memory plan: "resident" or "streamed" (some stage streams)
 
     @property
     def peak_bytes(self) -> int:
@@ -26,6 +29,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {
+            "plan": self.plan,
             "stages": {k: vars(v) for k, v in self.stages.items()},
             "peak_bytes": self.peak_bytes,
             "settings": self.settings,
@@ -38,6 +42,7 @@ class Stage:
 
     def __init__(self, report: Report, name: str):
         self.report, self.name = report, name
+        self.bytes_read, self.read_wait_seconds = 0, 0.0  # set by the stage as it reads
 
     def __enter__(self):
         mx.synchronize()
@@ -48,6 +53,7 @@ class Stage:
     def __exit__(self, *exc):
         mx.synchronize()
         stats = StageStats(time.perf_counter() - self.start, mx.get_peak_memory())
+        stats.bytes_read, stats.read_wait_seconds = self.bytes_read, self.read_wait_seconds
         gc.collect()
         mx.clear_cache()
         stats.active_bytes_after = mx.get_active_memory()

@@ -157,10 +157,25 @@ class T5Encoder(nn.Module):
         bias = table(mx.array(buckets.astype(np.int32)))  # [n, n, heads]
         return bias.transpose(2, 0, 1)[None].astype(mx.float32)
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
-        """input_ids [B, N] -> last_hidden_state [B, N, d_model] (float32)."""
+    def __call__(self, input_ids: mx.array, block_weights=None) -> mx.array:
+        """input_ids [B, N] -> last_hidden_state [B, N, d_model] (float32).
+
+        `block_weights` (a `weights.BlockWeights`): each block runs inside
+        `with block_weights("encoder.block.7")`; when it streams, each block is evaluated
+        before its weights are released."""
+        from ..weights import BlockWeights
+
+        weights = block_weights or BlockWeights()
         x = self.shared(input_ids).astype(mx.float32)
-        bias = self.position_bias(input_ids.shape[1])
-        for block in self.encoder.block:
-            x = block(x, bias)
+        bias = None
+        for i, block in enumerate(self.encoder.block):
+            with weights(f"encoder.block.{i}"):
+                if bias is None:  # its table lives in block 0
+                    bias = self.position_bias(input_ids.shape[1])
+                x = block(x, bias)
+                if weights.streamed:
+                    mx.eval(x, bias)
         return self.encoder.final_layer_norm(x)
+
+    def block_names(self) -> list[str]:
+        return [f"encoder.block.{i}" for i in range(len(self.encoder.block))]

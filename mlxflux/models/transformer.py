@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..kernels import attention, gelu, linear_rows
+from ..weights import BlockWeights
 from .config import strict_from_dict
 from .layers import (
     Linear,
@@ -284,6 +285,7 @@ class FluxTransformer(nn.Module):
         rope: tuple[mx.array, mx.array],
         after_block: Callable[..., None] | None = None,
         dtype: mx.Dtype | None = None,
+        block_weights=None,
     ) -> mx.array:
         """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, in_channels]
         in the residual streams' dtype.
@@ -295,7 +297,11 @@ class FluxTransformer(nn.Module):
         this model's life (`float32_blocks`). docs/numerics.md, "float16".
         `after_block(*streams)` is called with the residual streams after every block (the
         pipeline evaluates them there, which bounds the memory a lazy graph holds).
+        `block_weights` (a `weights.BlockWeights`): each block runs inside
+        `with block_weights("double_blocks.3")`, which may read its weights just before and
+        release them after (the memory plan's streamed denoise).
         """
+        weights = block_weights or BlockWeights()
         dt = dtype or txt.dtype
         stream = mx.float32 if dt == mx.float16 and FLOAT16_GUARDS else dt
 
@@ -309,15 +315,17 @@ class FluxTransformer(nn.Module):
             zip(self.double_blocks, cond.double, strict=True)
         ):
             run = functools.partial(block, img, txt, img_mod, txt_mod, rope)
-            img, txt = self._checked(f"double_blocks.{i}", lambda d, run=run: run(dtype=d), dt)
-            if after_block:
-                after_block(img, txt)
+            with weights(f"double_blocks.{i}"):
+                img, txt = self._checked(f"double_blocks.{i}", lambda d, run=run: run(dtype=d), dt)
+                if after_block:
+                    after_block(img, txt)
         x = mx.concatenate([txt, img], axis=1)
         for i, (block, mod) in enumerate(zip(self.single_blocks, cond.single, strict=True)):
             run = functools.partial(block, x, mod, rope)
-            (x,) = self._checked(f"single_blocks.{i}", lambda d, run=run: (run(dtype=d),), dt)
-            if after_block:
-                after_block(x)
+            with weights(f"single_blocks.{i}"):
+                (x,) = self._checked(f"single_blocks.{i}", lambda d, run=run: (run(dtype=d),), dt)
+                if after_block:
+                    after_block(x)
         n_txt = txt.shape[1]
         final = functools.partial(self.final_layer, x[:, n_txt:], cond.final)
         (v,) = self._checked("final_layer", lambda d: (final(dtype=d).astype(stream),), dt)
@@ -350,6 +358,25 @@ class FluxTransformer(nn.Module):
             pooled = pooled.astype(mx.float32)
         cond = self.modulation(timesteps, pooled, guidance)
         return self.trunk(img, txt, cond, self.rope(img_ids, txt.shape[1]))
+
+    def modulation_releases(self) -> list[Callable[[], None]]:
+        """One callable per `Conditioning.arrays()` table, in that order, dropping the layer that
+        computes it (the pipeline frees each layer as soon as its table is evaluated)."""
+
+        def drop(parent, attr):
+            return lambda: setattr(parent, attr, None)
+
+        out = []
+        for b in self.double_blocks:
+            out += [drop(b, "img_mod"), drop(b, "txt_mod")]
+        out += [drop(b, "modulation") for b in self.single_blocks]
+        return [*out, drop(self.final_layer, "adaLN_modulation")]
+
+    def block_names(self) -> list[str]:
+        """The trunk's blocks in the order they run."""
+        return [f"double_blocks.{i}" for i in range(len(self.double_blocks))] + [
+            f"single_blocks.{i}" for i in range(len(self.single_blocks))
+        ]
 
     def drop_modulation(self) -> None:
         """Free the modulation weights once every step's Conditioning is computed."""
