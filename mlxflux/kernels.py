@@ -131,7 +131,7 @@ def precision_choice(device_info: dict | None = None) -> tuple[str, str]:
     """
     kind = backend()
     if kind == "cpu":
-        return "float32", "MLX's CPU backend: float32 (no fast 16-bit matmul on the CPU)"
+        return "float32", "MLX's CPU backend has no fast 16-bit matmul"
     if kind == "cuda":
         return "bfloat16", "CUDA GPU: native bfloat16"
     info = device_info if device_info is not None else mx.metal.device_info()

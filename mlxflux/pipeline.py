@@ -179,16 +179,19 @@ class Pipeline:
         (the LoRAs stay attached to its trunk layers)."""
         steps = len(sigma_list) - 1
         model, _ = self.transformer_with_loras(loras, group="modulation")
+        releases = iter(model.modulation_releases())
+
+        def each(table: mx.array) -> None:  # one layer at a time, dropped once its table is made
+            mx.eval(table)
+            check_finite(table, "modulation", self.precision)
+            next(releases)()
+
         cond = model.modulation(
             mx.array(sigma_list[:-1], dtype=mx.float32),
             mx.repeat(pooled.astype(self.wide_dtype), steps, axis=0),
             mx.full((steps,), guidance, dtype=mx.float32),
+            each=each,
         )
-        # one layer at a time, each dropped once its table is there: one layer's weights alive
-        for table, release in zip(cond.arrays(), model.modulation_releases(), strict=True):
-            mx.eval(table)
-            check_finite(table, "modulation", self.precision)
-            release()
         model.drop_modulation()
         return model, cond
 

@@ -257,20 +257,33 @@ class FluxTransformer(nn.Module):
         self.float32_blocks: set[str] = set()  # float16 runs: blocks that overflowed it
 
     def modulation(
-        self, timesteps: mx.array, pooled: mx.array, guidance: mx.array | None = None
+        self,
+        timesteps: mx.array,
+        pooled: mx.array,
+        guidance: mx.array | None = None,
+        each: Callable[[mx.array], None] | None = None,
     ) -> Conditioning:
-        """timesteps [N] (sigma in [0, 1]), pooled CLIP [N, 768], guidance [N] -> Conditioning."""
+        """timesteps [N] (sigma in [0, 1]), pooled CLIP [N, 768], guidance [N] -> Conditioning.
+
+        `each(table)` is called on every table as soon as it is made, in `Conditioning.arrays()`
+        order: the pipeline evaluates it there and frees the layer that made it, so one layer's
+        weights are alive at a time (`modulation_releases`)."""
+
+        def made(table: mx.array) -> mx.array:
+            if each is not None:
+                each(table)
+            return table
+
         vec = self.time_in(timestep_embedding(timesteps).astype(pooled.dtype))
         if self.config.guidance_embed:
             if guidance is None:
                 raise ValueError("this transformer has a guidance embedding: pass guidance")
             vec = vec + self.guidance_in(timestep_embedding(guidance).astype(pooled.dtype))
         vec = vec + self.vector_in(pooled)
-        return Conditioning(
-            double=[(b.img_mod(vec), b.txt_mod(vec)) for b in self.double_blocks],
-            single=[b.modulation(vec) for b in self.single_blocks],
-            final=self.final_layer.adaLN_modulation[1](nn.silu(vec)),
-        )
+        double = [(made(b.img_mod(vec)), made(b.txt_mod(vec))) for b in self.double_blocks]
+        single = [made(b.modulation(vec)) for b in self.single_blocks]
+        final = made(self.final_layer.adaLN_modulation[1](nn.silu(vec)))
+        return Conditioning(double=double, single=single, final=final)
 
     def rope(self, img_ids: np.ndarray, txt_len: int) -> tuple[mx.array, mx.array]:
         """cos/sin for the joint sequence [txt (ids all zero), img (ids [0, row, col])]."""
