@@ -34,6 +34,12 @@ print(f"dvd.png: mean {a.mean():.1f}, std {a.std():.1f}, black pixels {np.mean(a
 PY
 tail -n 12 "$OUT/gen.log"
 
+echo "== the DVD cover streamed at a 4 GiB budget (peaks per stage, bytes read, read waits)"
+timeout 300 python3 -m mlxflux.cli gen --preset dvd --steps 2 --seed 1 --model "$MODEL" \
+  --memory-budget 4 --report "$OUT/dvd-streamed.json" --output "$OUT/dvd-streamed.png" \
+  > "$OUT/streamed.log" 2>&1
+tail -n 8 "$OUT/streamed.log"
+
 echo "== what the denoise activations add, bf16, fused kernels"
 timeout 120 python3 bench/denoise_memory.py --precision bfloat16 --sizes 256,dvd \
   --out "$OUT/denoise_memory" > /dev/null 2>&1
