@@ -10,10 +10,10 @@ through `weights.BlockWeights`, which the plan hands them.
 """
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from .errors import SettingsError
+from .weights import block_of
 
 GIB = 1 << 30
 # what `auto` leaves to everything else: a tenth of the machine's budget, at least 1 GiB
@@ -105,9 +105,6 @@ def tensor_bytes(entry: dict) -> dict[str, int]:
     return out
 
 
-BLOCK = re.compile(r"^((?:double_blocks|single_blocks|encoder\.block)\.\d+)\.")
-
-
 def block_bytes(entry: dict, keys=None) -> tuple[dict[str, int], int]:
     """(bytes per block prefix, bytes outside blocks) of a component's tensors."""
     blocks: dict[str, int] = {}
@@ -115,9 +112,9 @@ def block_bytes(entry: dict, keys=None) -> tuple[dict[str, int], int]:
     for key, n in tensor_bytes(entry).items():
         if keys is not None and key not in keys:
             continue
-        m = BLOCK.match(key)
-        if m:
-            blocks[m.group(1)] = blocks.get(m.group(1), 0) + n
+        block = block_of(key)
+        if block:
+            blocks[block] = blocks.get(block, 0) + n
         else:
             rest += n
     return blocks, rest

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -381,6 +382,15 @@ def load_group(
 # ---- a stage's blocks: resident, or streamed from the folder a block at a time ----------
 
 
+BLOCK = re.compile(r"^((?:double_blocks|single_blocks|encoder\.block)\.\d+)\.")
+
+
+def block_of(key: str) -> str | None:
+    """The block a tensor belongs to ("double_blocks.3", "encoder.block.7"), or None."""
+    m = BLOCK.match(key)
+    return m.group(1) if m else None
+
+
 class BlockWeights:
     """How a stage gets the weights of its blocks ("double_blocks.3", "encoder.block.7").
 
@@ -415,8 +425,7 @@ class StreamedBlocks(BlockWeights):
         tensors = manifest["components"][name]["tensors"]
         self.files: dict[str, dict[str, list[str]]] = {p: {} for p in self.order}
         for key, t in tensors.items():
-            parts = key.split(".")
-            head = ".".join(parts[:3] if parts[0] == "encoder" else parts[:2])
+            head = block_of(key)
             if head in self.files and include(key):
                 self.files[head].setdefault(t["file"], []).append(key)
         self.stream = mx.new_stream(mx.cpu)
@@ -535,11 +544,8 @@ def write_model_folder(
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent, f".{out.name}.partial-")
     if not out.exists():  # a process killed between its two renames: put the old folder back
-        for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-            pid = old.name.rsplit(".old-", 1)[1].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                old.rename(out)
-                break
+        for old in _stale(out.parent, f".{out.name}.old-")[:1]:
+            old.rename(out)
     remove_stale(out.parent, f".{out.name}.old-")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -575,16 +581,23 @@ def write_model_folder(
 def remove_stale(folder: Path, prefix: str) -> list[Path]:
     """Remove what a killed process left: `<prefix><pid>-...` entries whose process is gone
     (kill -9 or a power cut skip the cleanup; Ctrl-C does not). Returns what was removed."""
-    removed = []
-    for path in folder.glob(f"{prefix}*"):
+    removed = _stale(folder, prefix)
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+def _stale(folder: Path, prefix: str) -> list[Path]:
+    """`<prefix><pid>-...` entries of `folder` whose process is gone, sorted."""
+    found = []
+    for path in sorted(folder.glob(f"{prefix}*")):
         pid = path.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+            found.append(path)
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ from PIL import Image
 import mlxflux
 from mlxflux import memory_plan
 from mlxflux.memory_plan import GIB, make_plan, parse_budget
+from mlxflux.models.transformer import is_modulation_key
 from mlxflux.weights import read_manifest
 
 from . import tiny
@@ -90,11 +91,9 @@ def test_streamed_images_equal_resident_ones(folders, models, tmp_path, case):
     assert np.array_equal(got, want)  # bit for bit
     # every step read every trunk block once
     manifest = read_manifest(folder)
-    blocks, _ = memory_plan.block_bytes(
-        manifest["components"]["transformer"],
-        {k for k in manifest["components"]["transformer"]["tensors"] if ".img_mod." not in k
-         and ".txt_mod." not in k and ".modulation." not in k},
-    )  # fmt: skip
+    flux = manifest["components"]["transformer"]
+    trunk = {k for k in flux["tensors"] if not is_modulation_key(k)}
+    blocks, _ = memory_plan.block_bytes(flux, trunk)
     steps = len([1 for _ in range(kw["steps"])])
     denoise = rep.stages["denoise"]
     assert denoise.bytes_read >= steps * sum(blocks.values())
