@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxflux.errors import MlxfluxError
+from mlxflux.variants import VARIANTS, check_variant, hinted
 from mlxflux.weights import (
     COMPONENTS,
     DTYPES,
@@ -199,6 +200,7 @@ def convert(
     force: bool = False,
     progress: bool = False,
     axes_dim=None,
+    variant: str = "auto",
     log=print,
 ) -> Path:
     """Convert checkpoints into an MLX model folder; returns the folder's path.
@@ -207,6 +209,9 @@ def convert(
     files); `flux`/`t5`/`clip`/`ae` name a component's file explicitly. `bits` 4/6/8 quantizes
     the transformer's and T5's Linear layers (None keeps `dtype`). Nothing is written unless
     every component is found, mapped and consistent; the folder appears only when complete.
+    `variant`: "auto" (from the shapes: schnell has no guidance embedding; Kontext's shapes
+    are dev's, so a source or repo name containing "kontext" suggests it) or a name of
+    `mlxflux.variants.VARIANTS`, checked against the shapes; the manifest records it.
     """
     if bits not in (None, 4, 6, 8):
         raise ConvertError(f"bits must be 4, 6, 8 or none, got {bits!r}")
@@ -215,11 +220,12 @@ def convert(
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sources = list(sources)
+    if variant != "auto" and variant not in VARIANTS:
+        raise ConvertError(f"variant must be auto or one of {', '.join(VARIANTS)}, got {variant!r}")
     if hf_repo:
         sources.append(download_repo(hf_repo, log))
-    out = Path(out).expanduser() if out else default_model_dir(bits)
-    if out.exists() and not force:
-        raise ConvertError(f"{out}: already exists (pass --force to replace it)")
+    if out and Path(out).expanduser().exists() and not force:  # before reading any header
+        raise ConvertError(f"{Path(out).expanduser()}: already exists (pass --force to replace it)")
     start = time.perf_counter()
 
     try:
@@ -232,9 +238,16 @@ def convert(
             expected = dict(tree_flatten(model.parameters()))
             check_weights(expected, {k: mx.zeros(s) for k, s in shapes.items()}, part.name)
         check_agreement(plans)
+        variant, note = choose_variant(variant, plans, sources, hf_repo)
         tok = find_tokenizers(tokenizers, sources, parts, log)
     except MlxfluxError as e:  # the sources' own errors, each naming its file
         raise ConvertError(str(e)) from None
+    if note:
+        log(f"note: {note}")
+        plans["transformer"].notes.append(note)
+    out = Path(out).expanduser() if out else default_model_dir(bits, VARIANTS[variant].model_name)
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists (pass --force to replace it)")
 
     total = sum(p.part.nbytes for p in plans.values())
     sources_info = [
@@ -257,10 +270,49 @@ def convert(
             tokenizers=tok,
             sources=sources_info,
             notes=[n for p in plans.values() for n in p.notes],
+            variant=variant,
         )
     if progress:
         log(summary(out, manifest, total, time.perf_counter() - start))
     return out
+
+
+def choose_variant(asked: str, plans: dict, sources, hf_repo) -> tuple[str, str | None]:
+    """(variant, a note when a name decided it) for `convert(variant=asked)`."""
+    config = plans["transformer"].config
+    if asked != "auto":
+        try:
+            check_variant(asked, config)
+        except ValueError as e:
+            raise ConvertError(
+                f"--variant {asked}: {e} ({plans['transformer'].part.name})"
+            ) from None
+        return asked, None
+    if not config.get("guidance_embed", True):
+        return "schnell", None
+    part = plans["transformer"].part
+    # names, not whole paths: a folder above the files says nothing about them
+    names = [hf_repo, *(Path(s).name for s in sources), *(f.path.name for f in part.files)]
+    names += [f"{i.parent.name}/model_index.json ({_pipeline_class(i)})"
+              for i in {f.path.parent.parent / "model_index.json" for f in part.files}
+              if i.is_file()]  # fmt: skip
+    found, why = hinted(n for n in names if n)
+    if found is None:
+        return "dev", None
+    return found, (
+        f"variant {found}: suggested by {why} (its shapes are FLUX.1 dev's); pass --variant dev "
+        "if it is not"
+    )
+
+
+def _pipeline_class(index: Path) -> str:
+    """The pipeline class a diffusers repo's model_index.json names ('' if unreadable)."""
+    import json
+
+    try:
+        return str(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def folder_bytes(folder: Path, comp: str) -> int:

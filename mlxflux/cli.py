@@ -87,13 +87,22 @@ def main():
     help="Output folder [default: ~/.cache/mlxflux/models/flux1-dev-q8, or under $MLXFLUX_HOME].",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, force):
+@click.option(
+    "--variant",
+    type=click.Choice(["auto", "dev", "schnell", "kontext"]),
+    default="auto",
+    show_default=True,
+    help="Which FLUX.1 model the transformer is. auto: schnell when it has no guidance "
+    "embedding; Kontext dev has dev's shapes, so a file, folder or repo name containing "
+    "'kontext' suggests it (said in the output), else dev. The manifest records it.",
+)
+def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, force, variant):
     """Convert checkpoints into an MLX model folder (streaming; the folder appears only when
     complete and verified).
 
     Every layout is detected from the file's header: Black Forest Labs single files, ComfyUI
     fp8 (also scaled fp8 and all-in-one checkpoints), diffusers folders, GGUF files (FLUX
-    transformers, T5 encoders), FLUX.1 dev and schnell.
+    transformers, T5 encoders), FLUX.1 dev, schnell and Kontext dev.
     """
     from .convert import ConvertError
     from .convert import convert as run
@@ -111,6 +120,7 @@ def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, 
             tokenizers=tokenizers,
             hf_repo=hf_repo,
             force=force,
+            variant=variant,
             progress=True,
             log=lambda m: click.echo(m, err=True),
         )
@@ -151,6 +161,9 @@ def info(folder, as_json, check):
         f"{folder}\n  format {m['format']}, made by mlxflux {m['mlxflux_version']} "
         f"on {m.get('created', '?')}, id {m.get('id', '?')}"
     )
+    from .variants import variant_of
+
+    click.echo(f"  variant: {variant_of(m).name} ({variant_of(m).title})")
     click.echo(f"  quantization: {bits}; other weights {m['dtype']}")
     for name, entry in m["components"].items():
         size = sum(
@@ -218,7 +231,8 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
 @click.option(
     "--guidance",
     type=float,
-    help=f"FLUX distilled guidance, 0-100 [default: {GEN_DEFAULTS['guidance']}].",
+    help=f"FLUX distilled guidance, 0-100 [default: the preset's or {GEN_DEFAULTS['guidance']}; "
+    "on Kontext models 2.5, as BFL and ComfyUI's template].",
 )
 @click.option(
     "--scheduler",
@@ -262,6 +276,24 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     type=float,
     help=f"With --init-image: how much to change, 0 < D <= 1 (1 ignores the image) "
     f"[default: the preset's, or {IMG2IMG_DENOISE}].",
+)
+@click.option(
+    "--reference",
+    "references",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="FLUX.1 Kontext: the picture to re-imagine by instruction (e.g. the original cover); "
+    "repeat for several (placed side by side as ComfyUI's chained ReferenceLatent nodes). "
+    "Without a preset or a size, the output takes the first one's size as encoded.",
+)
+@click.option(
+    "--reference-scale",
+    type=click.Choice(["kontext", "none"]),
+    default="kontext",
+    show_default=True,
+    help="kontext: scale each reference to Kontext's preferred resolution of the nearest "
+    "aspect ratio (ComfyUI's FluxKontextImageScale); none: its own size, floored to "
+    "multiples of 16.",
 )
 @click.option(
     "--lora",
@@ -333,6 +365,8 @@ def gen(
     precision,
     memory_budget,
     tiled_decode,
+    references,
+    reference_scale,
     **given,
 ):
     """Generate images, staged: text encoders, then the transformer, then the VAE.
@@ -340,6 +374,8 @@ def gen(
     \b
     Text to image:   mlxflux gen --preset dvd --seed 42
     Image to image:  mlxflux gen --preset dvd --init-image interstellar.jpg --denoise 0.6
+    By instruction:  mlxflux gen --preset dvd --model ~/models/kontext --reference interstellar.jpg
+                     --prompt "the same cover as a brutalist concrete poster, keep the title"
     Many covers:     mlxflux gen --preset dvd --count 8 --output covers/dvd-{seed}.png
     Several Macs:    mlx.launch --hostfile hosts.json -- mlxflux gen --preset dvd --count 8
     """
@@ -347,7 +383,7 @@ def gen(
     from .pipeline import load
     from .runs import check_template, parse_seeds, share
 
-    settings = gen_settings(preset, given)
+    settings = gen_settings(preset, given, references, reference_scale)
     settings["loras"] = [parse_lora(spec) for spec in loras]
     try:
         all_seeds = parse_seeds(seeds, count, seed)
@@ -361,17 +397,25 @@ def gen(
     except MlxfluxError as e:
         raise Failure(str(e)) from None
     for name, value in pipe.defaults.items():  # steps and shift: the model's unless given
-        if settings[name] is None:
+        if settings.get(name) is None:
             settings[name] = value
+    if given["guidance"] is None and pipe.variant not in ("dev", "schnell"):
+        settings["guidance"] = pipe.defaults["guidance"]  # Kontext's 2.5 over the preset's 3.5
     if pipe.model_name == "flux1-schnell" and given["guidance"] is not None:
         click.echo("note: FLUX.1 schnell has no guidance input; --guidance is ignored", err=True)
     size = f"{settings['width']}x{settings['height']}"
-    init = f", from {settings['init_image']} at denoise {settings['denoise']}"
+    inputs = ""
+    if settings["init_image"]:
+        inputs += f", from {settings['init_image']} at denoise {settings['denoise']}"
+    if references:
+        inputs += (
+            f", reference{'s' if len(references) > 1 else ''} {', '.join(map(str, references))}"
+        )
     where = f" (process {group.rank() + 1} of {group.size()})" if group.size() > 1 else ""
     header = (
         f"seed{'s' if len(mine) > 1 else ''} {', '.join(map(str, mine))}{where}, {size}, "
-        f"{settings['steps']} steps ({settings['scheduler']})"
-        f"{init if settings['init_image'] else ''}, model {folder}, "
+        f"{settings['steps']} steps ({settings['scheduler']}), guidance {settings['guidance']:g}"
+        f"{inputs}, model {folder}, "
         f"{pipe.precision} ({pipe.precision_why})"
     )
     indexes = {s: all_seeds.index(s) for s in mine}

@@ -70,7 +70,7 @@ def ensure_model(model: Path | None, sources: tuple[Path, ...], hf_repo: str | N
         raise Failure(str(e)) from None
 
 
-def gen_settings(preset: str | None, given: dict) -> dict:
+def gen_settings(preset: str | None, given: dict, references=(), reference_scale="kontext"):
     """Defaults, then the preset's values, then the flags given; checked before any model
     loads. Every refusal is one line naming the flag."""
     from .errors import SettingsError
@@ -78,7 +78,8 @@ def gen_settings(preset: str | None, given: dict) -> dict:
     from .settings import CHECKED, check_settings, open_init_image
 
     settings = {**GEN_DEFAULTS, "prompt": None, "denoise": None, "init_image": None,
-                "steps": None, "shift": None}  # fmt: skip
+                "steps": None, "shift": None, "reference_images": list(references),
+                "reference_scale": reference_scale}  # fmt: skip
     size_given = given["width"] is not None or given["height"] is not None
     if preset:
         try:
@@ -108,6 +109,12 @@ def gen_settings(preset: str | None, given: dict) -> dict:
                 settings["width"], settings["height"] = size_of(image)
             if settings["denoise"] is None:
                 settings["denoise"] = IMG2IMG_DENOISE
+        for i, path in enumerate(references):
+            image = open_init_image(path, "reference")[0]
+            if i == 0 and not size_given and settings["init_image"] is None:
+                from .variants import reference_size  # the first reference's size, encoded
+
+                settings["width"], settings["height"] = reference_size(*image.size, reference_scale)
         check_settings(**{k: settings[k] for k in CHECKED})
     except SettingsError as e:
         raise Failure(f"--{e.name.replace('_', '-')}: {e.reason}") from None
@@ -121,7 +128,7 @@ def run_generation(
     Expected failures and Ctrl-C become one line; the images already written stay."""
     from tqdm.auto import tqdm
 
-    from .errors import MlxfluxError
+    from .errors import MlxfluxError, SettingsError
     from .image import save_png
     from .runs import output_path
     from .settings import CHECKED
@@ -132,8 +139,12 @@ def run_generation(
         images = pipe.generate_many(
             settings["prompt"], seeds, init_image=settings["init_image"],
             loras=settings["loras"], tiled_decode=tiled_decode, on_step=lambda *a: step_done(*a),
-            **kw,
+            reference_images=settings["reference_images"],
+            reference_scale=settings["reference_scale"], **kw,
         )  # fmt: skip
+    except SettingsError as e:  # in the flags' names
+        flag = {"reference_images": "reference"}.get(e.name, e.name).replace("_", "-")
+        raise Failure(f"--{flag}: {e.reason}") from None
     except MlxfluxError as e:
         raise Failure(str(e)) from None
     click.echo(f"{header}, memory: {pipe.last_report.settings['memory_plan']}", err=True)

@@ -27,6 +27,8 @@ def parameters_text(s: dict) -> str:
             f", Denoising strength: {s['denoise']}, Init image: {s['init_image']} "
             f"(sha256 {s['init_image_sha256'][:16]})"
         )
+    for ref in s.get("reference_images", []):  # Kontext
+        lines[1] += f", Reference image: {ref['file']} (sha256 {ref['sha256'][:16]})"
     return "\n".join(lines)
 
 
@@ -74,9 +76,9 @@ def write_png(image: Image.Image, path: str | os.PathLike, chunks: dict[str, str
         os.unlink(tmp)
 
 
-def open_image(source) -> tuple[Image.Image, str, str]:
+def open_image(source, setting: str = "init_image") -> tuple[Image.Image, str, str]:
     """(RGB image, name, sha256) from a PIL image or a path: the file's sha256, or for a PIL
-    image its pixels'. SettingsError (`init_image`) names a file that is missing or no image."""
+    image its pixels'. SettingsError (named `setting`) names a file that is missing or no image."""
     import hashlib
 
     from .errors import SettingsError
@@ -88,11 +90,11 @@ def open_image(source) -> tuple[Image.Image, str, str]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise SettingsError(f"{path}: no such file", "init_image") from None
+        raise SettingsError(f"{path}: no such file", setting) from None
     except IsADirectoryError:
-        raise SettingsError(f"{path}: is a folder, not an image", "init_image") from None
+        raise SettingsError(f"{path}: is a folder, not an image", setting) from None
     except OSError as e:
-        raise SettingsError(f"{path}: cannot be read ({e.strerror or e})", "init_image") from None
+        raise SettingsError(f"{path}: cannot be read ({e.strerror or e})", setting) from None
     try:
         with warnings.catch_warnings():  # Pillow's bomb warning: refused below by our own limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -102,7 +104,7 @@ def open_image(source) -> tuple[Image.Image, str, str]:
             if w * h > MAX_PIXELS:  # refused before a pixel is decoded
                 raise SettingsError(
                     f"{path}: {w}x{h} is {w * h / 1e6:.0f} megapixels; mlxflux reads images up "
-                    f"to {MAX_PIXELS / 1e6:.0f}", "init_image",
+                    f"to {MAX_PIXELS / 1e6:.0f}", setting,
                 )  # fmt: skip
             img.load()
             rgb = _to_rgb(img)
@@ -110,7 +112,7 @@ def open_image(source) -> tuple[Image.Image, str, str]:
         raise
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SettingsError(f"{path}: not a readable image ({first})", "init_image") from None
+        raise SettingsError(f"{path}: not a readable image ({first})", setting) from None
     return rgb, path.name, hashlib.sha256(data).hexdigest()
 
 

@@ -121,16 +121,17 @@ def block_bytes(entry: dict, keys=None) -> tuple[dict[str, int], int]:
 
 
 def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget: int | None,
-              steps: int = 20, text_tokens: int = 512) -> Plan:  # fmt: skip
+              steps: int = 20, text_tokens: int = 512, extra_tokens: int = 0) -> Plan:  # fmt: skip
     """The plan for one generation at width x height; SettingsError when even streaming does
-    not fit `budget` (bytes; None: the machine's)."""
+    not fit `budget` (bytes; None: the machine's). `extra_tokens`: what a variant appends to
+    the image tokens (Kontext's references)."""
     from .models.transformer import is_modulation_key
 
     budget = machine_budget() if budget is None else budget
     comps = manifest["components"]
     flux = comps["transformer"]
     hidden = flux["config"].get("hidden_size", 3072)
-    tokens = (width // 16) * (height // 16) + text_tokens
+    tokens = (width // 16) * (height // 16) + text_tokens + extra_tokens
     act = int((ACT_BASE + ACT_PER_TOKEN * tokens) * hidden / 3072 * dtype_bytes / 4)
     trunk_keys = {k for k in flux["tensors"] if not is_modulation_key(k)}
     blocks, rest = block_bytes(flux, trunk_keys)

@@ -36,9 +36,17 @@ from .models.transformer import (
 )
 from .noise import comfy_noise
 from .report import Report, Stage
-from .sampling import DEFAULT_SHIFT, euler_step, img2img_sigmas, noise_scaling
+from .sampling import euler_step, img2img_sigmas, noise_scaling
 from .settings import CHECKED, check_settings, open_init_image
 from .tokenizers import CLIPTokenizer, T5Tokenizer
+from .variants import (
+    REFERENCE_SCALES,
+    ImageConditioning,
+    reference_size,
+    reference_tokens,
+    scale_reference,
+    variant_of,
+)
 from .weights import (
     DTYPES,
     BlockWeights,
@@ -50,11 +58,6 @@ from .weights import (
     read_manifest,
 )
 
-# what a model folder's transformer implies when generate() is not told
-MODEL_DEFAULTS = {
-    "flux1-dev": {"steps": 20, "shift": DEFAULT_SHIFT},
-    "flux1-schnell": {"steps": 4, "shift": 1.0},  # ComfyUI's schnell: ModelSamplingFlux, shift 1
-}
 PRECISIONS = DTYPES  # compute dtypes: the same names as the folder's storage dtypes
 DECODE_BUDGET = 2 << 30  # untiled VAE decode above this estimate runs row-tiled
 
@@ -75,15 +78,20 @@ def denoise_step(
     sigma_next: float,
     dtype=None,
     block_weights=None,
+    extra: ImageConditioning | None = None,
 ):
     """One evaluated Euler step of the trunk: x (packed, float32) -> x at sigma_next.
 
     The trunk runs in `dtype` (default: txt's) and is evaluated after every block, so only one
     block's activations are alive at a time, whatever a backend's command buffers would
     otherwise keep (CUDA held ~10 GiB of finished intermediates at the DVD size).
+    `extra`: what the variant's images add to the input (`variants.ImageConditioning`); `rope`
+    must cover its tokens too.
     """
-    v = model.trunk(x, txt, cond, rope, after_block=mx.eval, dtype=dtype or txt.dtype,
-                    block_weights=block_weights)  # fmt: skip
+    extra = extra or ImageConditioning()
+    v = model.trunk(extra.inputs(x), txt, cond, rope, after_block=mx.eval,
+                    dtype=dtype or txt.dtype, block_weights=block_weights)  # fmt: skip
+    v = extra.velocity(v, x.shape[1])
     x = euler_step(x, v, sigma, sigma_next)
     mx.eval(x)
     return x
@@ -101,14 +109,19 @@ class Pipeline:
             raise SettingsError(f"must be one of {', '.join(PRECISIONS)}", "precision")
         self.manifest = read_manifest(self.folder)
         check_folder(self.folder, self.manifest)  # headers only: a damaged folder fails here
-        guided = self.manifest["components"]["transformer"]["config"].get("guidance_embed", True)
-        self.model_name = "flux1-dev" if guided else "flux1-schnell"
-        self.defaults = MODEL_DEFAULTS[self.model_name]
+        self.variant_info = variant_of(self.manifest)
+        self.model_name = self.variant_info.model_name
+        self.defaults = self.variant_info.defaults  # steps, shift and guidance
         self.dtype = PRECISIONS[self.precision]
         # float16 keeps float32 where its range is not enough: the text the trunk reads, the
         # modulation vectors and the residual streams (docs/numerics.md, "float16")
         self.wide_dtype = mx.float32 if self.dtype == mx.float16 else self.dtype
         self.last_report: Report | None = None
+
+    @property
+    def variant(self) -> str:
+        """ "dev", "schnell" or "kontext": recorded at conversion (`mlxflux info` shows it)."""
+        return self.variant_info.name
 
     @property
     def model_id(self) -> str:
@@ -204,17 +217,20 @@ class Pipeline:
         sigma_list: list[float],
         on_step: Callable[[int, int], None] | None = None,
         block_weights: BlockWeights | None = None,
+        extra: ImageConditioning | None = None,
     ) -> mx.array:
-        """Euler over the transformer trunk; the latent [1, 16, H/8, W/8] stays float32."""
+        """Euler over the transformer trunk; the latent [1, 16, H/8, W/8] stays float32.
+        `extra`: the variant's image conditioning (Kontext's reference tokens)."""
+        extra = extra or ImageConditioning()
         height, width = noise.shape[2] * 8, noise.shape[3] * 8
         steps = len(sigma_list) - 1
-        rope = model.rope(image_ids(height, width), txt.shape[1])
+        rope = model.rope(extra.ids_for(image_ids(height, width)), txt.shape[1])
         txt = txt.astype(self.wide_dtype)
         x = pack_latents(mx.array(noise, dtype=mx.float32))
         for i in range(steps):
             sigmas = sigma_list[i : i + 2]
             x = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigmas, dtype=self.dtype,
-                             block_weights=block_weights)  # fmt: skip
+                             block_weights=block_weights, extra=extra)  # fmt: skip
             check_finite(x, "denoise", self.precision, i + 1, steps)
             if on_step:
                 on_step(i + 1, steps)
@@ -239,16 +255,17 @@ class Pipeline:
         # ComfyUI's SaveImage truncates: uint8(clip(255 * x))
         return Image.fromarray(np.array((img[0].astype(mx.float32) * 255).astype(mx.uint8)))
 
-    def encode_image(self, pixels: Image.Image, tiled: bool | None) -> np.ndarray:
-        """The init image's latent [1, 16, H/8, W/8], float32: ComfyUI's LoadImage (/255) and
-        VAEEncode (the posterior's mode), with the Flux latent format applied."""
-        ae = load_component(self.folder, "vae", self.manifest)  # only the encoder is read
+    def encode_image(self, pixels: Image.Image, tiled: bool | None, ae=None) -> np.ndarray:
+        """An image's latent [1, 16, H/8, W/8], float32: ComfyUI's LoadImage (/255) and
+        VAEEncode (the posterior's mode), with the Flux latent format applied. `ae`: the
+        autoencoder when the caller holds it (several images), else loaded for this one."""
+        if ae is None:
+            ae = load_component(self.folder, "vae", self.manifest)  # only the encoder is read
         x = mx.array(np.asarray(pixels, dtype=np.float32)[None] / 255.0)
         if tiled is None:
             h, w = pixels.height, pixels.width
             tiled = estimate_decode_bytes(h, w, ae.config, self.dtype.size) > DECODE_BUDGET
         z = self._vae(functools.partial(_encode, ae, x, tiled), "encode")
-        del ae
         return np.array(z.astype(mx.float32))
 
     # ---- the whole job --------------------------------------------------------------------
@@ -260,7 +277,7 @@ class Pipeline:
         width: int | None = None,
         height: int | None = None,
         steps: int | None = None,
-        guidance: float = 3.5,
+        guidance: float | None = None,
         seed: int = 0,
         scheduler: str = "simple",
         shift: float | str | None = None,
@@ -269,15 +286,19 @@ class Pipeline:
         init_image=None,
         denoise: float = 1.0,
         loras=(),
+        reference_images=(),
+        reference_scale: str = "kontext",
         tiled_decode: bool | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
         """Text to image, or image to image from `init_image`, staged.
 
-        width/height: 1024, or with an init image its size rounded to multiples of 16.
-        steps/shift: the model's defaults (`MODEL_DEFAULTS`): FLUX.1-dev 20 steps at ComfyUI's
-            fixed shift 1.15; FLUX.1 schnell 4 steps at 1.0 (ComfyUI's schnell sampling).
-            schnell has no guidance input: `guidance` is ignored.
+        width/height: 1024, or with an init image its size rounded to multiples of 16, or with
+            reference images the first one's size as it is encoded.
+        steps/shift/guidance: the model's defaults (`variants.VARIANTS`): FLUX.1-dev 20 steps
+            at ComfyUI's fixed shift 1.15, guidance 3.5; FLUX.1 schnell 4 steps at 1.0
+            (ComfyUI's schnell sampling; it has no guidance input: `guidance` is ignored);
+            FLUX.1 Kontext dev as dev with guidance 2.5 (BFL, ComfyUI's template).
         noise: [1, 16, H/8, W/8], replaces the seeded ComfyUI noise.
         init_image: a PIL image or a path; scaled (Lanczos) to cover width x height and
             centre-cropped. As ComfyUI's LoadImage -> VAEEncode -> KSampler(denoise): the
@@ -286,10 +307,16 @@ class Pipeline:
             `sampling.noise_scaling`). denoise 1 gives the text-to-image picture.
         loras: [(path, scale), ...]: LoRA files for the transformer, stacked (`mlxflux.lora`);
             `last_report.settings["loras"]` says what each one matched.
+        reference_images: PIL images or paths, for FLUX.1 Kontext models: VAE-encoded and
+            appended to the image tokens (`variants.reference_tokens`), scaled by
+            `reference_scale`: "kontext", ComfyUI's FluxKontextImageScale (the preferred
+            Kontext resolution of the nearest aspect ratio); "none", their own size floored
+            to multiples of 16 (diffusers with `_auto_resize=False`).
         """
         kw = dict(width=width, height=height, steps=steps, guidance=guidance,
                   scheduler=scheduler, shift=shift, t5_padding=t5_padding, init_image=init_image,
-                  denoise=denoise, loras=loras, tiled_decode=tiled_decode)  # fmt: skip
+                  denoise=denoise, loras=loras, reference_images=reference_images,
+                  reference_scale=reference_scale, tiled_decode=tiled_decode)  # fmt: skip
         job = self._prepare(prompt, [seed], noise=noise, **kw)
         ((_, image),) = self._run(job, on_step=on_step and (lambda _, i, n: on_step(i, n)))
         return image
@@ -322,9 +349,13 @@ class Pipeline:
             if kw[name] is None:
                 kw[name] = value
         init = open_init_image(kw["init_image"]) if kw["init_image"] is not None else None
+        refs = self._references(kw["reference_images"], kw["reference_scale"])
         width, height = kw["width"], kw["height"]
-        if init is not None and width is None and height is None:
-            width, height = size_of(init[0])
+        if width is None and height is None:
+            if init is not None:
+                width, height = size_of(init[0])
+            elif refs:
+                width, height = refs[0].size
         kw["width"], kw["height"] = width or 1024, height or 1024
         check_settings(**{k: kw[k] for k in CHECKED})
         if not seeds:
@@ -350,6 +381,11 @@ class Pipeline:
             settings["seeds"] = seeds
         if init is not None:
             settings.update(init_image=init[1], init_image_sha256=init[2], denoise=kw["denoise"])
+        if refs:
+            settings["reference_images"] = [
+                {"file": r.name, "sha256": r.sha256, "size": list(r.size)} for r in refs
+            ]
+            settings["reference_scale"] = kw["reference_scale"]
         if kw["loras"]:  # read and matched now, so a bad file fails before any stage
             _, lora_reports = self.transformer_with_loras(kw["loras"])
             settings["loras"] = [
@@ -358,12 +394,35 @@ class Pipeline:
                 for r in lora_reports
             ]  # fmt: skip
         # the memory plan: which stages stream; refused here when even streaming cannot fit
+        extra_tokens = sum((w // 16) * (h // 16) for w, h in (r.size for r in refs))
         plan = make_plan(self.manifest, kw["width"], kw["height"], self.dtype.size,
-                         self.memory_budget, steps=len(sigma_list) - 1)  # fmt: skip
+                         self.memory_budget, steps=len(sigma_list) - 1,
+                         extra_tokens=extra_tokens)  # fmt: skip
         settings["memory_plan"] = plan.describe()
         report = Report(settings=settings, plan=plan.kind)
         self.last_report = report  # checked: what will run, before anything runs
-        return Job(prompt, seeds, noise, shape, sigma_list, init, kw, report, plan)
+        return Job(prompt, seeds, noise, shape, sigma_list, init, kw, report, plan, refs)
+
+    def _references(self, images, scale: str) -> list["Reference"]:
+        """The reference images, opened and checked (not scaled yet: the encode stage does)."""
+        if scale not in REFERENCE_SCALES:
+            raise SettingsError(f"must be one of {', '.join(REFERENCE_SCALES)}, got {scale!r}",
+                                "reference_scale")  # fmt: skip
+        if images is None or isinstance(images, (str, Path, Image.Image)):
+            images = [] if images is None else [images]
+        images = list(images)
+        if images and not self.variant_info.references:
+            raise SettingsError(
+                f"{self.variant_info.title} takes no reference images; they need a FLUX.1 "
+                "Kontext model (convert one with `mlxflux convert --variant kontext`)",
+                "reference_images",
+            )
+        refs = []
+        for source in images:
+            image, name, digest = open_init_image(source, "reference_images")
+            size = reference_size(image.width, image.height, scale)
+            refs.append(Reference(image, name, digest, size, scale))
+        return refs
 
     def _run(self, job: "Job", on_step=None) -> Iterator[tuple[int, Image.Image]]:
         report, kw, sigma_list = job.report, job.kw, job.sigma_list
@@ -376,11 +435,17 @@ class Pipeline:
             txt, pooled = self.encode_text(
                 job.prompt, kw["t5_padding"], "text" in plan.streamed, stage
             )
-        latent = None
-        if job.init is not None:
+        latent, extra = None, ImageConditioning()
+        if job.init is not None or job.references:
             with Stage(report, "encode"):
-                pixels = cover(job.init[0], kw["width"], kw["height"])
-                latent = self.encode_image(pixels, kw["tiled_decode"])
+                ae = load_component(self.folder, "vae", self.manifest)  # the encoder is read
+                if job.init is not None:
+                    pixels = cover(job.init[0], kw["width"], kw["height"])
+                    latent = self.encode_image(pixels, kw["tiled_decode"], ae)
+                refs = [self.encode_image(r.scaled(), kw["tiled_decode"], ae)
+                        for r in job.references]  # fmt: skip
+                extra = reference_tokens([mx.array(z) for z in refs])
+                del ae, refs
         with Stage(report, "modulation") as stage:
             model, cond = self.modulation(pooled, sigma_list, kw["guidance"], kw["loras"])
             stage.bytes_read = self._group_bytes("transformer", "modulation")
@@ -398,7 +463,7 @@ class Pipeline:
                 steps = on_step and (lambda i, n, index=index: on_step(index, i, n))
                 try:
                     done.append((seed, self.denoise(model, cond, txt, noise, sigma_list, steps,
-                                                    blocks)))  # fmt: skip
+                                                    blocks, extra)))  # fmt: skip
                 except KeyboardInterrupt as e:  # between steps: keep what is finished
                     interrupted = e
                     break
@@ -407,7 +472,7 @@ class Pipeline:
             stage.bytes_read = self._read_bytes(blocks, "transformer", "trunk")
             stage.read_wait_seconds = blocks.wait_seconds
             self.float32_fallbacks.extend(sorted(model.float32_blocks))
-            del model, cond, txt, blocks
+            del model, cond, txt, blocks, extra
         if done:
             with Stage(report, "decode") as stage:
                 ae = load_component(self.folder, "vae", self.manifest)
@@ -443,6 +508,21 @@ class Job:
     kw: dict
     report: Report
     plan: Plan
+    references: list["Reference"]
+
+
+@dataclass
+class Reference:
+    """A reference image (Kontext) as given, and the size it is encoded at."""
+
+    image: Image.Image
+    name: str
+    sha256: str
+    size: tuple[int, int]
+    scale: str
+
+    def scaled(self) -> Image.Image:
+        return scale_reference(self.image, self.scale)
 
 
 def _encode(ae, x: mx.array, tiled: bool, dtype: mx.Dtype) -> mx.array:

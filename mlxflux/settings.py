@@ -63,12 +63,12 @@ def check_settings(
         raise SettingsError(f"{denoise!r} is too small for {steps} steps", "denoise")
 
 
-def open_init_image(source) -> tuple[Image.Image, str, str]:
-    """(RGB image, name, sha256) of an init image, refused (SettingsError) when it cannot be
-    read or is smaller than 16x16."""
-    image, name, digest = open_image(source)
+def open_init_image(source, setting: str = "init_image") -> tuple[Image.Image, str, str]:
+    """(RGB image, name, sha256) of an input image (init image, reference, ...), refused
+    (SettingsError naming `setting`) when it cannot be read or is smaller than 16x16."""
+    image, name, digest = open_image(source, setting)
     if min(image.size) < 16:
         raise SettingsError(
-            f"{name} is {image.width}x{image.height}: at least 16x16 is needed", "init_image"
+            f"{name} is {image.width}x{image.height}: at least 16x16 is needed", setting
         )
     return image, name, digest

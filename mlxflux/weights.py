@@ -534,6 +534,7 @@ def write_model_folder(
     tokenizers,
     sources: list[dict],
     notes: list[str],
+    variant: str | None = None,
 ) -> dict:
     """Write a model folder atomically: into a hidden sibling, verified, then renamed.
 
@@ -560,6 +561,8 @@ def write_model_folder(
             "components": {},
             "notes": notes,
         }
+        if variant is not None:  # older folders have none: dev or schnell by their config
+            manifest["variant"] = variant
         for comp in COMPONENTS:
             config, items = components[comp]
             manifest["components"][comp] = write_component(
@@ -613,9 +616,10 @@ def _alive(pid: int) -> bool:
 def _manifest_id(manifest: dict) -> str:
     import hashlib
 
-    key = json.dumps(
-        [manifest["sources"], manifest["quantization"], manifest["dtype"]], sort_keys=True
-    )
+    fields = [manifest["sources"], manifest["quantization"], manifest["dtype"]]
+    if manifest.get("variant") not in (None, "dev", "schnell"):  # one the sources do not imply
+        fields.append(manifest["variant"])
+    key = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
