@@ -2,12 +2,15 @@
 
     python bench/denoise_memory.py --sizes 256,dvd --bits 8            # fp32 on this backend
     MLXFLUX_KERNELS=fused python bench/denoise_memory.py --precision bfloat16
+    python bench/denoise_memory.py --sizes dvd --kontext   # + a Kontext reference's tokens
 
 A FLUX.1-dev-wide transformer (3072, 24 heads) with --depth double and --single single blocks
 and random weights runs the pipeline's own `denoise_step`. Because the pipeline evaluates after
 every block, the activation peak of one block is the activation peak of the whole 57-block
 model, so a few blocks measure what the full model adds on top of its weights. Each size runs in
-a fresh process; the table gives the peak, the weights, and peak minus weights.
+a fresh process; the table gives the peak, the weights, and peak minus weights. --kontext
+appends one reference's tokens, at the Kontext resolution of the size's aspect ratio (about
+twice the image tokens), as FLUX.1 Kontext dev runs.
 """
 
 import argparse
@@ -32,7 +35,9 @@ from mlxflux.models.transformer import FLUX_DEV, FluxTransformer, image_ids, pac
 from mlxflux.pipeline import PRECISIONS, denoise_step
 from mlxflux.quant import quantize
 
-w, h, depth, single, bits, precision = sys.argv[1:7]
+from mlxflux.variants import reference_size, reference_tokens
+
+w, h, depth, single, bits, precision, kontext = sys.argv[1:8]
 w, h, depth, single = int(w), int(h), int(depth), int(single)
 dtype = PRECISIONS[precision]
 model = FluxTransformer(replace(FLUX_DEV, depth=depth, depth_single_blocks=single))
@@ -55,12 +60,16 @@ mx.clear_cache()
 weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 txt = mx.random.normal((1, 256, 4096)).astype(dtype)
 x = pack_latents(mx.random.normal((1, 16, h // 8, w // 8)))
-rope = model.rope(image_ids(h, w), txt.shape[1])
-mx.eval(txt, x, rope)
+extra = reference_tokens([])
+if kontext == "1":
+    rw, rh = reference_size(w, h, "kontext")
+    extra = reference_tokens([mx.random.normal((1, 16, rh // 8, rw // 8))])
+rope = model.rope(extra.ids_for(image_ids(h, w)), txt.shape[1])
+mx.eval(txt, x, rope, extra.tokens if extra.tokens is not None else x)
 base = mx.get_active_memory()
 mx.reset_peak_memory()
 t = time.perf_counter()
-x = denoise_step(model, x, txt, cond, rope, 0.7, 0.5)
+x = denoise_step(model, x, txt, cond, rope, 0.7, 0.5, extra=extra)
 seconds = time.perf_counter() - t
 print(json.dumps(dict(peak=mx.get_peak_memory(), base=base, weights=weights, seconds=seconds,
                       kernels=kernels.mode(), device=str(mx.default_device()))))
@@ -74,16 +83,18 @@ def main():
     p.add_argument("--single", type=int, default=1)
     p.add_argument("--bits", default="8", choices=["4", "6", "8", "none"])
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kontext", action="store_true", help="with a Kontext reference's tokens")
     p.add_argument("--out", default="bench/results/denoise_memory")
     a = p.parse_args()
     rows = []
     for size in a.sizes.split(","):
         w, h = SIZES[size]
-        args = [str(v) for v in (w, h, a.depth, a.single, a.bits, a.precision)]
+        args = [str(v) for v in (w, h, a.depth, a.single, a.bits, a.precision, int(a.kontext))]
         r = subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(r.stderr)
-        row = {"size": size, **json.loads(r.stdout.strip().splitlines()[-1])}
+        label = f"{size} + Kontext reference" if a.kontext else size
+        row = {"size": label, **json.loads(r.stdout.strip().splitlines()[-1])}
         row["activations"] = row["peak"] - row["base"]
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -67,6 +67,8 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokenizers", help="folder with vocab.json, merges.txt, spiece.model")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--variant", default="dev", choices=["dev", "kontext"],
+                   help="what the manifest records (Kontext dev has dev's shapes)")  # fmt: skip
     a = p.parse_args()
     out = Path(a.out)
     if out.exists() and not a.force:
@@ -78,6 +80,7 @@ def main():
         bits=a.bits,
         dtype=a.dtype,
         tokenizers=tokenizer_files(a.tokenizers),
+        variant=a.variant,
         sources=[],
         notes=["random weights with FLUX.1-dev's shapes (bench/make_random_model.py)"],
     )

@@ -2,12 +2,15 @@
 
     python bench/make_random_model.py --out /tmp/flux-random-q8 --bits 8
     python bench/memory.py --model /tmp/flux-random-q8 --sizes 256,dvd
+    python bench/make_random_model.py --out /tmp/kontext-random-q8 --bits 8 --variant kontext
+    python bench/memory.py --model /tmp/kontext-random-q8 --sizes dvd --reference
 
 Each run is a fresh process running `Pipeline.generate` (one step: memory does not depend on
-the step count) and reading its per-stage report: `peak_bytes` is mx.get_peak_memory() after
-mx.reset_peak_memory() at the stage's start. diffusers' needs are computed from its bf16
-weights (FluxPipeline as documented: everything resident, or enable_model_cpu_offload(), which
-moves one model at a time to the GPU); they are not measured here.
+the step count; --reference adds a Kontext reference, a picture at the size's aspect ratio,
+scaled as ComfyUI's FluxKontextImageScale) and reading its per-stage report: `peak_bytes`
+is mx.get_peak_memory() after mx.reset_peak_memory() at the stage's start. diffusers' needs
+are computed from its bf16 weights (FluxPipeline as documented: everything resident, or
+enable_model_cpu_offload(), which moves one model at a time to the GPU); not measured here.
 """
 
 import argparse
@@ -26,20 +29,29 @@ DIFFUSERS_BF16 = {"transformer": 11.90e9, "t5": 4.76e9, "clip": 0.123e9, "vae": 
 
 RUN = """
 import json, resource, sys, mlx.core as mx
+import numpy as np
+from PIL import Image
 import mlxflux
+w, h = int(sys.argv[2]), int(sys.argv[3])
+refs = []
+if sys.argv[5] == "1":  # a picture, not noise, at the output's aspect ratio
+    y, x = np.mgrid[0:h, 0:w]
+    refs = [Image.fromarray(np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1)
+                            .astype(np.uint8))]
 pipe = mlxflux.load(sys.argv[1], memory_budget=None if sys.argv[4] == "auto" else sys.argv[4])
-pipe.generate("A cinematic DVD cover for the movie Interstellar.", width=int(sys.argv[2]),
-              height=int(sys.argv[3]), steps=1, seed=0)
+pipe.generate("A cinematic DVD cover for the movie Interstellar.", width=w, height=h, steps=1,
+              seed=0, reference_images=refs)
 rep = pipe.last_report.to_dict()
 rep["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(rep))
 """
 
 
-def run(model: str, w: int, h: int, budget: str = "auto") -> dict:
+def run(model: str, w: int, h: int, budget: str = "auto", reference: bool = False) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", RUN, model, str(w), str(h), budget], capture_output=True, text=True
-    )
+        [sys.executable, "-c", RUN, model, str(w), str(h), budget, str(int(reference))],
+        capture_output=True, text=True,
+    )  # fmt: skip
     if out.returncode:
         raise SystemExit(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -52,6 +64,7 @@ def main():
     p.add_argument(
         "--memory-budget", default="auto", help="GiB or auto: stages that do not fit stream"
     )
+    p.add_argument("--reference", action="store_true", help="Kontext models: with a reference")
     p.add_argument("--out", default="bench/results/memory")
     a = p.parse_args()
     manifest = json.loads((Path(a.model) / "mlxflux.json").read_text())
@@ -59,24 +72,28 @@ def main():
     rows = []
     for size in a.sizes.split(","):
         w, h = SIZES[size]
-        rep = run(a.model, w, h, a.memory_budget)
-        rows.append({"size": size, "bits": bits, **rep})
+        rep = run(a.model, w, h, a.memory_budget, a.reference)
+        label = f"{size} + reference" if a.reference else size
+        rows.append({"size": label, "bits": bits, **rep})
         print(json.dumps(rows[-1]["stages"]), flush=True)
     weights = {k: v * 2 / GIB for k, v in DIFFUSERS_BF16.items()}
     resident = sum(weights.values())
     offload = max(weights.values())
     lines = [
-        f"Peak memory per stage (GiB), FLUX.1-dev shapes, {bits or 'no'}-bit, "
+        f"Peak memory per stage (GiB), FLUX.1-dev shapes ({manifest.get('variant', 'dev')}), "
+        f"{bits or 'no'}-bit, budget {a.memory_budget}, "
         f"{platform.system()} {platform.machine()}, {date.today().isoformat()}.",
         "",
-        "| size | text | modulation | denoise | decode | whole run | max RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| size | text | encode | modulation | denoise | decode | whole run | max RSS | plan |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         s = {k: v["peak_bytes"] / GIB for k, v in r["stages"].items()}
+        enc = f"{s['encode']:.2f}" if "encode" in s else "-"
         lines.append(
-            f"| {r['size']} | {s['text']:.2f} | {s['modulation']:.2f} | {s['denoise']:.2f} | "
-            f"{s['decode']:.2f} | {r['peak_bytes'] / GIB:.2f} | {r['max_rss_bytes'] / GIB:.2f} |"
+            f"| {r['size']} | {s['text']:.2f} | {enc} | {s['modulation']:.2f} | "
+            f"{s['denoise']:.2f} | {s['decode']:.2f} | {r['peak_bytes'] / GIB:.2f} | "
+            f"{r['max_rss_bytes'] / GIB:.2f} | {r.get('plan', '?')} |"
         )
     lines += [
         "",

@@ -3,6 +3,7 @@
     python bench/speed.py                      # full width, 1+1 blocks, all preset sizes
     python bench/speed.py --depth 19 --single 38 --torch-device mps   # the full model, on a Mac
     python bench/speed.py --sizes book --breakdown --bits none,8      # where a step's time goes
+    python bench/speed.py --sizes dvd --kontext   # FLUX.1 Kontext: + one reference's tokens
 
 Measures the first step (kernel compilation included) and the steady state (warm-up, then
 --iters steps; median and spread) at each resolution, for mlxflux in each --precision and --bits
@@ -121,7 +122,7 @@ def breakdown_torch(ref, h: int, w: int, args) -> dict:
 def breakdown_mlx(model, dtype, h: int, w: int, args) -> dict:
     """One profiled mlxflux step: seconds per kind (kernels.profiling), the rest is data
     movement (concatenations, layout copies) and the Euler update."""
-    step = mlx_step(model, dtype, h, w)
+    step = mlx_step(model, dtype, h, w, args.kontext)
     step()  # warm-up (and the JIT's first compilation)
     with kernels.profiling() as prof:
         start = time.perf_counter()
@@ -173,12 +174,22 @@ def mlx_from_reference(ref, precision: str, bits: int | None):
     return model, dtype
 
 
-def mlx_step(model, dtype, h: int, w: int):
+def kontext_reference(h: int, w: int):
+    """A Kontext reference's tokens and ids for an h x w output: one picture at the Kontext
+    resolution of the same aspect ratio (ComfyUI's FluxKontextImageScale), random latents."""
+    from mlxflux.variants import reference_size, reference_tokens
+
+    rw, rh = reference_size(w, h, "kontext")
+    return reference_tokens([mx.random.normal((1, 16, rh // 8, rw // 8))])
+
+
+def mlx_step(model, dtype, h: int, w: int, kontext: bool = False):
     """The pipeline's own step on random inputs: the trunk evaluated block by block, then the
-    Euler update."""
+    Euler update (with a Kontext reference's tokens appended when `kontext`)."""
     from mlxflux.models import transformer
     from mlxflux.models.transformer import image_ids
     from mlxflux.pipeline import denoise_step
+    from mlxflux.variants import reference_tokens
 
     n_img = (h // 16) * (w // 16)
     guarded = dtype == mx.float16 and transformer.FLOAT16_GUARDS
@@ -188,13 +199,14 @@ def mlx_step(model, dtype, h: int, w: int):
     cond = model.modulation(
         mx.array([0.7]), mx.random.normal((1, 768)).astype(wide), mx.array([3.5])
     )
-    rope = model.rope(image_ids(h, w), TXT)
-    mx.eval(img, txt, cond.arrays(), rope)
-    return lambda: denoise_step(model, img, txt, cond, rope, 0.7, 0.6, dtype=dtype)
+    extra = kontext_reference(h, w) if kontext else reference_tokens([])
+    rope = model.rope(extra.ids_for(image_ids(h, w)), TXT)
+    mx.eval(img, txt, cond.arrays(), rope, *([extra.tokens] if kontext else []))
+    return lambda: denoise_step(model, img, txt, cond, rope, 0.7, 0.6, dtype=dtype, extra=extra)
 
 
 def bench_mlx(model, dtype, h: int, w: int, args) -> dict:
-    return timed(mlx_step(model, dtype, h, w), args.warmup, args.iters)
+    return timed(mlx_step(model, dtype, h, w, args.kontext), args.warmup, args.iters)
 
 
 def torch_inputs(ref, h: int, w: int, args) -> dict:
@@ -206,12 +218,16 @@ def torch_inputs(ref, h: int, w: int, args) -> dict:
     dev, dtype = args.torch_device, getattr(torch, args.torch_dtype)
     ref.to(dev, dtype)
     n_img = (h // 16) * (w // 16)
+    ids = image_ids(h, w)
+    if args.kontext:  # the reference's tokens appended, as FluxKontextPipeline runs
+        extra = kontext_reference(h, w)
+        n_img, ids = n_img + extra.extra_tokens, extra.ids_for(ids)
     return dict(
         hidden_states=torch.randn(1, n_img, 64, device=dev, dtype=dtype),
         encoder_hidden_states=torch.randn(1, TXT, 4096, device=dev, dtype=dtype),
         pooled_projections=torch.randn(1, 768, device=dev, dtype=dtype),
         timestep=torch.tensor([0.7], device=dev, dtype=dtype),
-        img_ids=torch.from_numpy(image_ids(h, w)).float().to(dev),
+        img_ids=torch.from_numpy(ids).float().to(dev),
         txt_ids=torch.zeros(TXT, 3, device=dev),
         guidance=torch.tensor([3.5], device=dev, dtype=dtype),
     )
@@ -299,6 +315,11 @@ def main():
         help="instead of timing steps, profile one step of each: seconds in matmuls, "
         "attention, elementwise kernels and the rest, for mlxflux and torch",
     )
+    p.add_argument(
+        "--kontext",
+        action="store_true",
+        help="FLUX.1 Kontext: append one reference's tokens (~2x the image tokens)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", default="bench/results/speed")
@@ -324,7 +345,11 @@ def main():
     rows = []
     for size in args.sizes.split(","):
         h, w = SIZES[size]
-        flops = flops_per_step(cfg, (h // 16) * (w // 16))
+        n_img = (h // 16) * (w // 16)
+        if args.kontext:
+            n_img += kontext_reference(h, w).extra_tokens
+            size = f"{size} + Kontext reference"
+        flops = flops_per_step(cfg, n_img)
         torch_t = bench_torch(ref, h, w, args)
         torch_name = f"torch {args.torch_device} {args.torch_dtype}"
         rows.append({"size": size, "impl": torch_name, **torch_t})
@@ -335,7 +360,7 @@ def main():
             rows.append({"size": size, "impl": name, **t})
             del model
             mx.clear_cache()
-        if not isinstance(mflux, str):
+        if not isinstance(mflux, str) and not args.kontext:
             rows.append({"size": size, "impl": "mflux fp32", **bench_mflux(mflux, h, w, args)})
         for r in rows:
             if r["size"] == size:
