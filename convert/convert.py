@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxflux.errors import MlxfluxError
-from mlxflux.variants import VARIANTS, check_variant, hinted
+from mlxflux.variants import VARIANTS, check_variant, infer_variant
 from mlxflux.weights import (
     COMPONENTS,
     DTYPES,
@@ -146,10 +146,10 @@ def check_agreement(plans: dict[str, Plan]) -> None:
             f"CLIP width {clip['hidden_size']} ({plans['clip'].part.name}) does not match the "
             f"transformer's vector width {flux['vec_in_dim']}"
         )
-    if vae["z_channels"] * 4 != flux["in_channels"]:
+    if vae["z_channels"] * 4 != flux.get("out_channels", 64):
         raise ConvertError(
             f"VAE latent channels {vae['z_channels']} ({plans['vae'].part.name}) do not match "
-            f"the transformer's input {flux['in_channels']} (= 4 x 16 for FLUX)"
+            f"the transformer's output {flux.get('out_channels', 64)} (= 4 x 16 for FLUX)"
         )
 
 
@@ -280,29 +280,20 @@ def convert(
 def choose_variant(asked: str, plans: dict, sources, hf_repo) -> tuple[str, str | None]:
     """(variant, a note when a name decided it) for `convert(variant=asked)`."""
     config = plans["transformer"].config
-    if asked != "auto":
-        try:
-            check_variant(asked, config)
-        except ValueError as e:
-            raise ConvertError(
-                f"--variant {asked}: {e} ({plans['transformer'].part.name})"
-            ) from None
-        return asked, None
-    if not config.get("guidance_embed", True):
-        return "schnell", None
     part = plans["transformer"].part
-    # names, not whole paths: a folder above the files says nothing about them
-    names = [hf_repo, *(Path(s).name for s in sources), *(f.path.name for f in part.files)]
-    names += [f"{i.parent.name}/model_index.json ({_pipeline_class(i)})"
-              for i in {f.path.parent.parent / "model_index.json" for f in part.files}
-              if i.is_file()]  # fmt: skip
-    found, why = hinted(n for n in names if n)
-    if found is None:
-        return "dev", None
-    return found, (
-        f"variant {found}: suggested by {why} (its shapes are FLUX.1 dev's); pass --variant dev "
-        "if it is not"
-    )
+    try:
+        if asked != "auto":
+            check_variant(asked, config)
+            return asked, None
+        # names, not whole paths: a folder above the files says nothing about them
+        names = [hf_repo, *(Path(s).name for s in sources), *(f.path.name for f in part.files)]
+        names += [f"{i.parent.name}/model_index.json ({_pipeline_class(i)})"
+                  for i in {f.path.parent.parent / "model_index.json" for f in part.files}
+                  if i.is_file()]  # fmt: skip
+        return infer_variant(config, names)
+    except ValueError as e:
+        flag = f"--variant {asked}: " if asked != "auto" else ""
+        raise ConvertError(f"{flag}{e} ({part.name})") from None
 
 
 def _pipeline_class(index: Path) -> str:

@@ -18,8 +18,6 @@ def flux_config_from_diffusers(d: dict) -> FluxConfig:
     """diffusers `FluxTransformer2DModel` config.json -> FluxConfig."""
     if d.get("patch_size", 1) != 1:
         raise ConfigError(f"patch_size {d['patch_size']} is not supported (FLUX uses 1)")
-    if d.get("out_channels") not in (None, d.get("in_channels", 64)):
-        raise ConfigError("out_channels must equal in_channels")
     heads, head_dim = d.get("num_attention_heads", 24), d.get("attention_head_dim", 128)
     return FluxConfig(
         in_channels=d.get("in_channels", 64),
@@ -31,6 +29,8 @@ def flux_config_from_diffusers(d: dict) -> FluxConfig:
         depth_single_blocks=d.get("num_single_layers", 38),
         axes_dim=tuple(d.get("axes_dims_rope", (16, 56, 56))),
         guidance_embed=bool(d.get("guidance_embeds", False)),
+        # Canny/Depth/Fill take wider inputs than they give back (diffusers writes null when equal)
+        out_channels=d.get("out_channels") or d.get("in_channels", 64),
     )
 
 
@@ -48,6 +48,7 @@ def flux_config_from_shapes(
     """Infer FluxConfig from BFL-named tensor shapes (hidden from img_in, heads from QK-norm)."""
     try:
         hidden, in_channels = shapes["img_in.weight"]
+        out_channels = shapes["final_layer.linear.weight"][0]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
         mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
         vec_in_dim = shapes["vector_in.in_layer.weight"][1]
@@ -72,6 +73,7 @@ def flux_config_from_shapes(
         axes_dim=tuple(axes_dim),
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
         guidance_embed="guidance_in.in_layer.weight" in shapes,
+        out_channels=out_channels,
     )
 
 

@@ -89,7 +89,7 @@ def main():
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option(
     "--variant",
-    type=click.Choice(["auto", "dev", "schnell", "kontext"]),
+    type=click.Choice(["auto", "dev", "schnell", "kontext", "canny", "depth", "fill"]),
     default="auto",
     show_default=True,
     help="Which FLUX.1 model the transformer is. auto: schnell when it has no guidance "

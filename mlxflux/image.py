@@ -135,16 +135,17 @@ def size_of(image: Image.Image) -> tuple[int, int]:
     return tuple(max(16, round(v / 16) * 16) for v in image.size)
 
 
-def cover(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale (Lanczos) to cover width x height, then crop the centre; no scaling when the
-    image already has that size."""
+def cover(image: Image.Image, width: int, height: int,
+          resample=Image.Resampling.LANCZOS) -> Image.Image:  # fmt: skip
+    """Scale (Lanczos, or `resample`) to cover width x height, then crop the centre; no
+    scaling when the image already has that size."""
     if image.size == (width, height):
         return image
     w, h = image.size
     s = max(width / w, height / h)
     sw, sh = max(width, round(w * s)), max(height, round(h * s))
     if (sw, sh) != (w, h):
-        image = image.resize((sw, sh), Image.Resampling.LANCZOS)
+        image = image.resize((sw, sh), resample)
     left, top = (sw - width) // 2, (sh - height) // 2
     return image.crop((left, top, left + width, top + height))
 

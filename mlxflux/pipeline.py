@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import NonFiniteError, SettingsError
-from .image import cover, size_of
+from .image_inputs import ImageInputs
 from .kernels import precision_choice
 from .lora import load_loras
 from .memory_plan import Plan, make_plan, parse_budget, tensor_bytes
@@ -37,16 +37,9 @@ from .models.transformer import (
 from .noise import comfy_noise
 from .report import Report, Stage
 from .sampling import euler_step, img2img_sigmas, noise_scaling
-from .settings import CHECKED, check_settings, open_init_image
+from .settings import CHECKED, check_settings
 from .tokenizers import CLIPTokenizer, T5Tokenizer
-from .variants import (
-    REFERENCE_SCALES,
-    ImageConditioning,
-    reference_size,
-    reference_tokens,
-    scale_reference,
-    variant_of,
-)
+from .variants import ImageConditioning, variant_of
 from .weights import (
     DTYPES,
     BlockWeights,
@@ -255,15 +248,15 @@ class Pipeline:
         # ComfyUI's SaveImage truncates: uint8(clip(255 * x))
         return Image.fromarray(np.array((img[0].astype(mx.float32) * 255).astype(mx.uint8)))
 
-    def encode_image(self, pixels: Image.Image, tiled: bool | None, ae=None) -> np.ndarray:
-        """An image's latent [1, 16, H/8, W/8], float32: ComfyUI's LoadImage (/255) and
+    def encode_image(self, pixels: np.ndarray, tiled: bool | None, ae=None) -> np.ndarray:
+        """Pixels [H, W, 3] in [0, 1] -> their latent [1, 16, H/8, W/8], float32: ComfyUI's
         VAEEncode (the posterior's mode), with the Flux latent format applied. `ae`: the
         autoencoder when the caller holds it (several images), else loaded for this one."""
         if ae is None:
             ae = load_component(self.folder, "vae", self.manifest)  # only the encoder is read
-        x = mx.array(np.asarray(pixels, dtype=np.float32)[None] / 255.0)
+        x = mx.array(np.asarray(pixels, dtype=np.float32)[None])
         if tiled is None:
-            h, w = pixels.height, pixels.width
+            h, w = x.shape[1], x.shape[2]
             tiled = estimate_decode_bytes(h, w, ae.config, self.dtype.size) > DECODE_BUDGET
         z = self._vae(functools.partial(_encode, ae, x, tiled), "encode")
         return np.array(z.astype(mx.float32))
@@ -288,6 +281,10 @@ class Pipeline:
         loras=(),
         reference_images=(),
         reference_scale: str = "kontext",
+        control_image=None,
+        preprocess: str = "auto",
+        mask=None,
+        outpaint: bool = False,
         tiled_decode: bool | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
@@ -312,11 +309,21 @@ class Pipeline:
             `reference_scale`: "kontext", ComfyUI's FluxKontextImageScale (the preferred
             Kontext resolution of the nearest aspect ratio); "none", their own size floored
             to multiples of 16 (diffusers with `_auto_resize=False`).
+        control_image: FLUX.1 Canny/Depth models: the picture whose composition is kept,
+            scaled to cover the size; `preprocess` "auto" draws its edges for Canny models
+            (ComfyUI's Canny node, `mlxflux.preprocess`) and takes it as it is for Depth
+            models (a depth map made elsewhere); "canny" or "none" say which.
+        mask: FLUX.1 Fill models: white repaints, black keeps, on `init_image` (its size or
+            its aspect ratio). `outpaint`: instead, `init_image` centred on the width x height
+            canvas and the rest repainted (ComfyUI's ImagePadForOutpaint, feathering 40).
+            As diffusers' FluxFillPipeline, the whole picture comes from the model.
         """
         kw = dict(width=width, height=height, steps=steps, guidance=guidance,
                   scheduler=scheduler, shift=shift, t5_padding=t5_padding, init_image=init_image,
                   denoise=denoise, loras=loras, reference_images=reference_images,
-                  reference_scale=reference_scale, tiled_decode=tiled_decode)  # fmt: skip
+                  reference_scale=reference_scale, control_image=control_image,
+                  preprocess=preprocess, mask=mask, outpaint=outpaint,
+                  tiled_decode=tiled_decode)  # fmt: skip
         job = self._prepare(prompt, [seed], noise=noise, **kw)
         ((_, image),) = self._run(job, on_step=on_step and (lambda _, i, n: on_step(i, n)))
         return image
@@ -348,16 +355,13 @@ class Pipeline:
         for name, value in self.defaults.items():
             if kw[name] is None:
                 kw[name] = value
-        init = open_init_image(kw["init_image"]) if kw["init_image"] is not None else None
-        refs = self._references(kw["reference_images"], kw["reference_scale"])
+        inputs = ImageInputs.open(self.variant_info, kw)
         width, height = kw["width"], kw["height"]
         if width is None and height is None:
-            if init is not None:
-                width, height = size_of(init[0])
-            elif refs:
-                width, height = refs[0].size
+            width, height = inputs.default_size() or (None, None)
         kw["width"], kw["height"] = width or 1024, height or 1024
         check_settings(**{k: kw[k] for k in CHECKED})
+        inputs.check_size(kw["width"], kw["height"])
         if not seeds:
             raise SettingsError("give at least one seed", "seeds")
         shape = (1, 16, kw["height"] // 8, kw["width"] // 8)
@@ -379,13 +383,10 @@ class Pipeline:
             settings["seed"] = seeds[0]
         else:
             settings["seeds"] = seeds
-        if init is not None:
-            settings.update(init_image=init[1], init_image_sha256=init[2], denoise=kw["denoise"])
-        if refs:
-            settings["reference_images"] = [
-                {"file": r.name, "sha256": r.sha256, "size": list(r.size)} for r in refs
-            ]
-            settings["reference_scale"] = kw["reference_scale"]
+        if inputs.init is not None:
+            settings.update(init_image=inputs.init.name, init_image_sha256=inputs.init.sha256,
+                            denoise=kw["denoise"])  # fmt: skip
+        settings.update(inputs.settings())
         if kw["loras"]:  # read and matched now, so a bad file fails before any stage
             _, lora_reports = self.transformer_with_loras(kw["loras"])
             settings["loras"] = [
@@ -394,35 +395,13 @@ class Pipeline:
                 for r in lora_reports
             ]  # fmt: skip
         # the memory plan: which stages stream; refused here when even streaming cannot fit
-        extra_tokens = sum((w // 16) * (h // 16) for w, h in (r.size for r in refs))
         plan = make_plan(self.manifest, kw["width"], kw["height"], self.dtype.size,
                          self.memory_budget, steps=len(sigma_list) - 1,
-                         extra_tokens=extra_tokens)  # fmt: skip
+                         extra_tokens=inputs.extra_tokens)  # fmt: skip
         settings["memory_plan"] = plan.describe()
         report = Report(settings=settings, plan=plan.kind)
         self.last_report = report  # checked: what will run, before anything runs
-        return Job(prompt, seeds, noise, shape, sigma_list, init, kw, report, plan, refs)
-
-    def _references(self, images, scale: str) -> list["Reference"]:
-        """The reference images, opened and checked (not scaled yet: the encode stage does)."""
-        if scale not in REFERENCE_SCALES:
-            raise SettingsError(f"must be one of {', '.join(REFERENCE_SCALES)}, got {scale!r}",
-                                "reference_scale")  # fmt: skip
-        if images is None or isinstance(images, (str, Path, Image.Image)):
-            images = [] if images is None else [images]
-        images = list(images)
-        if images and not self.variant_info.references:
-            raise SettingsError(
-                f"{self.variant_info.title} takes no reference images; they need a FLUX.1 "
-                "Kontext model (convert one with `mlxflux convert --variant kontext`)",
-                "reference_images",
-            )
-        refs = []
-        for source in images:
-            image, name, digest = open_init_image(source, "reference_images")
-            size = reference_size(image.width, image.height, scale)
-            refs.append(Reference(image, name, digest, size, scale))
-        return refs
+        return Job(prompt, seeds, noise, shape, sigma_list, inputs, kw, report, plan)
 
     def _run(self, job: "Job", on_step=None) -> Iterator[tuple[int, Image.Image]]:
         report, kw, sigma_list = job.report, job.kw, job.sigma_list
@@ -436,16 +415,14 @@ class Pipeline:
                 job.prompt, kw["t5_padding"], "text" in plan.streamed, stage
             )
         latent, extra = None, ImageConditioning()
-        if job.init is not None or job.references:
+        if job.inputs.encodes:
             with Stage(report, "encode"):
                 ae = load_component(self.folder, "vae", self.manifest)  # the encoder is read
-                if job.init is not None:
-                    pixels = cover(job.init[0], kw["width"], kw["height"])
-                    latent = self.encode_image(pixels, kw["tiled_decode"], ae)
-                refs = [self.encode_image(r.scaled(), kw["tiled_decode"], ae)
-                        for r in job.references]  # fmt: skip
-                extra = reference_tokens([mx.array(z) for z in refs])
-                del ae, refs
+                encode = functools.partial(self.encode_image, tiled=kw["tiled_decode"], ae=ae)
+                # the init latent: image to image, and Fill below denoise 1 (from noise above)
+                init_latent = not job.inputs.variant.fill or kw["denoise"] < 1
+                latent, extra = job.inputs.encode(encode, kw["width"], kw["height"], init_latent)
+                del ae, encode
         with Stage(report, "modulation") as stage:
             model, cond = self.modulation(pooled, sigma_list, kw["guidance"], kw["loras"])
             stage.bytes_read = self._group_bytes("transformer", "modulation")
@@ -504,25 +481,10 @@ class Job:
     noise: np.ndarray | None
     shape: tuple[int, ...]
     sigma_list: list[float]
-    init: tuple | None  # (image, name, sha256)
+    inputs: ImageInputs
     kw: dict
     report: Report
     plan: Plan
-    references: list["Reference"]
-
-
-@dataclass
-class Reference:
-    """A reference image (Kontext) as given, and the size it is encoded at."""
-
-    image: Image.Image
-    name: str
-    sha256: str
-    size: tuple[int, int]
-    scale: str
-
-    def scaled(self) -> Image.Image:
-        return scale_reference(self.image, self.scale)
 
 
 def _encode(ae, x: mx.array, tiled: bool, dtype: mx.Dtype) -> mx.array:

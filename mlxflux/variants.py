@@ -30,7 +30,11 @@ class Variant:
     steps: int
     shift: float
     guidance: float
+    in_channels: int = 64  # the transformer's input: the packed latent, + what the images add
+    guided: bool = True  # has a guidance embedding (schnell has none)
     references: bool = False  # takes reference images (Kontext)
+    control: bool = False  # a control image's latents on the input channels (Canny, Depth)
+    fill: bool = False  # the masked image's latents and the mask on the input channels (Fill)
 
     @property
     def defaults(self) -> dict:
@@ -38,25 +42,25 @@ class Variant:
         return {"steps": self.steps, "shift": self.shift, "guidance": self.guidance}
 
 
+# Guidance: BFL's and ComfyUI's examples (Kontext 2.5, BFL cli_kontext and ComfyUI's template;
+# Canny 30 and Depth 10, BFL cli_control and diffusers' FluxControlPipeline examples; Fill 30,
+# BFL cli_fill and ComfyUI's Fill example). Steps and shift: ComfyUI's (20 at a fixed 1.15).
 VARIANTS = {
     v.name: v
     for v in (
         Variant("dev", "flux1-dev", "FLUX.1 dev", 20, DEFAULT_SHIFT, 3.5),
         # ComfyUI's schnell: ModelSamplingFlux at shift 1; no guidance input (any value works)
-        Variant("schnell", "flux1-schnell", "FLUX.1 schnell", 4, 1.0, 3.5),
-        # BFL's cli_kontext and ComfyUI's Kontext template: guidance 2.5
-        Variant(
-            "kontext",
-            "flux1-kontext-dev",
-            "FLUX.1 Kontext dev",
-            20,
-            DEFAULT_SHIFT,
-            2.5,
-            references=True,
-        ),  # fmt: skip
+        Variant("schnell", "flux1-schnell", "FLUX.1 schnell", 4, 1.0, 3.5, guided=False),
+        Variant("kontext", "flux1-kontext-dev", "FLUX.1 Kontext dev", 20, DEFAULT_SHIFT, 2.5,
+                references=True),
+        Variant("canny", "flux1-canny-dev", "FLUX.1 Canny dev", 20, DEFAULT_SHIFT, 30.0,
+                in_channels=128, control=True),
+        Variant("depth", "flux1-depth-dev", "FLUX.1 Depth dev", 20, DEFAULT_SHIFT, 10.0,
+                in_channels=128, control=True),
+        Variant("fill", "flux1-fill-dev", "FLUX.1 Fill dev", 20, DEFAULT_SHIFT, 30.0,
+                in_channels=384, fill=True),
     )
-}
-NAME_HINTS = ("kontext",)  # variants a file or repo name can suggest (their shapes equal dev's)
+}  # fmt: skip
 
 
 def variant_of(manifest: dict) -> Variant:
@@ -75,26 +79,47 @@ def variant_of(manifest: dict) -> Variant:
 
 def check_variant(name: str, config: dict) -> None:
     """Refuse a variant the transformer's shapes contradict (ValueError, one line)."""
-    guided = config.get("guidance_embed", True)
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}")
-    if (name == "schnell") == guided:
+    v = VARIANTS[name]
+    guided = config.get("guidance_embed", True)
+    if v.guided != guided:
         has = "has" if guided else "has no"
-        raise ValueError(f"the transformer {has} a guidance embedding: it is not FLUX.1 {name}")
-    if config.get("in_channels", 64) != 64:
+        raise ValueError(f"the transformer {has} a guidance embedding: it is not {v.title}")
+    width = config.get("in_channels", 64)
+    if width != v.in_channels:
+        raise ValueError(f"the transformer takes {width} input channels, {v.title} {v.in_channels}")
+
+
+def infer_variant(config: dict, names) -> tuple[str, str | None]:
+    """(variant, a note when a name decided it) from the transformer's config and the names of
+    its sources (files, folders, a repo id, a diffusers pipeline class): the input width and
+    the guidance embedding decide where they can; Kontext has dev's shapes and Canny Depth's,
+    so there a name containing the variant's name decides. ValueError when nothing does."""
+    width, guided = config.get("in_channels", 64), config.get("guidance_embed", True)
+    fits = [v for v in VARIANTS.values() if v.in_channels == width and v.guided == guided]
+    if not fits:
         raise ValueError(
-            f"the transformer takes {config['in_channels']} input channels, not the 64 of "
-            f"FLUX.1 {name}"
+            f"a transformer with {width} input channels is no FLUX.1 model mlxflux knows "
+            "(dev, schnell and Kontext take 64, Canny and Depth 128, Fill 384)"
         )
-
-
-def hinted(names) -> tuple[str | None, str | None]:
-    """(variant, the name that suggests it) from source file, folder or repo names."""
-    for text in names:
-        for hint in NAME_HINTS:
-            if hint in str(text).lower():
-                return hint, str(text)
-    return None, None
+    names = [str(n) for n in names if n]
+    candidates = fits[1:] if fits[0].name == "dev" else fits  # dev is the 64-channel default
+    for v in candidates:
+        for text in names:
+            if v.name in text.lower():
+                note = f"variant {v.name}: suggested by {text}"
+                if v.in_channels == 64:
+                    note += " (its shapes are FLUX.1 dev's); pass --variant dev if it is not"
+                elif len(fits) > 1:
+                    note += f" (the shapes fit {' and '.join(f.title for f in fits)})"
+                return v.name, note
+    if len(fits) > 1 and fits[0].name != "dev":
+        raise ValueError(
+            f"{' and '.join(v.title for v in fits)} have the same shapes and no file name says "
+            f"which this is: pass --variant {' or --variant '.join(v.name for v in fits)}"
+        )
+    return fits[0].name, None
 
 
 # ---- Kontext: reference images -----------------------------------------------------------
@@ -174,11 +199,14 @@ def reference_ids(latent_sizes: list[tuple[int, int]]) -> list[np.ndarray]:
 class ImageConditioning:
     """What images add to the transformer's input for one generation (empty for text only).
 
+    channels [1, L, C]: concatenated to the packed latent's 64 channels, token by token (a
+    control image's latents for Canny/Depth; the masked image's latents and the mask for Fill).
     tokens [1, N, C] with ids [N, 3]: appended after the image tokens (Kontext's references);
     the trunk's velocity for them is dropped."""
 
     tokens: mx.array | None = None
     ids: np.ndarray | None = None
+    channels: mx.array | None = None
 
     @property
     def extra_tokens(self) -> int:
@@ -189,6 +217,9 @@ class ImageConditioning:
 
     def inputs(self, x: mx.array) -> mx.array:
         """The packed latent [B, L, 64] -> the trunk's image input."""
+        if self.channels is not None:
+            extra = mx.broadcast_to(self.channels, (*x.shape[:2], self.channels.shape[2]))
+            x = mx.concatenate([x, extra.astype(x.dtype)], axis=2)
         if self.tokens is None:
             return x
         tokens = mx.broadcast_to(self.tokens, (x.shape[0], *self.tokens.shape[1:]))
@@ -208,3 +239,75 @@ def reference_tokens(latents: list[mx.array]) -> ImageConditioning:
     ids = reference_ids([(z.shape[2], z.shape[3]) for z in latents])
     tokens = mx.concatenate([pack_latents(z.astype(mx.float32)) for z in latents], axis=1)
     return ImageConditioning(tokens=tokens, ids=np.concatenate(ids, axis=0))
+
+
+# ---- Canny / Depth: a control image; Fill: a masked image and its mask ------------------------
+
+
+def control_channels(latent: mx.array) -> ImageConditioning:
+    """Canny/Depth dev: the control image's latent [1, 16, H/8, W/8], packed, on the input
+    channels after the noisy latent's (diffusers' FluxControlPipeline, BFL `prepare_control`,
+    ComfyUI's InstructPixToPixConditioning via the model's concat_cond)."""
+    from .models.transformer import pack_latents
+
+    return ImageConditioning(channels=pack_latents(latent.astype(mx.float32)))
+
+
+def pack_mask(mask: np.ndarray) -> mx.array:
+    """A mask [H, W] in [0, 1] -> [1, (H/16)(W/16), 256]: each 8x8 block of pixels becomes 64
+    channels of its latent pixel (index 8 * dy + dx), then packed 2x2 as the latents are
+    (diffusers' FluxFillPipeline.prepare_mask_latents, BFL `prepare_fill`)."""
+    from .models.transformer import pack_latents
+
+    h, w = mask.shape
+    m = mask.astype(np.float32).reshape(h // 8, 8, w // 8, 8).transpose(1, 3, 0, 2)
+    return pack_latents(mx.array(m.reshape(1, 64, h // 8, w // 8)))
+
+
+def fill_channels(masked_latent: mx.array, mask: np.ndarray) -> ImageConditioning:
+    """Fill dev: the masked image's packed latent (64) then the packed mask (256)."""
+    from .models.transformer import pack_latents
+
+    packed = pack_latents(masked_latent.astype(mx.float32))
+    return ImageConditioning(channels=mx.concatenate([packed, pack_mask(mask)], axis=2))
+
+
+def masked_pixels(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The picture Fill is conditioned on, [H, W, 3] in [0, 1]: grey (0.5) where the mask
+    repaints. ComfyUI's InpaintModelConditioning: (pixels - 0.5) * (1 - round(mask)) + 0.5;
+    diffusers' FluxFillPipeline: image * (1 - mask) in [-1, 1]; the same for a 0/1 mask."""
+    keep = (1.0 - np.round(mask)).astype(np.float32)[..., None]
+    return (pixels - 0.5) * keep + 0.5
+
+
+OUTPAINT_FEATHERING = 40  # ComfyUI's ImagePadForOutpaint default
+
+
+def outpaint_canvas(
+    image: Image.Image, width: int, height: int, feathering: int = OUTPAINT_FEATHERING
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels [H, W, 3] in [0, 1], mask [H, W]) for outpainting `image` to width x height:
+    the image scaled to fit (Lanczos) and centred, grey (0.5) around it, as ComfyUI's
+    ImagePadForOutpaint pads, and its mask: 1 in
+    the new area, and inside the image within `feathering` pixels of a padded side
+    ((feathering - d) / feathering) ** 2, d the distance to that side."""
+    s = min(width / image.width, height / image.height)
+    w, h = min(width, round(image.width * s)), min(height, round(image.height * s))
+    if (w, h) != image.size:
+        image = image.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (width - w) // 2, (height - h) // 2
+    right, bottom = width - w - left, height - h - top
+    canvas = np.full((height, width, 3), 0.5, np.float32)
+    canvas[top : top + h, left : left + w] = np.asarray(image, dtype=np.float32) / 255.0
+    mask = np.ones((height, width), np.float32)
+    t = np.zeros((h, w), np.float32)
+    if feathering > 0 and feathering * 2 < h and feathering * 2 < w:
+        i, j = np.indices((h, w))
+        d = np.minimum.reduce([
+            i if top else np.full_like(i, h), h - i if bottom else np.full_like(i, h),
+            j if left else np.full_like(j, w), w - j if right else np.full_like(j, w),
+        ])  # fmt: skip
+        v = (feathering - d) / feathering
+        t = np.where(d < feathering, v * v, 0.0).astype(np.float32)
+    mask[top : top + h, left : left + w] = t
+    return canvas, mask

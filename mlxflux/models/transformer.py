@@ -35,7 +35,7 @@ from .layers import (
 
 @dataclass(frozen=True)
 class FluxConfig:
-    in_channels: int = 64
+    in_channels: int = 64  # 128 for Canny/Depth dev (+ control latents), 384 for Fill dev
     vec_in_dim: int = 768
     context_in_dim: int = 4096
     hidden_size: int = 3072
@@ -47,6 +47,7 @@ class FluxConfig:
     theta: int = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True
+    out_channels: int = 64  # the velocity's: the packed latent's 16 x 2 x 2
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
@@ -253,7 +254,7 @@ class FluxTransformer(nn.Module):
         self.txt_in = Linear(cfg.context_in_dim, d)
         self.double_blocks = [DoubleStreamBlock(cfg) for _ in range(cfg.depth)]
         self.single_blocks = [SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks)]
-        self.final_layer = LastLayer(d, cfg.in_channels)
+        self.final_layer = LastLayer(d, cfg.out_channels)
         self.float32_blocks: set[str] = set()  # float16 runs: blocks that overflowed it
 
     def modulation(
@@ -300,7 +301,7 @@ class FluxTransformer(nn.Module):
         dtype: mx.Dtype | None = None,
         block_weights=None,
     ) -> mx.array:
-        """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, in_channels]
+        """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, out_channels]
         in the residual streams' dtype.
 
         `dtype` (default: txt's) is the dtype of the matmuls and attention. In float16 the
