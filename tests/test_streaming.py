@@ -118,7 +118,7 @@ def test_a_budget_below_streaming_is_refused_before_any_stage(folders, tmp_path)
     r = run_cli("gen", "--prompt", "x", "--width", "48", "--height", "32", "--steps", "1",
                 "--memory-budget", "0.001", "--model", folder, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("mlxflux: error: memory_budget: ")
+    assert r.stderr.strip().splitlines()[-1].startswith("mlxflux: error: --memory-budget: ")
     assert not list(tmp_path.iterdir())
 
 
