@@ -295,6 +295,31 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     "aspect ratio (ComfyUI's FluxKontextImageScale); none: its own size, floored to "
     "multiples of 16.",
 )
+@path_option(
+    "--control-image",
+    help="FLUX.1 Canny / Depth models: the picture whose composition is kept, scaled to cover "
+    "the size. Canny models take its edges (see --preprocess); Depth models take a depth map "
+    "made elsewhere (e.g. Depth Anything in ComfyUI), as it is.",
+)
+@click.option(
+    "--preprocess",
+    type=click.Choice(["auto", "canny", "none"]),
+    default="auto",
+    show_default=True,
+    help="What becomes of --control-image: auto is canny on Canny models (ComfyUI's Canny "
+    "node, thresholds 0.4/0.8) and none on Depth models.",
+)
+@path_option(
+    "--mask",
+    help="FLUX.1 Fill models: white repaints, black keeps, on --init-image (its size or "
+    "aspect ratio). --denoise defaults to 1.0.",
+)
+@click.option(
+    "--outpaint",
+    is_flag=True,
+    help="FLUX.1 Fill models: centre --init-image on the canvas (the preset's or --width x "
+    "--height) and paint the rest, e.g. a square vinyl cover into a DVD box.",
+)
 @click.option(
     "--lora",
     "loras",
@@ -367,6 +392,10 @@ def gen(
     tiled_decode,
     references,
     reference_scale,
+    control_image,
+    preprocess,
+    mask,
+    outpaint,
     **given,
 ):
     """Generate images, staged: text encoders, then the transformer, then the VAE.
@@ -383,7 +412,10 @@ def gen(
     from .pipeline import load
     from .runs import check_template, parse_seeds, share
 
-    settings = gen_settings(preset, given, references, reference_scale)
+    images = dict(reference_images=list(references), reference_scale=reference_scale,
+                  control_image=control_image, preprocess=preprocess, mask=mask,
+                  outpaint=outpaint)  # fmt: skip
+    settings = gen_settings(preset, given, images)
     settings["loras"] = [parse_lora(spec) for spec in loras]
     try:
         all_seeds = parse_seeds(seeds, count, seed)
@@ -411,6 +443,10 @@ def gen(
         inputs += (
             f", reference{'s' if len(references) > 1 else ''} {', '.join(map(str, references))}"
         )
+    if control_image:
+        inputs += f", control {control_image}"
+    if mask or outpaint:
+        inputs += f", {'mask ' + str(mask) if mask else 'outpainted'}"
     where = f" (process {group.rank() + 1} of {group.size()})" if group.size() > 1 else ""
     header = (
         f"seed{'s' if len(mine) > 1 else ''} {', '.join(map(str, mine))}{where}, {size}, "
@@ -437,7 +473,14 @@ def gen(
 @path_option("--output", required=True, help="The sheet's PNG path.")
 @click.option("--height", type=click.IntRange(64, 4096), default=512, show_default=True,
               help="Height of every picture on the sheet.")  # fmt: skip
-def compare(original, images, output, height):
+@click.option(
+    "--map",
+    "middle",
+    metavar="canny|IMAGE",
+    help="A column after the original that explains the results: 'canny' draws the "
+    "original's edges (what a Canny model followed), or a depth map or mask file.",
+)
+def compare(original, images, output, height, middle):
     """A before/after sheet: the original cover and its re-imagined versions side by side,
     each captioned with its preset or prompt, seed, steps, scheduler and denoise (read from
     the PNGs' metadata). Never overwrites: an existing OUTPUT gets a -1, -2, ... suffix."""
@@ -445,7 +488,7 @@ def compare(original, images, output, height):
     from .image import contact_sheet, write_png
 
     try:
-        sheet, described = contact_sheet([original, *images], height)
+        sheet, described = contact_sheet([original, *images], height, middle)
     except SettingsError as e:
         raise Failure(e.reason) from None
     path = write_png(sheet, output, {"mlxflux-sheet": json.dumps(described)})

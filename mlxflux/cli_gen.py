@@ -70,16 +70,19 @@ def ensure_model(model: Path | None, sources: tuple[Path, ...], hf_repo: str | N
         raise Failure(str(e)) from None
 
 
-def gen_settings(preset: str | None, given: dict, references=(), reference_scale="kontext"):
+def gen_settings(preset: str | None, given: dict, images: dict | None = None) -> dict:
     """Defaults, then the preset's values, then the flags given; checked before any model
     loads. Every refusal is one line naming the flag."""
     from .errors import SettingsError
     from .presets import PresetError, get_preset
     from .settings import CHECKED, check_settings, open_init_image
 
+    images = images or {}
+    references = images.get("reference_images", [])
     settings = {**GEN_DEFAULTS, "prompt": None, "denoise": None, "init_image": None,
-                "steps": None, "shift": None, "reference_images": list(references),
-                "reference_scale": reference_scale}  # fmt: skip
+                "steps": None, "shift": None, "reference_images": [],
+                "reference_scale": "kontext", "control_image": None, "preprocess": "auto",
+                "mask": None, "outpaint": False, **images}  # fmt: skip
     size_given = given["width"] is not None or given["height"] is not None
     if preset:
         try:
@@ -107,14 +110,24 @@ def gen_settings(preset: str | None, given: dict, references=(), reference_scale
                 from .image import size_of
 
                 settings["width"], settings["height"] = size_of(image)
+            if given["denoise"] is None and (settings["mask"] or settings["outpaint"]):
+                settings["denoise"] = 1.0  # Fill: diffusers' strength 1, ComfyUI's example
             if settings["denoise"] is None:
                 settings["denoise"] = IMG2IMG_DENOISE
+        if settings["control_image"] is not None:
+            image = open_init_image(settings["control_image"], "control_image")[0]
+            if not size_given and settings["init_image"] is None:
+                from .image import size_of
+
+                settings["width"], settings["height"] = size_of(image)
+                size_given = True
         for i, path in enumerate(references):
             image = open_init_image(path, "reference")[0]
             if i == 0 and not size_given and settings["init_image"] is None:
                 from .variants import reference_size  # the first reference's size, encoded
 
-                settings["width"], settings["height"] = reference_size(*image.size, reference_scale)
+                scale = settings["reference_scale"]
+                settings["width"], settings["height"] = reference_size(*image.size, scale)
         check_settings(**{k: settings[k] for k in CHECKED})
     except SettingsError as e:
         raise Failure(f"--{e.name.replace('_', '-')}: {e.reason}") from None
@@ -140,7 +153,9 @@ def run_generation(
             settings["prompt"], seeds, init_image=settings["init_image"],
             loras=settings["loras"], tiled_decode=tiled_decode, on_step=lambda *a: step_done(*a),
             reference_images=settings["reference_images"],
-            reference_scale=settings["reference_scale"], **kw,
+            reference_scale=settings["reference_scale"], control_image=settings["control_image"],
+            preprocess=settings["preprocess"], mask=settings["mask"],
+            outpaint=settings["outpaint"], **kw,
         )  # fmt: skip
     except SettingsError as e:  # in the flags' names
         flag = {"reference_images": "reference"}.get(e.name, e.name).replace("_", "-")

@@ -161,13 +161,17 @@ def caption(settings: dict | None, fallback: str) -> list[str]:
     return [title, line]
 
 
-def contact_sheet(paths: list[Path], height: int = 512) -> tuple[Image.Image, list[dict]]:
-    """The images side by side at the same height, each captioned below from its metadata."""
+def contact_sheet(
+    paths: list[Path], height: int = 512, middle=None
+) -> tuple[Image.Image, list[dict]]:
+    """The images side by side at the same height, each captioned below from its metadata.
+    `middle`: a column after the original that explains the results: "canny" (the original's
+    edges, as ComfyUI's Canny node draws them) or an image file (a depth map, a mask)."""
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=max(12, height // 32))
     pad, line_h = max(8, height // 48), int(font.size * 1.3)
-    tiles, described = [], []
+    pictures = []  # (rgb, caption lines, description)
     for path in paths:
         rgb, name, _ = open_image(path)
         with Image.open(path) as img:
@@ -176,11 +180,14 @@ def contact_sheet(paths: list[Path], height: int = 512) -> tuple[Image.Image, li
             settings = json.loads(text) if text else None
         except json.JSONDecodeError:  # not written by mlxflux after all: caption the file name
             settings = None
+        pictures.append((rgb, caption(settings, name), {"file": name, "settings": settings}))
+    if middle is not None:
+        pictures.insert(1, _middle_column(middle, pictures[0][0]))
+    tiles, described = [], []
+    for rgb, lines, description in pictures:
         width = max(1, round(rgb.width * height / rgb.height))
-        tiles.append(
-            (rgb.resize((width, height), Image.Resampling.LANCZOS), caption(settings, name))
-        )
-        described.append({"file": name, "settings": settings})
+        tiles.append((rgb.resize((width, height), Image.Resampling.LANCZOS), lines))
+        described.append(description)
     wrapped = [wrap(lines, font, tile.width) for tile, lines in tiles]
     total_w = sum(t.width for t, _ in tiles) + pad * (len(tiles) + 1)
     text_h = max(len(w) for w in wrapped) * line_h
@@ -192,6 +199,16 @@ def contact_sheet(paths: list[Path], height: int = 512) -> tuple[Image.Image, li
             draw.text((x, height + 2 * pad + i * line_h), text, fill="black", font=font)
         x += tile.width + pad
     return sheet, described
+
+
+def _middle_column(middle, original: Image.Image) -> tuple[Image.Image, list[str], dict]:
+    if str(middle) == "canny":
+        from .preprocess import canny_image
+
+        return (canny_image(original), ["Canny edges", "as ComfyUI's Canny node"],
+                {"file": "canny(original)", "settings": None})  # fmt: skip
+    rgb, name, _ = open_image(middle, "map")
+    return rgb, [name, "control map / mask"], {"file": name, "settings": None}
 
 
 def wrap(lines: list[str], font, width: int) -> list[str]:

@@ -121,6 +121,7 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int):
         raise LoraError(f"{path}: not a safetensors LoRA file ({reason})") from None
     except OSError as e:
         raise LoraError(f"{path}: cannot be read ({e.strerror or e})") from None
+    _refuse_widening(path, tensors, layers)
     report = LoraReport(path.name, hashlib.sha256(data).hexdigest(), scale)
     groups: dict[str, dict[str, mx.array]] = {}
     for key, value in tensors.items():
@@ -167,6 +168,29 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int):
             f"{next(iter(groups), next(iter(tensors), '?'))!r}); applied to 0 layers"
         )
     return report, pieces
+
+
+# BFL's flux1-canny-dev-lora / flux1-depth-dev-lora carry a wider input projection (128 inputs:
+# the latent and the control image's latent) that diffusers' and ComfyUI's loaders swap in
+_INPUT_LAYER = re.compile(r"(^|[._])(img_in|x_embedder)[._]")
+
+
+def _refuse_widening(path: Path, tensors: dict, layers: dict) -> None:
+    """A LoRA whose input-projection tensors take more inputs than the model's is refused in one
+    line (it would need the layer widened, which mlxflux does not do), never ignored."""
+    img_in = layers.get("img_in")
+    if img_in is None:
+        return
+    width = _in_features(img_in)
+    for key, value in tensors.items():
+        up = re.search(r"(lora_B|lora_up|lora\.up)\.weight$", key)
+        if _INPUT_LAYER.search(key) and value.ndim == 2 and not up and value.shape[1] > width:
+            raise LoraError(
+                f"{path}: {key} takes {value.shape[1]} input channels and this model's input "
+                f"projection {width}: a FLUX.1 Canny/Depth LoRA widens it, which mlxflux does not "
+                "do; convert the full FLUX.1 Canny or Depth dev model (mlxflux convert "
+                "--variant canny/depth) and use it instead"
+            )
 
 
 def _in_features(layer: nn.Module) -> int:

@@ -21,9 +21,13 @@ from .test_transformer import diffusers_to_bfl as flux_to_bfl
 T5_WIDTH, CLIP_WIDTH = 64, 128
 
 
-def make_models(seed: int = 0, guidance: bool = True) -> dict[str, torch.nn.Module]:
+def make_models(seed: int = 0, guidance: bool = True, in_channels: int = 64) -> dict:
+    """in_channels: 64 (dev, schnell, Kontext), 128 (Canny/Depth), 384 (Fill); the output is
+    always the packed latent's 64."""
     torch.manual_seed(seed)
     flux = FluxTransformer2DModel(
+        in_channels=in_channels,
+        out_channels=64,
         num_layers=2,
         num_single_layers=2,
         attention_head_dim=128,
