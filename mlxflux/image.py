@@ -29,6 +29,14 @@ def parameters_text(s: dict) -> str:
         )
     for ref in s.get("reference_images", []):  # Kontext
         lines[1] += f", Reference image: {ref['file']} (sha256 {ref['sha256'][:16]})"
+    if s.get("control_image"):  # Canny / Depth
+        c = s["control_image"]
+        lines[1] += (f", Control image: {c['file']} (sha256 {c['sha256'][:16]}), "
+                     f"Preprocess: {s.get('preprocess', 'none')}")  # fmt: skip
+    if s.get("mask"):  # Fill
+        lines[1] += f", Mask: {s['mask']['file']} (sha256 {s['mask']['sha256'][:16]})"
+    if s.get("outpaint"):
+        lines[1] += ", Outpaint: centred"
     return "\n".join(lines)
 
 
