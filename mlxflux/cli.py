@@ -262,9 +262,7 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
 @click.option(
     "--t5-padding",
     type=click.Choice(["comfy", "max"]),
-    default="comfy",
-    show_default=True,
-    help="comfy: pad T5 tokens to >=256; max: pad/truncate to 512.",
+    help="comfy: pad T5 tokens to >=256; max: pad/truncate to 512 [default: comfy].",
 )
 @path_option(
     "--init-image",
@@ -342,6 +340,12 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     "--report",
     help="Write per-stage time and memory as JSON to this file.",
 )
+@path_option(
+    "--from-png",
+    help="Start from the settings of an earlier PNG: mlxflux's own, an A1111/Forge "
+    "'parameters' chunk or a ComfyUI 'prompt' graph (prompt, seed, size, steps, scheduler, "
+    "guidance, shift, denoise). Flags given override them; a preset gives way to them.",
+)
 @click.option(
     "--from",
     "sources",
@@ -396,6 +400,7 @@ def gen(
     preprocess,
     mask,
     outpaint,
+    from_png,
     **given,
 ):
     """Generate images, staged: text encoders, then the transformer, then the VAE.
@@ -415,7 +420,22 @@ def gen(
     images = dict(reference_images=list(references), reference_scale=reference_scale,
                   control_image=control_image, preprocess=preprocess, mask=mask,
                   outpaint=outpaint)  # fmt: skip
-    settings = gen_settings(preset, given, images)
+    png = {}
+    if from_png:
+        from .png_settings import read_png_settings
+
+        try:
+            png, kind, notes = read_png_settings(from_png)
+        except SettingsError as e:
+            raise Failure(f"--from-png: {e.reason}") from None
+        click.echo(f"settings from {from_png} ({kind}): "
+                   + ", ".join(f"{k} {v!r}" if k == "prompt" else f"{k} {v}"
+                               for k, v in png.items() if k != "prompt"), err=True)  # fmt: skip
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
+        if seed is None and not seeds and count is None and "seed" in png:
+            seed = png["seed"]
+    settings = gen_settings(preset, given, images, png)
     settings["loras"] = [parse_lora(spec) for spec in loras]
     try:
         all_seeds = parse_seeds(seeds, count, seed)
@@ -431,7 +451,11 @@ def gen(
     for name, value in pipe.defaults.items():  # steps and shift: the model's unless given
         if settings.get(name) is None:
             settings[name] = value
-    if given["guidance"] is None and pipe.variant not in ("dev", "schnell"):
+    if (
+        given["guidance"] is None
+        and "guidance" not in png
+        and pipe.variant not in ("dev", "schnell")
+    ):
         settings["guidance"] = pipe.defaults["guidance"]  # Kontext's 2.5 over the preset's 3.5
     if pipe.model_name == "flux1-schnell" and given["guidance"] is not None:
         click.echo("note: FLUX.1 schnell has no guidance input; --guidance is ignored", err=True)

@@ -21,7 +21,8 @@ class Failure(click.ClickException):
 
 # Generation defaults: one table for the CLI's help, its settings and the presets' overrides
 # (steps and shift: the model's, Pipeline.defaults: dev 20 at 1.15, schnell 4 at 1.0)
-GEN_DEFAULTS = {"width": 1024, "height": 1024, "guidance": 3.5, "scheduler": "simple"}
+GEN_DEFAULTS = {"width": 1024, "height": 1024, "guidance": 3.5, "scheduler": "simple",
+                "t5_padding": "comfy"}  # fmt: skip
 IMG2IMG_DENOISE = 0.75  # --init-image without --denoise and no preset value
 
 
@@ -70,9 +71,10 @@ def ensure_model(model: Path | None, sources: tuple[Path, ...], hf_repo: str | N
         raise Failure(str(e)) from None
 
 
-def gen_settings(preset: str | None, given: dict, images: dict | None = None) -> dict:
-    """Defaults, then the preset's values, then the flags given; checked before any model
-    loads. Every refusal is one line naming the flag."""
+def gen_settings(preset: str | None, given: dict, images: dict | None = None,
+                 png: dict | None = None) -> dict:  # fmt: skip
+    """Defaults, then the preset's values, then an earlier PNG's (`--from-png`), then the
+    flags given; checked before any model loads. Every refusal is one line naming the flag."""
     from .errors import SettingsError
     from .presets import PresetError, get_preset
     from .settings import CHECKED, check_settings, open_init_image
@@ -91,6 +93,9 @@ def gen_settings(preset: str | None, given: dict, images: dict | None = None) ->
             raise Failure(str(e)) from None
         settings.update({k: p[k] for k in settings if k in p})
         size_given = True
+    if png:
+        settings.update({k: v for k, v in png.items() if k in settings})
+        size_given = size_given or "width" in png
     settings.update({k: v for k, v in given.items() if v is not None})
     if not settings["prompt"]:
         raise Failure("give --prompt TEXT or --preset NAME (see `mlxflux presets`)")
