@@ -13,6 +13,7 @@ from .cli_gen import (
     Failure,
     ensure_model,
     gen_settings,
+    model_defaults,
     parse_lora,
     run_generation,
     summarize,
@@ -448,15 +449,7 @@ def gen(
         pipe = load(folder, precision, memory_budget)  # checks the folder before any stage
     except MlxfluxError as e:
         raise Failure(str(e)) from None
-    for name, value in pipe.defaults.items():  # steps and shift: the model's unless given
-        if settings.get(name) is None:
-            settings[name] = value
-    if (
-        given["guidance"] is None
-        and "guidance" not in png
-        and pipe.variant not in ("dev", "schnell")
-    ):
-        settings["guidance"] = pipe.defaults["guidance"]  # Kontext's 2.5 over the preset's 3.5
+    model_defaults(settings, pipe, given, png)
     if pipe.model_name == "flux1-schnell" and given["guidance"] is not None:
         click.echo("note: FLUX.1 schnell has no guidance input; --guidance is ignored", err=True)
     size = f"{settings['width']}x{settings['height']}"
@@ -517,6 +510,54 @@ def compare(original, images, output, height, middle):
         raise Failure(e.reason) from None
     path = write_png(sheet, output, {"mlxflux-sheet": json.dumps(described)})
     click.echo(str(path))
+
+
+@main.command()
+@path_option("--model", help="Model folder [default: ~/.cache/mlxflux/models/flux1-dev-q8].")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. 127.0.0.1: this Mac only. 0.0.0.0 (or a LAN address) lets "
+    "anyone who can reach this machine use the page, queue jobs on your GPU, upload images "
+    "and read every PNG in the output folder: there is no login. Only on a network you trust.",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
+@path_option(
+    "--output-dir",
+    help="Where the PNGs go and the gallery reads from [default: ./mlxflux-output].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Compute dtype [default: by chip, as gen].",
+)
+@click.option("--memory-budget", default="auto", show_default=True, help="As gen's.")
+def serve(model, host, port, output_dir, precision, memory_budget):
+    """A local web page over the library: presets, prompt, seeds, the original cover for
+    image to image / Kontext / control / fill, live progress, the result beside the original,
+    a gallery of earlier PNGs. Jobs run one at a time on one loaded model. Needs the serve
+    extra: pip install "mlxflux[serve]"."""
+    try:
+        import uvicorn
+
+        from .serve import Studio, create_app
+    except ImportError as e:
+        raise Failure(f'{e.name} is missing: pip install "mlxflux[serve]"') from None
+    from .errors import MlxfluxError
+    from .pipeline import load
+
+    folder = ensure_model(model, (), None)
+    try:
+        pipe = load(folder, precision, memory_budget)
+    except MlxfluxError as e:
+        raise Failure(str(e)) from None
+    studio = Studio(pipe, output_dir or Path("mlxflux-output"))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: anyone who can reach it can use it", err=True)
+    click.echo(f"mlxflux serve: {pipe.variant_info.title} from {folder}; PNGs in "
+               f"{studio.output}; open http://{host}:{port}/", err=True)  # fmt: skip
+    uvicorn.run(create_app(studio), host=host, port=port, log_level="warning")
 
 
 @main.command()

@@ -139,6 +139,32 @@ def gen_settings(preset: str | None, given: dict, images: dict | None = None,
     return settings
 
 
+def model_defaults(settings: dict, pipe, given: dict, png: dict) -> None:
+    """Fill in what the loaded model decides: steps and shift unless given; on the variants
+    with their own guidance (Kontext 2.5, Canny 30, Depth 10, Fill 30) that guidance unless
+    --guidance or the PNG of --from-png gave one (the presets' 3.5 is dev's)."""
+    for name, value in pipe.defaults.items():
+        if settings.get(name) is None:
+            settings[name] = value
+    own = pipe.variant not in ("dev", "schnell")
+    if own and given.get("guidance") is None and "guidance" not in png:
+        settings["guidance"] = pipe.defaults["guidance"]
+
+
+def generation_kwargs(settings: dict, tiled_decode=None) -> dict:
+    """`Pipeline.generate_many`'s keywords from gen's settings: the CLI and the web page run
+    the same call, so the same settings give the same pixels."""
+    from .settings import CHECKED
+
+    return dict(
+        {k: settings[k] for k in CHECKED}, init_image=settings["init_image"],
+        loras=settings["loras"], tiled_decode=tiled_decode,
+        reference_images=settings["reference_images"], reference_scale=settings["reference_scale"],
+        control_image=settings["control_image"], preprocess=settings["preprocess"],
+        mask=settings["mask"], outpaint=settings["outpaint"],
+    )  # fmt: skip
+
+
 def run_generation(
     pipe, settings, seeds, indexes, preset, output, tiled_decode, header: str
 ) -> list[Path]:
@@ -149,19 +175,11 @@ def run_generation(
     from .errors import MlxfluxError, SettingsError
     from .image import save_png
     from .runs import output_path
-    from .settings import CHECKED
 
     written: list[Path] = []
-    kw = {k: settings[k] for k in CHECKED}
     try:  # every setting, init image and LoRA file is checked here, before any stage runs
-        images = pipe.generate_many(
-            settings["prompt"], seeds, init_image=settings["init_image"],
-            loras=settings["loras"], tiled_decode=tiled_decode, on_step=lambda *a: step_done(*a),
-            reference_images=settings["reference_images"],
-            reference_scale=settings["reference_scale"], control_image=settings["control_image"],
-            preprocess=settings["preprocess"], mask=settings["mask"],
-            outpaint=settings["outpaint"], **kw,
-        )  # fmt: skip
+        images = pipe.generate_many(settings["prompt"], seeds, on_step=lambda *a: step_done(*a),
+                                    **generation_kwargs(settings, tiled_decode))  # fmt: skip
     except SettingsError as e:  # in the flags' names
         flag = {"reference_images": "reference"}.get(e.name, e.name).replace("_", "-")
         raise Failure(f"--{flag}: {e.reason}") from None

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import os
 import re
+import threading
 import time
 from collections import Counter
 
@@ -145,11 +146,19 @@ def precision_choice(device_info: dict | None = None) -> tuple[str, str]:
 # ---- attention ------------------------------------------------------------------------------
 
 
-@functools.cache
+_THREAD = threading.local()
+
+
 def _cpu_streams() -> tuple:
-    """The CPU's default stream plus one more per extra core (at most four in all)."""
-    n = max(1, min(4, os.cpu_count() or 1))
-    return (mx.default_stream(mx.cpu), *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
+    """The CPU's default stream plus one more per extra core (at most four in all). MLX's
+    streams belong to the thread that made them: each thread makes its own (the web page
+    runs its jobs on a worker thread)."""
+    streams = getattr(_THREAD, "cpu_streams", None)
+    if streams is None:
+        n = max(1, min(4, os.cpu_count() or 1))
+        streams = (mx.default_stream(mx.cpu), *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
+        _THREAD.cpu_streams = streams
+    return streams
 
 
 @kernel("attention")

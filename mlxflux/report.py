@@ -2,6 +2,7 @@
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -22,6 +23,8 @@ class Report:
     settings: dict = field(default_factory=dict)
     images: list[dict] = field(default_factory=list)  # per seed: seconds to denoise, decode
     plan: str = "resident"  # the memory plan: "resident" or "streamed" (some stage streams)
+    # called with each stage's name as it starts (the web page shows it); not reported
+    on_stage: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def peak_bytes(self) -> int:
@@ -45,6 +48,8 @@ class Stage:
         self.bytes_read, self.read_wait_seconds = 0, 0.0  # set by the stage as it reads
 
     def __enter__(self):
+        if self.report.on_stage is not None:
+            self.report.on_stage(self.name)
         mx.synchronize()
         mx.reset_peak_memory()
         self.start = time.perf_counter()
