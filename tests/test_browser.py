@@ -1,0 +1,121 @@
+"""The cover studio page in a real browser: headless Chromium (Debian's `chromium`, driven by
+Playwright) against `mlxflux serve` on a tiny model. Fill the form, start a job, watch its
+progress, see the image and its gallery entry, reuse its settings, cancel a long one.
+
+MLXFLUX_SCREENSHOT=docs/serve.png keeps the page's screenshot (the README shows it)."""
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+import mlxflux
+from mlxflux.serve import Studio, create_app
+
+from . import tiny
+from .test_img2img import cover_image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser")
+    folder = tiny.converted(tiny.make_models(seed=91), tmp)
+    studio = Studio(mlxflux.load(folder), tmp / "out")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(studio), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    start = time.time()
+    while not srv.started:
+        assert time.time() - start < 30, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", studio, tmp
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
+    # the OpenBLAS preloaded for MLX (this process has it already) breaks Playwright's node
+    # driver and Chromium's GPU process when they inherit it
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    url, studio, _ = server
+    original = tmp_path / "interstellar-original.png"
+    cover_image(4, 96, 64).save(original)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        expect(page.locator("#model")).to_contain_text("FLUX.1 dev")
+        expect(page.locator("#preset option")).to_have_count(4)  # none + book, vinyl, dvd
+        # a Kontext reference needs a Kontext model: the page does not offer it for dev
+        expect(page.locator("#drop-reference")).to_be_hidden()
+
+        page.fill("#prompt", "a DVD cover, a black hole with a golden disk")
+        page.fill("#width", "96")
+        page.fill("#height", "64")
+        page.fill("#steps", "3")
+        page.fill("#seeds", "7")
+        page.fill("#denoise", "0.8")
+        page.set_input_files("#init_image", str(original))
+        page.click("#generate")
+        job = page.locator(".job").first
+        expect(job).to_have_class("job done", timeout=120_000)
+        expect(job.locator(".state")).to_have_text("done")
+        # the result beside the original, both loaded
+        images = page.locator("#result img")
+        expect(images).to_have_count(2)
+        for i in range(2):
+            expect(images.nth(i)).to_have_js_property("complete", True)
+            assert images.nth(i).evaluate("img => img.naturalWidth") == 96
+        expect(page.locator("#result figcaption").nth(1)).to_have_text("seed 7")
+        # the gallery reads the PNG from the output folder, with its settings
+        thumb = page.locator(".thumb").first
+        expect(thumb).to_contain_text("seed 7", timeout=10_000)
+        (png,) = studio.output.glob("*.png")
+        page.fill("#prompt", "")
+        thumb.locator(".reuse").click()
+        expect(page.locator("#prompt")).to_have_value(
+            "a DVD cover, a black hole with a golden disk"
+        )
+        expect(page.locator("#steps")).to_have_value("3")
+
+        # a long job: its progress shows, then cancel stops it and writes nothing
+        page.fill("#steps", "400")
+        page.set_input_files("#init_image", [])
+        page.fill("#denoise", "")
+        page.click("#generate")
+        long_job = page.locator(".job").first
+        expect(long_job.locator(".state")).to_contain_text("denoise · step", timeout=60_000)
+        shot = Path(os.environ.get("MLXFLUX_SCREENSHOT") or tmp_path / "serve.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        long_job.locator(".cancel").click()
+        expect(long_job).to_have_class("job cancelled", timeout=60_000)
+        assert [p.name for p in studio.output.glob("*.png")] == [png.name]
+
+        # a bad setting is said on the page in one line, and nothing is queued
+        jobs = page.locator(".job").count()
+        page.fill("#width", "50")
+        page.click("#generate")
+        expect(page.locator("#error")).to_contain_text("--width: width and height must be")
+        assert page.locator(".job").count() == jobs
+        assert errors == []
+        browser.close()
+    assert shot.stat().st_size > 10_000
