@@ -172,6 +172,7 @@ def run_generation(
     Expected failures and Ctrl-C become one line; the images already written stay."""
     from tqdm.auto import tqdm
 
+    from .comfy_graph import comfy_chunks
     from .errors import MlxfluxError, SettingsError
     from .image import save_png
     from .runs import output_path
@@ -215,7 +216,8 @@ def run_generation(
             meta = dict(pipe.last_report.settings, seed=seed, version=__version__, preset=preset)
             path = output_path(output, seed=seed, index=indexes[seed], preset=preset,
                                prompt=settings["prompt"])  # fmt: skip
-            written.append(save_png(image, path.resolve(), meta))
+            graphs = comfy_chunks(meta, pipe.manifest)
+            written.append(save_png(image, path.resolve(), meta, graphs))
             click.echo(str(written[-1]))
     except KeyboardInterrupt:
         kept = f"{len(written)} of {len(seeds)} images written" if written else "no image written"

@@ -45,13 +45,16 @@ def slug(text: str, limit: int = 40) -> str:
     return words[:limit].rstrip("-") or "image"
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, settings: dict) -> Path:
+def save_png(
+    image: Image.Image, path: str | os.PathLike, settings: dict, extra: dict | None = None
+) -> Path:
     """Write `image` with its settings; if `path` exists, pick `name-1.png`, `name-2.png`, ...
 
     The file is written under a temporary name in the same folder and linked into place, so a
     crash or Ctrl-C never leaves a partial PNG and an existing file is never replaced.
     """
     chunks = {"parameters": parameters_text(settings), "mlxflux": json.dumps(settings)}
+    chunks.update(extra or {})  # ComfyUI's `prompt` and `workflow` graphs
     return write_png(image, path, chunks)
 
 

@@ -196,6 +196,7 @@ class ImageInputs:
             out["mask"] = self.mask.record()
         if self.outpaint:
             out["outpaint"] = True
+            out["init_image_size"] = list(self.init.image.size)
         return out
 
     @property

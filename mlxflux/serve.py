@@ -217,6 +217,7 @@ class Studio:
 
     def _run(self, job: Job) -> None:
         from .cli_gen import generation_kwargs
+        from .comfy_graph import comfy_chunks
         from .image import save_png
         from .runs import output_path
 
@@ -238,7 +239,8 @@ class Studio:
                 meta = dict(report.settings, seed=seed, version=__version__, preset=job.preset)
                 name = output_path(None, seed=seed, index=index, preset=job.preset,
                                    prompt=job.prompt)  # fmt: skip
-                path = save_png(image, self.output / name, meta)
+                graphs = comfy_chunks(meta, self.pipe.manifest)
+                path = save_png(image, self.output / name, meta, graphs)
                 job.changed(images=[*job.images, f"/api/images/{path.name}"])
             job.changed(status="done", stage="")
         except Cancelled:
