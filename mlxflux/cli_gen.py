@@ -139,6 +139,12 @@ def gen_settings(preset: str | None, given: dict, images: dict | None = None,
     return settings
 
 
+def flag_message(e) -> str:
+    """A SettingsError from the library, in the name of the flag that set it."""
+    flag = {"reference_images": "reference"}.get(e.name, e.name).replace("_", "-")
+    return f"--{flag}: {e.reason}"
+
+
 def model_defaults(settings: dict, pipe, given: dict, png: dict) -> None:
     """Fill in what the loaded model decides: steps and shift unless given; on the variants
     with their own guidance (Kontext 2.5, Canny 30, Depth 10, Fill 30) that guidance unless
@@ -181,9 +187,8 @@ def run_generation(
     try:  # every setting, init image and LoRA file is checked here, before any stage runs
         images = pipe.generate_many(settings["prompt"], seeds, on_step=lambda *a: step_done(*a),
                                     **generation_kwargs(settings, tiled_decode))  # fmt: skip
-    except SettingsError as e:  # in the flags' names
-        flag = {"reference_images": "reference"}.get(e.name, e.name).replace("_", "-")
-        raise Failure(f"--{flag}: {e.reason}") from None
+    except SettingsError as e:
+        raise Failure(flag_message(e)) from None
     except MlxfluxError as e:
         raise Failure(str(e)) from None
     click.echo(f"{header}, memory: {pipe.last_report.settings['memory_plan']}", err=True)

@@ -116,7 +116,14 @@ class Studio:
     def submit(self, raw: dict, files: dict[str, list[tuple[str, bytes]]]) -> Job:
         """Check a request as `mlxflux gen` checks its flags, save its uploads, queue it.
         BadRequest with one line when it cannot run."""
-        from .cli_gen import Failure, gen_settings, generation_kwargs, model_defaults, parse_lora
+        from .cli_gen import (
+            Failure,
+            flag_message,
+            gen_settings,
+            generation_kwargs,
+            model_defaults,
+            parse_lora,
+        )
         from .runs import parse_seeds
 
         if not isinstance(raw, dict):
@@ -151,8 +158,7 @@ class Studio:
         except Failure as e:
             raise BadRequest(e.format_message()) from None
         except SettingsError as e:
-            flag = {"reference_images": "reference"}.get(e.name, e.name).replace("_", "-")
-            raise BadRequest(f"--{flag}: {e.reason}") from None
+            raise BadRequest(flag_message(e)) from None
         except MlxfluxError as e:
             raise BadRequest(str(e)) from None
         job = Job(job_id, settings["prompt"], settings, seeds, raw.get("preset") or None, inputs)
