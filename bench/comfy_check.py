@@ -31,14 +31,27 @@ T5_CONFIG = {"d_ff": 1024, "d_kv": 64, "d_model": 4096, "num_heads": 64, "num_la
 FILES = {"flux": "diffusion_models/flux1-dev.safetensors",
          "t5": "text_encoders/t5xxl_fp32.safetensors", "clip": "text_encoders/clip_l.safetensors",
          "ae": "vae/ae.safetensors"}  # fmt: skip
+TRANSFORMERS = {"flux1-dev.safetensors": 64, "flux1-canny-dev.safetensors": 128,
+                "flux1-fill-dev.safetensors": 384}  # fmt: skip
+MODELS = {"dev": "flux1-dev.safetensors", "kontext": "flux1-kontext-dev.safetensors",
+          "canny": "flux1-canny-dev.safetensors", "fill": "flux1-fill-dev.safetensors"}  # fmt: skip
+# case -> (model, gen's flags)
 CASES = {
-    "txt2img": ["--width", "128", "--height", "96", "--steps", "3", "--seed", "11"],
-    "beta-auto": ["--width", "96", "--height", "128", "--steps", "3", "--seed", "12",
-                  "--scheduler", "beta", "--shift", "auto", "--guidance", "4"],
-    "img2img": ["--width", "128", "--height", "128", "--steps", "4", "--seed", "13",
-                "--init-image", "{input}/cover.png", "--denoise", "0.6"],
-    "lora": ["--width", "128", "--height", "96", "--steps", "3", "--seed", "14",
-             "--lora", "{models}/loras/style.safetensors:0.8"],
+    "txt2img": ("dev", ["--width", "128", "--height", "96", "--steps", "3", "--seed", "11"]),
+    "beta-auto": ("dev", ["--width", "96", "--height", "128", "--steps", "3", "--seed", "12",
+                          "--scheduler", "beta", "--shift", "auto", "--guidance", "4"]),
+    "img2img": ("dev", ["--width", "128", "--height", "128", "--steps", "4", "--seed", "13",
+                        "--init-image", "{input}/cover.png", "--denoise", "0.6"]),
+    "lora": ("dev", ["--width", "128", "--height", "96", "--steps", "3", "--seed", "14",
+                     "--lora", "{models}/loras/style.safetensors:0.8"]),
+    "kontext": ("kontext", ["--width", "128", "--height", "96", "--steps", "3", "--seed", "15",
+                            "--reference", "{input}/cover.png", "--reference-scale", "none"]),
+    "canny": ("canny", ["--width", "128", "--height", "128", "--steps", "3", "--seed", "16",
+                        "--control-image", "{input}/cover.png"]),
+    "fill": ("fill", ["--width", "128", "--height", "128", "--steps", "3", "--seed", "17",
+                      "--init-image", "{input}/cover128.png", "--mask", "{input}/mask128.png"]),
+    "outpaint": ("fill", ["--width", "128", "--height", "160", "--steps", "3", "--seed", "18",
+                          "--init-image", "{input}/square96.png", "--outpaint"]),
 }  # fmt: skip
 PROMPT = "A cinematic DVD cover for the movie Interstellar, a black hole with a golden disk"
 
@@ -57,19 +70,22 @@ def write_sources(models: Path, inputs: Path) -> None:
 
     for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
         (models / sub).mkdir(parents=True, exist_ok=True)
-    cfg = FluxConfig(**{**FLUX_DEV.to_dict(), "depth": 1, "depth_single_blocks": 1})
-    flux = {}
-    for i, (key, p) in enumerate(tree_flatten(FluxTransformer(cfg).parameters())):
-        k = mx.random.key(1000 + i)
-        if p.ndim >= 2:
-            bound = (3 / p.shape[-1]) ** 0.5
-            value = mx.random.uniform(-bound, bound, p.shape, key=k)
-        elif "norm" in key or key.endswith("scale"):
-            value = mx.ones(p.shape)
-        else:
-            value = 0.02 * mx.random.normal(p.shape, key=k)
-        flux[key] = value.astype(mx.bfloat16)
-    mx.save_safetensors(str(models / FILES["flux"]), flux)
+    for name, in_channels in TRANSFORMERS.items():  # dev (Kontext has its shapes), Canny, Fill
+        cfg = FluxConfig(**{**FLUX_DEV.to_dict(), "depth": 1, "depth_single_blocks": 1,
+                            "in_channels": in_channels})  # fmt: skip
+        flux = {}
+        for i, (key, p) in enumerate(tree_flatten(FluxTransformer(cfg).parameters())):
+            k = mx.random.key(1000 + i)
+            if p.ndim >= 2:
+                bound = (3 / p.shape[-1]) ** 0.5
+                value = mx.random.uniform(-bound, bound, p.shape, key=k)
+            elif "norm" in key or key.endswith("scale"):
+                value = mx.ones(p.shape)
+            else:
+                value = 0.02 * mx.random.normal(p.shape, key=k)
+            flux[key] = value.astype(mx.bfloat16)
+        mx.save_safetensors(str(models / "diffusion_models" / name), flux)
+    shutil.copy(models / FILES["flux"], models / "diffusion_models/flux1-kontext-dev.safetensors")
     torch.manual_seed(0)
     clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
                                         num_attention_heads=12, num_hidden_layers=12,
@@ -112,6 +128,15 @@ def write_sources(models: Path, inputs: Path) -> None:
     img = np.stack([x, y, 1 - x * y], -1) * 255
     img[(x - 0.5) ** 2 + (y - 0.4) ** 2 < 0.05] = (240, 200, 40)
     Image.fromarray(img.astype(np.uint8)).save(inputs / "cover.png")
+    Image.fromarray(img.astype(np.uint8)).resize((128, 128), Image.Resampling.LANCZOS).save(
+        inputs / "cover128.png"
+    )
+    mask = np.zeros((128, 128), np.uint8)
+    mask[40:100, 24:88] = 255  # repaint the middle, keep the rest
+    Image.fromarray(mask).convert("RGB").save(inputs / "mask128.png")
+    Image.fromarray(img.astype(np.uint8)).resize((96, 96), Image.Resampling.LANCZOS).save(
+        inputs / "square96.png"
+    )
 
 
 RUNNER = r"""
@@ -198,23 +223,26 @@ def main():
     p.add_argument("--work", default="/tmp/mlxflux-comfy-check")
     p.add_argument("--out", default="bench/results/comfy_check.json")
     a = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers, tests.*
     work = Path(a.work)
     models, inputs, ours = work / "models", work / "input", work / "ours"
     if not (models / FILES["flux"]).exists():
         write_sources(models, inputs)
     from mlxflux.convert import convert
 
-    model = work / "mlx"
-    if not model.exists():
-        from tests.helpers import tokenizer_dir
+    for variant, file in MODELS.items():
+        if not (work / "mlx" / variant).exists():
+            from tests.helpers import tokenizer_dir
 
-        convert([], model, bits=None, dtype="float32", flux=models / FILES["flux"],
-                t5=models / FILES["t5"], clip=models / FILES["clip"], ae=models / FILES["ae"],
-                tokenizers=tokenizer_dir(), progress=True)  # fmt: skip
+            convert([], work / "mlx" / variant, bits=None, dtype="float32",
+                    flux=models / "diffusion_models" / file, t5=models / FILES["t5"],
+                    clip=models / FILES["clip"], ae=models / FILES["ae"],
+                    tokenizers=tokenizer_dir(), progress=True)  # fmt: skip
     shutil.rmtree(ours, ignore_errors=True)
     shutil.rmtree(work / "comfy_out", ignore_errors=True)
     ours.mkdir(parents=True)
-    for name, args in CASES.items():
+    for name, (variant, args) in CASES.items():
+        model = work / "mlx" / variant
         args = [s.format(input=inputs, models=models) for s in args]
         out = str(ours / f"{name}.png")
         cmd = [sys.executable, "-m", "mlxflux.cli", "gen", "--model", str(model), "--prompt",

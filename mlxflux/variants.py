@@ -264,27 +264,23 @@ def pack_mask(mask: np.ndarray) -> mx.array:
     return pack_latents(mx.array(m.reshape(1, 64, h // 8, w // 8)))
 
 
-def binary_mask(mask: np.ndarray) -> np.ndarray:
-    """A mask in [0, 1] -> 0 or 1 (float32): repaint from 0.5 up, as diffusers' mask processor
-    binarizes. ComfyUI rounds the picture's mask the same way but hands the model its
-    unrounded values; a file of black and white is the same either way."""
-    return (mask >= 0.5).astype(np.float32)
-
-
 def fill_channels(masked_latent: mx.array, mask: np.ndarray) -> ImageConditioning:
-    """Fill dev: the masked image's packed latent (64) then the packed binary mask (256)."""
+    """Fill dev: the masked image's packed latent (64) then the packed mask (256), the mask's
+    values as they are: ComfyUI's InpaintModelConditioning hands the model the mask unrounded
+    (a feathered outpaint edge stays soft); diffusers binarizes it, the same for a 0/1 mask."""
     from .models.transformer import pack_latents
 
     packed = pack_latents(masked_latent.astype(mx.float32))
-    channels = mx.concatenate([packed, pack_mask(binary_mask(mask))], axis=2)
+    channels = mx.concatenate([packed, pack_mask(mask.astype(np.float32))], axis=2)
     return ImageConditioning(channels=channels)
 
 
 def masked_pixels(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The picture Fill is conditioned on, [H, W, 3] in [0, 1]: grey (0.5) where the mask
-    repaints. diffusers' FluxFillPipeline: image * (1 - mask) in [-1, 1]; ComfyUI's
-    InpaintModelConditioning: (pixels - 0.5) * (1 - round(mask)) + 0.5."""
-    keep = (1.0 - binary_mask(mask))[..., None]
+    """The picture Fill is conditioned on, [H, W, 3] in [0, 1]: grey (0.5) where the rounded
+    mask repaints. ComfyUI's InpaintModelConditioning: (pixels - 0.5) * (1 - round(mask)) + 0.5
+    (round half to even, as torch.round); diffusers' FluxFillPipeline: image * (1 - mask) in
+    [-1, 1] with the mask binarized, the same for a 0/1 mask."""
+    keep = (1.0 - np.round(mask)).astype(np.float32)[..., None]
     return (pixels - 0.5) * keep + 0.5
 
 

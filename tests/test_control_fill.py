@@ -322,22 +322,41 @@ def test_outpaint_canvas_is_comfyuis_pad_for_outpaint():
 
 
 def outpaint_reference(models, path, width, height, steps, seed, prompt):
-    """FluxFillPipeline given the canvas and mask of ComfyUI's ImagePadForOutpaint, for the
-    picture at `path` scaled to fit the canvas and centred."""
+    """ComfyUI's outpainting, from diffusers' parts: the canvas and mask of ImagePadForOutpaint
+    (the picture scaled to fit and centred), InpaintModelConditioning's conditioning (pixels
+    grey where round(mask) is 1, the mask itself, feathered, on the mask channels; packed by
+    FluxFillPipeline.prepare_mask_latents, which does not binarize), then Euler over
+    FluxTransformer2DModel. FluxFillPipeline itself binarizes every mask."""
     image = Image.open(path).convert("RGB")
     s = min(width / image.width, height / image.height)
     w, h = round(image.width * s), round(image.height * s)
     scaled = np.asarray(image.resize((w, h), Image.Resampling.LANCZOS), np.float32) / 255
     left, top = (width - w) // 2, (height - h) // 2
     canvas, mask = comfy_pad_for_outpaint(scaled, left, top, width - w - left, height - h - top)
+    pipe = FluxFillPipeline(**components(models))
+    sigmas = sigmas_for(steps, width, height)
     with torch.no_grad():
-        return FluxFillPipeline(**components(models))(
-            prompt, image=torch.from_numpy(canvas).permute(2, 0, 1)[None],
-            mask_image=torch.from_numpy(np.round(mask))[None, None], height=height, width=width,
-            num_inference_steps=steps, sigmas=sigmas_for(steps, width, height)[:-1],
-            guidance_scale=30.0, latents=noise_latents(seed, width, height), output_type="np",
-            max_sequence_length=256,
-        ).images  # fmt: skip
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, max_sequence_length=256)
+        m = torch.from_numpy(mask)[None, None]
+        keep = 1 - torch.round(m)
+        masked = ((torch.from_numpy(canvas).permute(2, 0, 1)[None] - 0.5) * keep + 0.5) * 2 - 1
+        packed_mask, masked_latents = pipe.prepare_mask_latents(
+            m, masked, 1, 16, 1, height, width, torch.float32, "cpu", None
+        )
+        cond = torch.cat([masked_latents, packed_mask], dim=-1)
+        x = noise_latents(seed, width, height)
+        ids = pipe._prepare_latent_image_ids(1, height // 16, width // 16, "cpu", torch.float32)
+        for t, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            v = pipe.transformer(
+                hidden_states=torch.cat([x, cond], dim=2), timestep=torch.tensor([t]),
+                guidance=torch.tensor([30.0]), pooled_projections=pooled,
+                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids,
+            ).sample  # fmt: skip
+            x = x + (t_next - t) * v
+        latent = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
+        latent = latent / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        out = (pipe.vae.decode(latent).sample / 2 + 0.5).clamp(0, 1)
+    return out.permute(0, 2, 3, 1).numpy()
 
 
 # at the DVD size the random tiny VAE's float32 sums part MLX and torch by more than at 96x64
