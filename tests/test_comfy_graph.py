@@ -15,9 +15,6 @@ from PIL import Image
 from mlxflux.comfy_graph import NODES, comfy_prompt, comfy_workflow, source_files
 from mlxflux.png_settings import comfy_prompt_settings
 
-from . import tiny
-from .helpers import run_cli
-
 COMFY_FILES = [
     {"component": "transformer", "name": "flux1-dev-fp8.safetensors"},
     {"component": "t5", "name": "t5xxl_fp8_e4m3fn.safetensors"},
@@ -132,6 +129,9 @@ def test_files_from_a_diffusers_folder_get_bfls_names():
 
 
 def test_pngs_carry_both_graphs(tmp_path):
+    from . import tiny  # diffusers: imported here, so ComfyUI's Python can run the rest
+    from .helpers import run_cli
+
     folder = tiny.converted(tiny.make_models(seed=95), tmp_path)
     r = run_cli("gen", "--model", folder, "--prompt", "x", "--width", 32, "--height", 32,
                 "--steps", 1, "--seed", 9, "--shift", "auto", cwd=tmp_path)  # fmt: skip
@@ -147,13 +147,31 @@ def test_pngs_carry_both_graphs(tmp_path):
 NO_COMFYUI = "COMFYUI_PATH (a ComfyUI checkout) is not set: CI cannot fetch it"
 
 
+@pytest.fixture(scope="module")
+def comfy_nodes():
+    """ComfyUI's node classes, loaded as its main.py loads them (CPU only)."""
+    import asyncio
+
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import nodes  # ComfyUI's
+
+        started = nodes.init_extra_nodes(init_custom_nodes=False)
+        if asyncio.iscoroutine(started):
+            asyncio.run(started)
+    finally:
+        sys.argv = argv
+    return nodes
+
+
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason=NO_COMFYUI)
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_node_and_input_is_comfyuis(case):
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    import nodes  # ComfyUI's
-
-    nodes.init_extra_nodes()
+def test_every_node_and_input_is_comfyuis(case, comfy_nodes):
+    nodes = comfy_nodes
     variant, extra = CASES[case]
     for node in comfy_prompt({**BASE, **extra}, manifest(variant)).values():
         cls = nodes.NODE_CLASS_MAPPINGS[node["class_type"]]
