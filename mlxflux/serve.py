@@ -78,12 +78,14 @@ class Job:
     error: str | None = None
     created: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event)
-    version: int = 0  # bumped on every change: the event stream sends each new version
+    # every state the job has been in, in order: the event stream sends each one (no step is
+    # lost between two polls); appended by the worker thread, read by the server's
+    history: list[dict] = field(default_factory=list)
 
     def changed(self, **kw) -> None:
         for k, v in kw.items():
             setattr(self, k, v)
-        self.version += 1
+        self.history.append(self.public())
 
     def public(self) -> dict:
         return {
@@ -385,18 +387,20 @@ def create_app(studio: Studio):
             return bad("no such job", 404)
 
         async def stream():
-            seen = -1
+            sent = 0
+            if not job.history:  # queued: say so at once
+                yield f"event: progress\ndata: {json.dumps(job.public())}\n\n"
             while True:
-                if job.version != seen:
-                    seen = job.version
-                    state = job.public()
-                    kind = "end" if job.status in END else "progress"
+                states = job.history[sent:]
+                sent += len(states)
+                for state in states:
+                    kind = "end" if state["status"] in END else "progress"
                     yield f"event: {kind}\ndata: {json.dumps(state)}\n\n"
                     if kind == "end":
                         return
                 if await request.is_disconnected():
                     return
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
