@@ -411,6 +411,9 @@ def gen(
     Image to image:  mlxflux gen --preset dvd --init-image interstellar.jpg --denoise 0.6
     By instruction:  mlxflux gen --preset dvd --model ~/models/kontext --reference interstellar.jpg
                      --prompt "the same cover as a brutalist concrete poster, keep the title"
+    Composition:     mlxflux gen --preset book --model ~/models/canny --control-image 1984.jpg
+    Fill / outpaint: mlxflux gen --preset dvd --model ~/models/fill --init-image ram.jpg --outpaint
+    Iterate:         mlxflux gen --from-png dvd-42.png --seed 43
     Many covers:     mlxflux gen --preset dvd --count 8 --output covers/dvd-{seed}.png
     Several Macs:    mlx.launch --hostfile hosts.json -- mlxflux gen --preset dvd --count 8
     """

@@ -23,10 +23,8 @@ from .test_img2img import cover_image
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("browser")
-    folder = tiny.converted(tiny.make_models(seed=91), tmp)
+def serve(folder, tmp):
+    """`mlxflux serve`'s app over `folder` on a free port, in a thread: (url, studio, server)."""
     studio = Studio(mlxflux.load(folder), tmp / "out")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,9 +37,22 @@ def server(tmp_path_factory):
     while not srv.started:
         assert time.time() - start < 30, "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", studio, tmp
+    return f"http://127.0.0.1:{port}", studio, srv, thread
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser")
+    url, studio, srv, thread = serve(tiny.converted(tiny.make_models(seed=91), tmp), tmp)
+    yield url, studio, tmp
     srv.should_exit = True
     thread.join(10)
+
+
+def browser_page(p):
+    args = ["--no-sandbox", "--disable-gpu"]
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+    return browser, browser.new_page(viewport={"width": 1280, "height": 900})
 
 
 def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
@@ -55,10 +66,7 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
     original = tmp_path / "interstellar-original.png"
     cover_image(4, 96, 64).save(original)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        browser, page = browser_page(p)
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url)
@@ -119,3 +127,45 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
         assert errors == []
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_a_kontext_model_takes_a_reference_on_the_page(tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    from mlxflux.convert import convert
+
+    assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    src = tiny.write_diffusers(tiny.make_models(seed=92), tmp_path / "FLUX.1-Kontext-dev")
+    folder = convert([src], tmp_path / "model", bits=None, dtype="float32", log=lambda m: None)
+    url, studio, srv, thread = serve(folder, tmp_path)
+    reference = tmp_path / "original.png"
+    cover_image(6, 64, 48).save(reference)
+    try:
+        with sync_playwright() as p:
+            browser, page = browser_page(p)
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text("FLUX.1 Kontext dev")
+            expect(page.locator("#drop-reference")).to_be_visible()
+            expect(page.locator("#drop-control_image")).to_be_hidden()
+            page.fill("#prompt", "the same cover as a concrete poster")
+            page.fill("#steps", "2")
+            page.fill("#seeds", "3")
+            page.set_input_files("#reference", str(reference))
+            page.select_option("#reference_scale", "none")
+            page.click("#generate")
+            expect(page.locator(".job").first).to_have_class("job done", timeout=120_000)
+            expect(page.locator("#result figcaption").first).to_have_text("reference")
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    (png,) = studio.output.glob("*.png")
+    meta = json.loads(Image.open(png).text["mlxflux"])
+    # no size given: the reference's own (64x48), as the CLI does; Kontext's guidance
+    assert (meta["width"], meta["height"], meta["guidance"]) == (64, 48, 2.5)
+    assert meta["reference_images"][0]["file"] == "original.png"
+    assert meta["reference_scale"] == "none"
