@@ -105,34 +105,27 @@ def gen_settings(preset: str | None, given: dict, images: dict | None = None,
     except ValueError:
         raise Failure(f"--shift: {settings['shift']!r} is not a number or 'auto'") from None
     try:
+        # every input image opened now, so a bad file is refused before the model loads
+        init = control = None
         if settings["init_image"] is None:
             if given["denoise"] is not None:
                 raise Failure("--denoise: needs --init-image (it sets how much of it changes)")
             settings["denoise"] = 1.0
         else:
-            image = open_init_image(settings["init_image"])[0]
-            if not size_given:  # the original's size, rounded to multiples of 16
-                from .image import size_of
-
-                settings["width"], settings["height"] = size_of(image)
+            init = open_init_image(settings["init_image"])[0]
             if given["denoise"] is None and (settings["mask"] or settings["outpaint"]):
                 settings["denoise"] = 1.0  # Fill: diffusers' strength 1, ComfyUI's example
             if settings["denoise"] is None:
                 settings["denoise"] = IMG2IMG_DENOISE
         if settings["control_image"] is not None:
-            image = open_init_image(settings["control_image"], "control_image")[0]
-            if not size_given and settings["init_image"] is None:
-                from .image import size_of
+            control = open_init_image(settings["control_image"], "control_image")[0]
+        refs = [open_init_image(path, "reference")[0] for path in references]
+        if not size_given:  # the pipeline's rule: the init image's, control's or reference's
+            from .image_inputs import output_size
 
-                settings["width"], settings["height"] = size_of(image)
-                size_given = True
-        for i, path in enumerate(references):
-            image = open_init_image(path, "reference")[0]
-            if i == 0 and not size_given and settings["init_image"] is None:
-                from .variants import reference_size  # the first reference's size, encoded
-
-                scale = settings["reference_scale"]
-                settings["width"], settings["height"] = reference_size(*image.size, scale)
+            size = output_size(init, control, refs, settings["reference_scale"])
+            if size is not None:
+                settings["width"], settings["height"] = size
         check_settings(**{k: settings[k] for k in CHECKED})
     except SettingsError as e:
         raise Failure(f"--{e.name.replace('_', '-')}: {e.reason}") from None

@@ -83,7 +83,7 @@ def source_files(manifest: dict, model_name: str) -> dict[str, str]:
 
 def comfy_prompt(settings: dict, manifest: dict) -> dict:
     """The API graph (ComfyUI's `prompt` chunk) that draws what `settings` drew."""
-    from .variants import variant_of
+    from .variants import outpaint_padding, variant_of
 
     variant = variant_of(manifest)
     files = source_files(manifest, variant.model_name)
@@ -132,7 +132,7 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
     if variant.fill and settings.get("init_image"):
         if settings.get("outpaint"):
             image = g.add("LoadImage", image=settings["init_image"], upload="image")
-            pad = outpaint_pad(settings)
+            pad = outpaint_padding(settings["init_image_size"], w, h)
             fw, fh = w - pad[0] - pad[2], h - pad[1] - pad[3]  # the image fitted, then padded
             fit = g.add("ImageScale", image=[image, 0], upscale_method="lanczos", width=fw,
                         height=fh, crop="disabled")  # fmt: skip
@@ -165,16 +165,6 @@ def comfy_chunks(settings: dict, manifest: dict) -> dict[str, str]:
 
     prompt = comfy_prompt(settings, manifest)
     return {"prompt": json.dumps(prompt), "workflow": json.dumps(comfy_workflow(prompt))}
-
-
-def outpaint_pad(settings: dict) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) as `variants.outpaint_canvas` centres the fitted image."""
-    w, h = settings["width"], settings["height"]
-    iw, ih = settings["init_image_size"]
-    s = min(w / iw, h / ih)
-    fw, fh = min(w, round(iw * s)), min(h, round(ih * s))
-    left, top = (w - fw) // 2, (h - fh) // 2
-    return left, top, w - fw - left, h - fh - top
 
 
 def comfy_workflow(prompt: dict) -> dict:

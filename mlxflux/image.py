@@ -141,6 +141,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def unit_pixels(image: Image.Image):
+    """ComfyUI's LoadImage: an image's uint8 values / 255, float32 [H, W, C]."""
+    import numpy as np
+
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
 def size_of(image: Image.Image) -> tuple[int, int]:
     """An image's size rounded to the nearest multiples of 16 (at least 16)."""
     return tuple(max(16, round(v / 16) * 16) for v in image.size)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import SettingsError
-from .image import cover, size_of
+from .image import cover, size_of, unit_pixels
 from .preprocess import canny_image
 from .settings import open_init_image
 from .variants import (
@@ -167,12 +167,10 @@ class ImageInputs:
     # ---- what they imply -----------------------------------------------------------------
 
     def default_size(self) -> tuple[int, int] | None:
-        """The output size when none is given: the init image's, else the control image's
-        (rounded to multiples of 16), else the first reference's as encoded."""
-        for picture in (self.init, self.control):
-            if picture is not None:
-                return size_of(picture.image)
-        return self.references[0].size if self.references else None
+        """The output size when none is given (`output_size`)."""
+        return output_size(*(p.image if p else None for p in (self.init, self.control)),
+                           [r.image for r in self.references],
+                           self.references[0].scale if self.references else "kontext")  # fmt: skip
 
     @property
     def extra_tokens(self) -> int:
@@ -211,10 +209,9 @@ class ImageInputs:
         """(pixels [H, W, 3] in [0, 1], mask [H, W] in [0, 1]) of a Fill job at the size."""
         if self.outpaint:
             return outpaint_canvas(self.init.image, width, height)
-        pixels = np.asarray(cover(self.init.image, width, height), np.float32) / 255.0
+        pixels = unit_pixels(cover(self.init.image, width, height))
         grey = self.mask.image.convert("L")
-        mask = np.asarray(cover(grey, width, height, Image.Resampling.BILINEAR), np.float32)
-        return pixels, mask / 255.0
+        return pixels, unit_pixels(cover(grey, width, height, Image.Resampling.BILINEAR))
 
     def control_picture(self, width: int, height: int) -> Image.Image:
         """The control image at the output size (scaled to cover, centre-cropped), as the
@@ -231,16 +228,22 @@ class ImageInputs:
             if init_latent:
                 latent = encode(pixels)
         elif self.init is not None and init_latent:
-            latent = encode(_unit(cover(self.init.image, width, height)))
+            latent = encode(unit_pixels(cover(self.init.image, width, height)))
         if self.control is not None:
-            extra = control_channels(mx.array(encode(_unit(self.control_picture(width, height)))))
+            control = unit_pixels(self.control_picture(width, height))
+            extra = control_channels(mx.array(encode(control)))
         if self.references:
-            refs = [mx.array(encode(_unit(scale_reference(r.image, r.scale))))
+            refs = [mx.array(encode(unit_pixels(scale_reference(r.image, r.scale))))
                     for r in self.references]  # fmt: skip
             extra = reference_tokens(refs)
         return latent, extra
 
 
-def _unit(image: Image.Image) -> np.ndarray:
-    """ComfyUI's LoadImage: uint8 / 255 as float32."""
-    return np.asarray(image, dtype=np.float32) / 255.0
+def output_size(init=None, control=None, references=(), scale="kontext"):
+    """The output size when none is given, from the input images (PIL): the init image's,
+    else the control image's (rounded to multiples of 16), else the first reference's as it is
+    encoded (`reference_scale`); None without any."""
+    for image in (init, control):
+        if image is not None:
+            return size_of(image)
+    return reference_size(*references[0].size, scale) if references else None

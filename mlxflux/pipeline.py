@@ -113,7 +113,8 @@ class Pipeline:
 
     @property
     def variant(self) -> str:
-        """ "dev", "schnell" or "kontext": recorded at conversion (`mlxflux info` shows it)."""
+        """A name of `variants.VARIANTS` (dev, schnell, kontext, canny, depth, fill), recorded
+        at conversion (`mlxflux info` shows it)."""
         return self.variant_info.name
 
     @property
@@ -213,7 +214,8 @@ class Pipeline:
         extra: ImageConditioning | None = None,
     ) -> mx.array:
         """Euler over the transformer trunk; the latent [1, 16, H/8, W/8] stays float32.
-        `extra`: the variant's image conditioning (Kontext's reference tokens)."""
+        `extra`: the variant's image conditioning (Kontext's reference tokens, the control
+        or fill channels)."""
         extra = extra or ImageConditioning()
         height, width = noise.shape[2] * 8, noise.shape[3] * 8
         steps = len(sigma_list) - 1

@@ -18,6 +18,8 @@ Returns an RGB image of 0 / 255 edges, as the node's output is saved.
 import numpy as np
 from PIL import Image
 
+from .image import unit_pixels
+
 CANNY_LOW, CANNY_HIGH = 0.4, 0.8  # ComfyUI's Canny node defaults
 EPS = 1e-6  # kornia's eps inside the magnitude's square root
 
@@ -83,5 +85,5 @@ def canny_edges(rgb: np.ndarray, low: float = CANNY_LOW, high: float = CANNY_HIG
 
 def canny_image(image: Image.Image) -> Image.Image:
     """ComfyUI's Canny node (default thresholds) on a PIL image: white edges on black, RGB."""
-    edges = canny_edges(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    edges = canny_edges(unit_pixels(image.convert("RGB")))
     return Image.fromarray(np.repeat(edges[..., None], 3, axis=2).astype(np.uint8) * 255)

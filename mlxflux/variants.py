@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ModelFolderError, SettingsError
+from .image import unit_pixels
 from .sampling import DEFAULT_SHIFT
 
 
@@ -287,6 +288,14 @@ def masked_pixels(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 OUTPAINT_FEATHERING = 40  # ComfyUI's ImagePadForOutpaint default
 
 
+def outpaint_padding(size: tuple[int, int], width: int, height: int) -> tuple[int, ...]:
+    """(left, top, right, bottom): an image of `size` scaled to fit width x height, centred."""
+    s = min(width / size[0], height / size[1])
+    w, h = min(width, round(size[0] * s)), min(height, round(size[1] * s))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, width - w - left, height - h - top
+
+
 def outpaint_canvas(
     image: Image.Image, width: int, height: int, feathering: int = OUTPAINT_FEATHERING
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -295,14 +304,12 @@ def outpaint_canvas(
     ImagePadForOutpaint pads, and its mask: 1 in
     the new area, and inside the image within `feathering` pixels of a padded side
     ((feathering - d) / feathering) ** 2, d the distance to that side."""
-    s = min(width / image.width, height / image.height)
-    w, h = min(width, round(image.width * s)), min(height, round(image.height * s))
+    left, top, right, bottom = outpaint_padding(image.size, width, height)
+    w, h = width - left - right, height - top - bottom
     if (w, h) != image.size:
         image = image.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (width - w) // 2, (height - h) // 2
-    right, bottom = width - w - left, height - h - top
     canvas = np.full((height, width, 3), 0.5, np.float32)
-    canvas[top : top + h, left : left + w] = np.asarray(image, dtype=np.float32) / 255.0
+    canvas[top : top + h, left : left + w] = unit_pixels(image)
     mask = np.ones((height, width), np.float32)
     t = np.zeros((h, w), np.float32)
     if feathering > 0 and feathering * 2 < h and feathering * 2 < w:
