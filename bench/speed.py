@@ -6,14 +6,17 @@
     python bench/speed.py --sizes dvd --kontext   # FLUX.1 Kontext: + one reference's tokens
 
 Measures the first step (kernel compilation included) and the steady state (warm-up, then
---iters steps; median and spread) at each resolution, for mlxflux in each --precision and --bits
-(kernels as MLXFLUX_KERNELS picks them), diffusers' FluxTransformer2DModel on --torch-device in
---torch-dtype, and mflux's transformer when `import mflux` works. Reports each as a ratio to
-torch in the same run, and achieved TFLOP/s against this backend's measured matmul ceiling.
+--iters rounds in which each implementation runs one step, in rotated order; median and spread)
+at each resolution, for mlxflux in each --precision and --bits (kernels as MLXFLUX_KERNELS picks
+them), diffusers' FluxTransformer2DModel on --torch-device in --torch-dtype, and mflux's
+transformer when `import mflux` works. Reports each as a ratio to torch and each quantized model
+as a ratio to the same precision unquantized (medians of the ratios within a round: a shared
+host's drift cancels), and achieved TFLOP/s against this backend's measured matmul ceiling.
 On Linux preload OpenBLAS first (README). Writes JSON and a Markdown table.
 """
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -62,26 +65,42 @@ def matmul_ceiling(torch_device: str) -> dict:
     return out
 
 
-def timed(fn, warmup: int, iters: int) -> dict:
-    """The first call alone (it includes kernel compilation: ~95 s for MLX's quantized kernels
-    on CUDA the first time), then the steady state after `warmup` calls in all."""
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
-    for _ in range(warmup - 1):
-        fn()
-    times = []
-    for _ in range(iters):
+def timed(steps: dict, warmup: int, rounds: int) -> dict:
+    """Each implementation's first call alone (it includes kernel compilation: ~95 s for MLX's
+    quantized kernels on CUDA the first time), its warm-up, then `rounds` rounds in which every
+    implementation runs one step, in an order rotated each round. The machine's drift (other
+    tenants of a shared host, clocks) then falls on all of them alike: each ratio is the median
+    of the ratios within a round (`paired`), not a ratio of medians taken minutes apart."""
+    first = {}
+    for name, fn in steps.items():
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
+        first[name] = time.perf_counter() - t
+        for _ in range(warmup - 1):
+            fn()
+    names = list(steps)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t)
     return {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "runs": len(times),
-        "first_s": first,
+        n: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "runs": len(ts),
+            "first_s": first[n],
+            "times_s": ts,
+        }
+        for n, ts in times.items()
     }
+
+
+def paired(a: dict, b: dict) -> float:
+    """The median over rounds of a's step time over b's in the same round."""
+    return statistics.median(x / y for x, y in zip(a["times_s"], b["times_s"], strict=True))
 
 
 # torch ops by kind, by their own (self) time: what the profiler does not name here is
@@ -205,10 +224,6 @@ def mlx_step(model, dtype, h: int, w: int, kontext: bool = False):
     return lambda: denoise_step(model, img, txt, cond, rope, 0.7, 0.6, dtype=dtype, extra=extra)
 
 
-def bench_mlx(model, dtype, h: int, w: int, args) -> dict:
-    return timed(mlx_step(model, dtype, h, w, args.kontext), args.warmup, args.iters)
-
-
 def torch_inputs(ref, h: int, w: int, args) -> dict:
     """Random inputs for diffusers' transformer (moved to --torch-device and --torch-dtype)."""
     import torch
@@ -233,7 +248,7 @@ def torch_inputs(ref, h: int, w: int, args) -> dict:
     )
 
 
-def bench_torch(ref, h: int, w: int, args) -> dict:
+def torch_step(ref, h: int, w: int, args):
     import torch
 
     inputs = torch_inputs(ref, h, w, args)
@@ -243,7 +258,7 @@ def bench_torch(ref, h: int, w: int, args) -> dict:
             out = ref(**inputs, return_dict=False)[0]
         out.sum().item()  # synchronize
 
-    return timed(step, args.warmup, args.iters)
+    return step
 
 
 def build_mflux(ref):
@@ -274,7 +289,7 @@ def build_mflux(ref):
     return model
 
 
-def bench_mflux(model, h: int, w: int, args) -> dict:
+def mflux_step(model, h: int, w: int):
     class Scheduler:
         sigmas = mx.array([0.7, 0.0])
 
@@ -286,7 +301,7 @@ def bench_mflux(model, h: int, w: int, args) -> dict:
     img, txt = mx.random.normal((1, n_img, 64)), mx.random.normal((1, TXT, 4096))
     pooled = mx.random.normal((1, 768))
     mx.eval(img, txt, pooled)
-    return timed(lambda: mx.eval(model(0, Config(), img, txt, pooled)), args.warmup, args.iters)
+    return lambda: mx.eval(model(0, Config(), img, txt, pooled))
 
 
 def main():
@@ -320,8 +335,16 @@ def main():
         action="store_true",
         help="FLUX.1 Kontext: append one reference's tokens (~2x the image tokens)",
     )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="hold and time one implementation at a time (for models too large to hold "
+        "together, e.g. the full model on a Mac); the default runs them round by round",
+    )
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument(
+        "--iters", type=int, default=5, help="rounds: every implementation one step each"
+    )
     p.add_argument("--out", default="bench/results/speed")
     args = p.parse_args()
 
@@ -342,6 +365,11 @@ def main():
     if args.breakdown:
         return run_breakdown(ref, variants, args)
     mflux = build_mflux(ref)
+    impls = {
+        f"mlxflux {prec}" + (f" {bits}-bit" if bits else "") + f" ({kernels.mode()})": (prec, bits)
+        for prec, bits in variants
+    }
+    held = {} if args.sequential else {n: mlx_from_reference(ref, *v) for n, v in impls.items()}
     rows = []
     for size in args.sizes.split(","):
         h, w = SIZES[size]
@@ -350,22 +378,42 @@ def main():
             n_img += kontext_reference(h, w).extra_tokens
             size = f"{size} + Kontext reference"
         flops = flops_per_step(cfg, n_img)
-        torch_t = bench_torch(ref, h, w, args)
         torch_name = f"torch {args.torch_device} {args.torch_dtype}"
-        rows.append({"size": size, "impl": torch_name, **torch_t})
-        for prec, bits in variants:
-            model, dtype = mlx_from_reference(ref, prec, bits)  # sets FLOAT16_GUARDS
-            t = bench_mlx(model, dtype, h, w, args)
-            name = f"mlxflux {prec}" + (f" {bits}-bit" if bits else "") + f" ({kernels.mode()})"
-            rows.append({"size": size, "impl": name, **t})
-            del model
-            mx.clear_cache()
+
+        def mlx(name: str, h=h, w=w):
+            from mlxflux.models import transformer
+
+            prec, bits = impls[name]
+            model, dtype = held.get(name) or mlx_from_reference(ref, prec, bits)
+            guards = transformer.FLOAT16_GUARDS = prec != "float16-unguarded"
+            step = mlx_step(model, dtype, h, w, args.kontext)
+
+            def run():  # the held models may differ in FLOAT16_GUARDS, a module setting
+                transformer.FLOAT16_GUARDS = guards
+                return step()
+
+            return run
+
+        makers = {torch_name: lambda h=h, w=w: torch_step(ref, h, w, args)}
+        makers.update({n: functools.partial(mlx, n) for n in impls})
         if not isinstance(mflux, str) and not args.kontext:
-            rows.append({"size": size, "impl": "mflux fp32", **bench_mflux(mflux, h, w, args)})
-        for r in rows:
-            if r["size"] == size:
-                r["vs_torch"] = r["median_s"] / torch_t["median_s"]
-                r["tflops"] = flops / r["median_s"] / 1e12
+            makers["mflux fp32"] = lambda h=h, w=w: mflux_step(mflux, h, w)
+        if args.sequential:
+            results = {}
+            for name, make in makers.items():
+                results.update(timed({name: make()}, args.warmup, args.iters))
+                mx.clear_cache()
+        else:
+            results = timed({n: make() for n, make in makers.items()}, args.warmup, args.iters)
+        for name, t in results.items():
+            row = {"size": size, "impl": name, **t}
+            row["vs_torch"] = paired(t, results[torch_name])
+            row["tflops"] = flops / t["median_s"] / 1e12
+            prec, bits = impls.get(name, (None, None))
+            base = [n for n, v in impls.items() if v == (prec, None)]
+            if bits and base:  # a quantized model against the same precision unquantized
+                row["vs_unquantized"] = paired(t, results[base[0]])
+            rows.append(row)
         print(json.dumps([r for r in rows if r["size"] == size], indent=1), flush=True)
 
     meta = {
@@ -420,14 +468,16 @@ def write_results(rows: list, meta: dict, out: Path) -> None:
         f"{meta['date']}. Matmul ceiling: MLX {ceiling['mlx_gflops']:.0f} GFLOP/s, torch "
         f"{ceiling['torch_gflops']:.0f} GFLOP/s (fp32). mflux: {meta['mflux']}.",
         "",
-        "| size | implementation | median s/step | spread s | first step s | vs torch | TFLOP/s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| size | implementation | median s/step | spread s | first step s | vs torch | "
+        "quantized vs unquantized | TFLOP/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['size']} | {r['impl']} | {r['median_s']:.3f} | {r['min_s']:.3f}-"
             f"{r['max_s']:.3f} | {r.get('first_s', float('nan')):.3f} | {r['vs_torch']:.2f}x | "
-            f"{r['tflops']:.3f} |"
+            + (f"{r['vs_unquantized']:.3f}x" if "vs_unquantized" in r else "")
+            + f" | {r['tflops']:.3f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
