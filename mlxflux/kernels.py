@@ -5,7 +5,8 @@
     auto   (default) `fused` on Metal and CUDA, `split` on the CPU backend
     fused  MLX's fused attention and `mx.quantized_matmul`: what a GPU runs, on any device
     split  attention as two matmuls and a softmax in bounded chunks, quantized layers
-           dequantized to float32 one layer at a time: what the CPU backend runs fastest
+           dequantized to float32 one layer at a time (by `mlxflux.native`'s loop where it
+           builds): what the CPU backend runs fastest
 
 Why two paths: on the CPU backend the fused attention kernel reaches ~18 GFLOP/s against ~150
 for its BLAS matmuls, and `mx.quantized_matmul` is ~50x slower than dequantizing and calling
@@ -30,11 +31,13 @@ from collections import Counter
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import native
 from .errors import MlxfluxError
 
 MODES = ("auto", "fused", "split")
 CUDA_DEQUANTIZE_TOKENS = 1024  # CUDA: dequantize + matmul from this many tokens up
 DEQUANTIZE_BLOCK_TOKENS = 1024  # split path: up to this many tokens, dequantize in row blocks
+NATIVE_MATMUL_TOKENS = 512  # native loop: up to this many, blocks in the cache (native.py)
 DEQUANTIZE_BLOCK = 256  # rows per block: 256 x 3072 float32 is 3 MiB
 SCORES_BYTES = 8 << 20  # split attention: float32 scores per chunk (heads x query rows): 8 MiB
 # measured fastest at the book size (64 MiB: 5.5 s per attention, 16: 2.84, 8: 2.80, 1: 3.84)
@@ -362,28 +365,12 @@ def _rows(layer: nn.Module, start: int, stop: int):
         return dense
     gs, bits = layer.group_size, layer.bits
     w, scales, biases = (layer[n][start:stop] for n in ("weight", "scales", "biases"))
-    path = mode()
-    if path == "split":
-        calls["dequantize_fp32"] += 1
-        dense_w = dequantize(w, scales, biases, gs, bits)
+    if mode() == "split":
+        return _split_quantized(w, scales, biases, gs, bits, bias)
     kind = backend()
 
     def quantized(x: mx.array) -> mx.array:
-        if path == "split" and x.size // x.shape[-1] <= DEQUANTIZE_BLOCK_TOKENS:
-            # few tokens: the weight's float32 copy would cost as much as the matmul; made a
-            # block of rows at a time, each block is still in the cache when the matmul reads it
-            # (one 12288 x 3072 layer, 512 tokens: 237 ms whole, 188 blocked, float32 162)
-            calls["dequantize_blocks"] += 1
-            n = w.shape[0]
-            y = mx.concatenate(
-                [x @ dequantize(w[i : i + DEQUANTIZE_BLOCK], scales[i : i + DEQUANTIZE_BLOCK],
-                                biases[i : i + DEQUANTIZE_BLOCK], gs, bits).astype(x.dtype).T
-                 for i in range(0, n, DEQUANTIZE_BLOCK)],
-                axis=-1,
-            )  # fmt: skip
-        elif path == "split":
-            y = x @ dense_w.astype(x.dtype).T
-        elif kind == "cuda" and x.size // x.shape[-1] >= CUDA_DEQUANTIZE_TOKENS:
+        if kind == "cuda" and x.size // x.shape[-1] >= CUDA_DEQUANTIZE_TOKENS:
             calls["dequantize_matmul"] += 1
             y = x @ mx.dequantize(w, scales, biases, gs, bits, dtype=x.dtype).T
         else:
@@ -393,6 +380,58 @@ def _rows(layer: nn.Module, start: int, stop: int):
             y = mx.quantized_matmul(
                 x, w, scales=s, biases=z, transpose=True, group_size=gs, bits=bits
             )
+        return y if bias is None else y + bias.astype(y.dtype)
+
+    return quantized
+
+
+def _split_quantized(w, scales, biases, gs: int, bits: int, bias):
+    """A quantized layer on the split path (the CPU backend): its weight made float32 for the
+    BLAS matmul at each call.
+
+    With `mlxflux.native`'s loop: the whole layer, on every core, into this thread's reused
+    buffer (1+1 full-width blocks' layers at 256 / 1024 tokens, best of 5 against float32's
+    matmuls: 1.06x / 1.05x; MLX ops in row blocks 1.13x / 1.12x, whole into a new array 1.93x /
+    1.24x). Without it, MLX ops: up to DEQUANTIZE_BLOCK_TOKENS tokens a block of rows at a
+    time, each block still in the cache when the matmul reads it (one 12288 x 3072 layer, 512
+    tokens: 237 ms whole, 188 blocked, float32 162); with more, whole, once per returned
+    function.
+    """
+    calls["dequantize_fp32"] += 1
+    rows, cols = w.shape[0], w.shape[1] * 32 // bits
+    if native.available() and bits in native.BITS and gs % 4 == 0:
+        s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
+        mx.eval(w, s32, b32)
+        packed, s32, b32 = native.host(w), native.host(s32), native.host(b32)
+
+        def native_quantized(x: mx.array) -> mx.array:
+            tokens = x.size // x.shape[-1]
+            if tokens <= NATIVE_MATMUL_TOKENS and x.dtype == mx.float32 and native.blas():
+                calls["native_matmul"] += 1
+                flat = native.host(x.reshape(-1, cols))
+                y = native.quantized_matmul(flat, packed, s32, b32, gs, bits)
+                y = y.reshape(*x.shape[:-1], rows)
+            else:
+                calls["dequantize_native"] += 1
+                w32 = native.dequantized(packed, s32, b32, rows, cols, gs, bits)
+                y = x @ w32.astype(x.dtype).T
+                mx.eval(y)  # the buffer is written again at the next call
+            return y if bias is None else y + bias.astype(y.dtype)
+
+        return native_quantized
+    dense_w = dequantize(w, scales, biases, gs, bits)
+
+    def quantized(x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] <= DEQUANTIZE_BLOCK_TOKENS:
+            calls["dequantize_blocks"] += 1
+            y = mx.concatenate(
+                [x @ dequantize(w[i : i + DEQUANTIZE_BLOCK], scales[i : i + DEQUANTIZE_BLOCK],
+                                biases[i : i + DEQUANTIZE_BLOCK], gs, bits).astype(x.dtype).T
+                 for i in range(0, rows, DEQUANTIZE_BLOCK)],
+                axis=-1,
+            )  # fmt: skip
+        else:
+            y = x @ dense_w.astype(x.dtype).T
         return y if bias is None else y + bias.astype(y.dtype)
 
     return quantized

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from . import native
+
 
 @dataclass
 class StageStats:
@@ -59,6 +61,7 @@ class Stage:
         mx.synchronize()
         stats = StageStats(time.perf_counter() - self.start, mx.get_peak_memory())
         stats.bytes_read, stats.read_wait_seconds = self.bytes_read, self.read_wait_seconds
+        native.release()  # the CPU path's float32 buffer for quantized layers
         gc.collect()
         mx.clear_cache()
         stats.active_bytes_after = mx.get_active_memory()

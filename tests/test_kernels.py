@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from mlxflux import kernels
+from mlxflux import kernels, native
 from mlxflux.models.layers import Linear
 from mlxflux.quant import quantize
 
@@ -105,16 +105,16 @@ def test_transformer_matches_diffusers_in_each_mode(monkeypatch, mode, precision
         assert kernels.calls["dequantize_fp32" if fused else "quantized_matmul"] == 0
 
 
-def quantized_layer(seed: int):
-    """A 128 -> 192 Linear as an 8-bit MLX layer, and the torch layer holding its dequantized
-    weights (the reference)."""
-    layer = torch.nn.Linear(128, 192)
+def quantized_layer(seed: int, bits: int = 8, rows: int = 192):
+    """A 128 -> rows Linear as a quantized MLX layer, and the torch layer holding its
+    dequantized weights (the reference)."""
+    layer = torch.nn.Linear(128, rows)
     randomize_(layer, seed)
-    ref = quantize_dequantize_(copy.deepcopy(layer))
+    ref = quantize_dequantize_(copy.deepcopy(layer), bits)
     holder = nn.Module()
-    holder.layer = Linear(128, 192)
+    holder.layer = Linear(128, rows)
     holder.layer.load_weights([("weight", to_mx(layer.weight)), ("bias", to_mx(layer.bias))])
-    quantize(holder, 8)
+    quantize(holder, bits)
     return holder.layer, ref
 
 
@@ -135,9 +135,10 @@ def test_cuda_dequantizes_layers_at_many_tokens(monkeypatch):
 
 
 def test_split_path_dequantizes_in_row_blocks_at_few_tokens(monkeypatch):
-    """The CPU path dequantizes a layer whole, or a block of rows at a time for few tokens:
-    both equal the dequantized reference."""
+    """Without the native loop (MLXFLUX_NATIVE=0), the CPU path dequantizes a layer with MLX
+    ops, whole, or a block of rows at a time for few tokens: both equal the reference."""
     monkeypatch.setenv("MLXFLUX_KERNELS", "split")
+    monkeypatch.setenv("MLXFLUX_NATIVE", "0")
     monkeypatch.setattr(kernels, "DEQUANTIZE_BLOCK", 64)  # 192 rows: three blocks
     mlx_layer, ref = quantized_layer(3)
     limit = kernels.DEQUANTIZE_BLOCK_TOKENS
@@ -146,8 +147,99 @@ def test_split_path_dequantizes_in_row_blocks_at_few_tokens(monkeypatch):
         kernels.calls.clear()
         got = np.array(mlx_layer(to_mx(x)))
         assert kernels.calls["dequantize_blocks"] == blocked
+        assert kernels.calls["dequantize_native"] == 0
         with torch.no_grad():
             assert rel_err(got, ref(x)) <= 1e-5
+
+
+# ---- the native CPU loop (mlxflux.native) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_native_dequantization_equals_mlx(bits):
+    """The native loop against MLX's own `mx.dequantize` (the format's definition) and the
+    MLX-ops fallback, on rows sliced out of the middle of a layer (pointer offsets)."""
+    assert native.available(), "the native loop needs g++ on PATH (CI installs it)"
+    w = mx.random.normal((300, 256), key=mx.random.key(bits)) * 3
+    packed, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+    mx.eval(packed, scales, biases)
+    want = np.array(mx.dequantize(packed, scales, biases, group_size=64, bits=bits))
+    out, view = native.fresh(300, 256)
+    native.dequantize_into(view, native.host(packed), native.host(scales),
+                           native.host(biases), 64, bits)  # fmt: skip
+    np.testing.assert_allclose(np.array(out), want, rtol=1e-6, atol=1e-6)
+    rows = slice(37, 201)
+    part, part_view = native.fresh(164, 256)
+    native.dequantize_into(part_view, native.host(packed[rows]), native.host(scales[rows]),
+                           native.host(biases[rows]), 64, bits)  # fmt: skip
+    ops = kernels.dequantize(packed[rows], scales[rows], biases[rows], 64, bits)
+    assert np.array_equal(np.array(part), np.array(ops))  # same roundings as the MLX ops
+
+
+@pytest.mark.parametrize("bits,rows", [(8, 192), (4, 200), (6, 136)])
+def test_native_quantized_layers_match_torch(monkeypatch, bits, rows):
+    """With the native loop, up to NATIVE_MATMUL_TOKENS tokens a quantized layer runs in the
+    native matmul (threads each dequantizing blocks of rows, here 64, and multiplying them with
+    the one-thread BLAS into their columns of the output: rows that do not divide evenly, more
+    blocks than threads); with more tokens it is dequantized whole, on every core, into this
+    thread's reused buffer. Both equal the dequantized torch layer, also after a larger layer
+    grew the buffer and for rows of a layer (the single blocks' fused linear1); the BLAS's
+    thread setting is as before, and the buffer is dropped when a pipeline stage ends."""
+    from mlxflux.report import Report, Stage
+
+    monkeypatch.setenv("MLXFLUX_KERNELS", "split")
+    monkeypatch.setattr(native, "BLOCK_ROWS", 64)
+    assert native.blas() is not None, "no OpenBLAS (preloaded, README) or no g++ on PATH"
+    threads = native.blas().get_threads()
+    mlx_layer, ref = quantized_layer(4, bits, rows)
+    big_layer, big_ref = quantized_layer(5, bits, 2 * rows)
+    native.release()  # from earlier tests in this thread
+    with Stage(Report(), "denoise"):
+        for layer, reference, tokens in [(mlx_layer, ref, 1), (big_layer, big_ref, 7),
+                                         (mlx_layer, ref, 300), (big_layer, big_ref, 1025),
+                                         (mlx_layer, ref, 1025)]:  # fmt: skip
+            x = torch.randn(2 if tokens == 7 else 1, tokens, 128)
+            kernels.calls.clear()
+            got = np.array(layer(to_mx(x)))
+            few = tokens * x.shape[0] <= kernels.NATIVE_MATMUL_TOKENS
+            assert kernels.calls["native_matmul" if few else "dequantize_native"] == 1
+            assert kernels.calls["dequantize_native" if few else "native_matmul"] == 0
+            with torch.no_grad():
+                assert rel_err(got, reference(x)) <= 1e-5
+        x = torch.randn(1, 9, 128)
+        part = kernels.linear_rows(mlx_layer, 40, 130)(to_mx(x))
+        with torch.no_grad():
+            assert rel_err(np.array(part), ref(x)[..., 40:130]) <= 1e-5
+        assert native._thread.flat[0].size == 2 * rows * 128  # the largest layer's size
+    assert getattr(native._thread, "flat", None) is None
+    assert native.blas().get_threads() == threads
+
+
+def test_native_loop_builds_with_a_compiler_only(tmp_path):
+    """The loop is compiled on first use into $TMPDIR/mlxflux; without g++ on PATH nothing is
+    built and the MLX ops give the same values."""
+    code = (
+        "import os; os.environ['MLXFLUX_KERNELS'] = 'split'\n"
+        "import mlx.core as mx, mlx.nn as nn, numpy as np\n"
+        "from mlxflux import kernels, native\n"
+        "layer = nn.QuantizedLinear(128, 64, bits=8)\n"
+        "x = mx.random.normal((1, 5, 128), key=mx.random.key(1))\n"
+        "print(native.available(), np.abs(np.array(layer(x) - x @ mx.dequantize("
+        "layer.weight, layer.scales, layer.biases, 64, 8).T - layer.bias)).max())\n"
+    )
+
+    def run(tmp, path):
+        tmp.mkdir()
+        env = {**os.environ, "TMPDIR": str(tmp), "PATH": path}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        built, err = r.stdout.split()
+        assert float(err) <= 1e-4
+        return built, sorted(p.suffix for p in tmp.glob("mlxflux/native-*"))
+
+    assert run(tmp_path / "with", os.environ["PATH"]) == ("True", [".cpp", ".so"])
+    assert run(tmp_path / "without", str(tmp_path)) == ("False", [])
 
 
 # ---- the CPU's own elementwise kernels --------------------------------------------------------
