@@ -37,7 +37,6 @@ from .errors import MlxfluxError
 MODES = ("auto", "fused", "split")
 CUDA_DEQUANTIZE_TOKENS = 1024  # CUDA: dequantize + matmul from this many tokens up
 DEQUANTIZE_BLOCK_TOKENS = 1024  # split path: up to this many tokens, dequantize in row blocks
-NATIVE_MATMUL_TOKENS = 512  # native loop: up to this many, blocks in the cache (native.py)
 DEQUANTIZE_BLOCK = 256  # rows per block: 256 x 3072 float32 is 3 MiB
 SCORES_BYTES = 8 << 20  # split attention: float32 scores per chunk (heads x query rows): 8 MiB
 # measured fastest at the book size (64 MiB: 5.5 s per attention, 16: 2.84, 8: 2.80, 1: 3.84)
@@ -389,13 +388,13 @@ def _split_quantized(w, scales, biases, gs: int, bits: int, bias):
     """A quantized layer on the split path (the CPU backend): its weight made float32 for the
     BLAS matmul at each call.
 
-    With `mlxflux.native`'s loop: the whole layer, on every core, into this thread's reused
-    buffer (1+1 full-width blocks' layers at 256 / 1024 tokens, best of 5 against float32's
-    matmuls: 1.06x / 1.05x; MLX ops in row blocks 1.13x / 1.12x, whole into a new array 1.93x /
-    1.24x). Without it, MLX ops: up to DEQUANTIZE_BLOCK_TOKENS tokens a block of rows at a
-    time, each block still in the cache when the matmul reads it (one 12288 x 3072 layer, 512
-    tokens: 237 ms whole, 188 blocked, float32 162); with more, whole, once per returned
-    function.
+    With `mlxflux.native`'s loop: the whole layer, into this thread's reused buffer, then one
+    BLAS matmul (docs/numerics.md: tried and dropped, blocks of rows in cache multiplied by
+    one-thread BLAS calls on every core, and filling the buffer on every core: both slower in
+    a real step, where OpenBLAS's threads wait spinning between calls). Without it, MLX ops: up
+    to DEQUANTIZE_BLOCK_TOKENS tokens a block of rows at a time, each block still in the cache
+    when the matmul reads it (one 12288 x 3072 layer, 512 tokens: 237 ms whole, 188 blocked,
+    float32 162); with more, whole, once per returned function.
     """
     calls["dequantize_fp32"] += 1
     rows, cols = w.shape[0], w.shape[1] * 32 // bits
@@ -405,17 +404,10 @@ def _split_quantized(w, scales, biases, gs: int, bits: int, bias):
         packed, s32, b32 = native.host(w), native.host(s32), native.host(b32)
 
         def native_quantized(x: mx.array) -> mx.array:
-            tokens = x.size // x.shape[-1]
-            if tokens <= NATIVE_MATMUL_TOKENS and x.dtype == mx.float32 and native.blas():
-                calls["native_matmul"] += 1
-                flat = native.host(x.reshape(-1, cols))
-                y = native.quantized_matmul(flat, packed, s32, b32, gs, bits)
-                y = y.reshape(*x.shape[:-1], rows)
-            else:
-                calls["dequantize_native"] += 1
-                w32 = native.dequantized(packed, s32, b32, rows, cols, gs, bits)
-                y = x @ w32.astype(x.dtype).T
-                mx.eval(y)  # the buffer is written again at the next call
+            calls["dequantize_native"] += 1
+            w32 = native.dequantized(packed, s32, b32, rows, cols, gs, bits)
+            y = x @ w32.astype(x.dtype).T
+            mx.eval(y)  # the buffer is written again at the next call
             return y if bias is None else y + bias.astype(y.dtype)
 
         return native_quantized
