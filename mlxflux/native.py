@@ -107,24 +107,28 @@ def _build() -> ctypes.CDLL | None:
     lib = folder / f"native-{key}.so"
     if not lib.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        source = folder / f"native-{key}.cpp"
-        partial = folder / f"native-{key}.{os.getpid()}.{threading.get_ident()}.so"
+        # this process's own names, so that parallel processes never read a half-written file
+        partial = folder / f"native-{key}.{os.getpid()}.{threading.get_ident()}"
+        source = partial.with_suffix(".cpp")
         source.write_text(SOURCE)
         errors = []
-        for arch in ARCH_FLAGS:
-            cmd = [compiler, *FLAGS, *arch, str(source), "-o", str(partial)]
-            r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-            if r.returncode == 0:
-                os.replace(partial, lib)  # whole or not at all, also for a parallel process
-                break
-            errors.append(r.stderr.strip().splitlines()[-1:] or ["(no output)"])
-        else:
-            warnings.warn(
-                f"mlxflux: could not build its CPU dequantization loop with {compiler} "
-                f"({errors[-1][0]}); using MLX ops (slower 8-bit layers on the CPU)",
-                stacklevel=3,
-            )
-            return None
+        try:
+            for arch in ARCH_FLAGS:
+                cmd = [compiler, *FLAGS, *arch, str(source), "-o", f"{partial}.so"]
+                r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                if r.returncode == 0:
+                    os.replace(f"{partial}.so", lib)  # whole or not at all
+                    break
+                errors.append(r.stderr.strip().splitlines()[-1:] or ["(no output)"])
+            else:
+                warnings.warn(
+                    f"mlxflux: could not build its CPU dequantization loop with {compiler} "
+                    f"({errors[-1][0]}); using MLX ops (slower quantized layers on the CPU)",
+                    stacklevel=3,
+                )
+                return None
+        finally:
+            source.unlink(missing_ok=True)
     library = ctypes.CDLL(str(lib))
     fn = library.mlxflux_dequantize
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4

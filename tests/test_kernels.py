@@ -209,8 +209,9 @@ def test_native_quantized_layers_match_torch(monkeypatch, bits, rows):
 
 
 def test_native_loop_builds_with_a_compiler_only(tmp_path):
-    """The loop is compiled on first use into $TMPDIR/mlxflux; without g++ on PATH nothing is
-    built and the MLX ops give the same values."""
+    """The loop is compiled on first use into $TMPDIR/mlxflux (only the library is left);
+    without g++ on PATH, or with one that fails (said in a warning), nothing is built and the
+    MLX ops give the same values."""
     code = (
         "import os; os.environ['MLXFLUX_KERNELS'] = 'split'\n"
         "import mlx.core as mx, mlx.nn as nn, numpy as np\n"
@@ -227,12 +228,19 @@ def test_native_loop_builds_with_a_compiler_only(tmp_path):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env=env, stdin=subprocess.DEVNULL)  # fmt: skip
         assert r.returncode == 0, r.stderr
+        run.stderr = r.stderr
         built, err = r.stdout.split()
         assert float(err) <= 1e-4
-        return built, sorted(p.suffix for p in tmp.glob("mlxflux/native-*"))
+        return built, sorted(p.suffix for p in tmp.glob("mlxflux/*"))
 
-    assert run(tmp_path / "with", os.environ["PATH"]) == ("True", [".cpp", ".so"])
+    assert run(tmp_path / "with", os.environ["PATH"]) == ("True", [".so"])
     assert run(tmp_path / "without", str(tmp_path)) == ("False", [])
+    broken = tmp_path / "bin"  # a compiler that fails: warned about, MLX ops, nothing left
+    broken.mkdir()
+    (broken / "g++").write_text("#!/bin/sh\necho 'error: no such thing' >&2\nexit 1\n")
+    (broken / "g++").chmod(0o755)
+    assert run(tmp_path / "broken", f"{broken}:{os.environ['PATH']}") == ("False", [])
+    assert "could not build its CPU dequantization loop" in run.stderr
 
 
 # ---- the CPU's own elementwise kernels --------------------------------------------------------
