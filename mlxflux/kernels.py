@@ -398,7 +398,7 @@ def _split_quantized(w, scales, biases, gs: int, bits: int, bias):
     """
     calls["dequantize_fp32"] += 1
     rows, cols = w.shape[0], w.shape[1] * 32 // bits
-    if native.available() and bits in native.BITS and gs % 4 == 0:
+    if native.available() and native.supports(bits, gs):
         s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
         mx.eval(w, s32, b32)
         packed, s32, b32 = native.host(w), native.host(s32), native.host(b32)

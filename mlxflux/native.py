@@ -168,18 +168,9 @@ def fresh(rows: int, cols: int) -> tuple[mx.array, np.ndarray]:
     return out, view
 
 
-def _check(rows, cols, packed, scales, biases, group_size: int, bits: int) -> None:
-    if bits not in BITS or cols % group_size or group_size % 4:
-        raise ValueError(f"no native loop for {bits}-bit codes in groups of {group_size}")
-    if packed.shape[0] != rows or packed.nbytes != rows * cols * bits // 8:
-        raise ValueError(f"packed rows {packed.shape} do not hold {rows} x {cols} codes")
-    if scales.shape != (rows, cols // group_size) or biases.shape != scales.shape:
-        raise ValueError(f"scales {scales.shape} do not match {rows} x {cols} // {group_size}")
-    for a in (packed, scales, biases):
-        if not a.flags.c_contiguous:
-            raise ValueError("the native loop takes C-contiguous arrays")
-    if scales.dtype != np.float32 or biases.dtype != np.float32:
-        raise ValueError("the native loop takes float32 scales and biases")
+def supports(bits: int, group_size: int) -> bool:
+    """Whether the loop handles this quantization (MLX's 4, 6 and 8 bits, whole bytes a group)."""
+    return bits in BITS and group_size % 4 == 0
 
 
 def dequantize_into(
@@ -193,9 +184,16 @@ def dequantize_into(
     """Write the float32 rows of quantized `packed` (uint32 or uint8 rows, `host` views) with
     float32 `scales` and `biases` [rows, groups] into `view` [rows, cols]."""
     rows, cols = view.shape
-    _check(rows, cols, packed, scales, biases, group_size, bits)
-    if not view.flags.c_contiguous or view.dtype != np.float32:
-        raise ValueError("the native loop writes a C-contiguous float32 array")
+    if not supports(bits, group_size) or cols % group_size:
+        raise ValueError(f"no native loop for {bits}-bit codes in groups of {group_size}")
+    if packed.shape[0] != rows or packed.nbytes != rows * cols * bits // 8:
+        raise ValueError(f"packed rows {packed.shape} do not hold {rows} x {cols} codes")
+    if scales.shape != (rows, cols // group_size) or biases.shape != scales.shape:
+        raise ValueError(f"scales {scales.shape} do not match {rows} x {cols} // {group_size}")
+    if not all(a.flags.c_contiguous for a in (view, packed, scales, biases)):
+        raise ValueError("the native loop takes C-contiguous arrays")
+    if {scales.dtype, biases.dtype, view.dtype} != {np.dtype(np.float32)}:
+        raise ValueError("the native loop takes float32 scales and biases, writes float32")
     _library.mlxflux_dequantize(
         packed.ctypes.data, scales.ctypes.data, biases.ctypes.data, view.ctypes.data,
         rows, cols, group_size, bits,
