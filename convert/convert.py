@@ -10,16 +10,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlxflux.errors import MlxfluxError
+from mlxflux.errors import MlxfluxError, ModelFolderError
+from mlxflux.model_folder import DTYPES, write_model_folder
+from mlxflux.models.registry import COMPONENTS, build_model, check_weights
 from mlxflux.variants import VARIANTS, check_variant, infer_variant
-from mlxflux.weights import (
-    COMPONENTS,
-    DTYPES,
-    ModelFolderError,
-    build_model,
-    check_weights,
-    write_model_folder,
-)
 
 from .detect import NAMES, Part, SourceError, check_component, detect_path
 from .gguf_io import GGUFFile
@@ -33,7 +27,6 @@ from .infer import (
 from .tokenizer_files import TokenizerFiles, find_tokenizers
 
 FLUX_DEV_REPO = "black-forest-labs/FLUX.1-dev"
-FLUX_SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"  # Apache-2.0, not gated
 
 
 class ConvertError(MlxfluxError, ValueError):
@@ -47,7 +40,7 @@ def default_model_dir(bits: int | None = 8, model: str = "flux1-dev") -> Path:
 
 
 @dataclass
-class Plan:
+class ComponentPlan:
     part: Part
     config: dict
     notes: list[str]
@@ -97,7 +90,7 @@ def _shapes(part: Part) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in part.mapped(shapes_only=True)}
 
 
-def plan_component(comp: str, part: Part, shapes: dict, axes_dim=None) -> Plan:
+def plan_component(comp: str, part: Part, shapes: dict, axes_dim=None) -> ComponentPlan:
     notes = []
     if comp == "transformer":
         if part.config:
@@ -130,10 +123,10 @@ def plan_component(comp: str, part: Part, shapes: dict, axes_dim=None) -> Plan:
             f"{comp} read from GGUF ({listed}): each tensor dequantized to float32 by the gguf "
             "package, then stored like any other source (quantized again with --bits)"
         )
-    return Plan(part, cfg, notes)
+    return ComponentPlan(part, cfg, notes)
 
 
-def check_agreement(plans: dict[str, Plan]) -> None:
+def check_agreement(plans: dict[str, ComponentPlan]) -> None:
     flux, t5 = plans["transformer"].config, plans["t5"].config
     clip, vae = plans["clip"].config, plans["vae"].config
     if t5["d_model"] != flux["context_in_dim"]:

@@ -4,9 +4,11 @@ from ._version import __version__
 from .errors import MlxfluxError, ModelFolderError, NonFiniteError, SettingsError
 from .noise import comfy_noise
 from .pipeline import Pipeline, load
+from .request import GenerationRequest
 from .sampling import sigmas
 
 __all__ = [
+    "GenerationRequest",
     "MlxfluxError",
     "ModelFolderError",
     "NonFiniteError",

@@ -1,13 +1,17 @@
-"""The `gen` command's parts: its settings (defaults, preset, flags), the first-run model
-folder, the run with its progress bars and PNGs, and the summary. `mlxflux.cli` declares the
-flags and calls these."""
+"""The `gen` command: its flags (one per `GenerationRequest` field, declared there, plus the run's
+own), the first-run model folder, the run with its progress bars and PNGs, and the summary.
+It only builds a request (`request.resolve`) and runs the job the pipeline prepares."""
 
+import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from ._version import __version__
+from .errors import MlxfluxError, SettingsError
+from .request import flag_of, params, resolve
 
 
 class Failure(click.ClickException):
@@ -19,11 +23,14 @@ class Failure(click.ClickException):
         click.echo(f"mlxflux: error: {self.format_message()}", err=True)
 
 
-# Generation defaults: one table for the CLI's help, its settings and the presets' overrides
-# (steps and shift: the model's, Pipeline.defaults: dev 20 at 1.15, schnell 4 at 1.0)
-GEN_DEFAULTS = {"width": 1024, "height": 1024, "guidance": 3.5, "scheduler": "simple",
-                "t5_padding": "comfy"}  # fmt: skip
-IMG2IMG_DENOISE = 0.75  # --init-image without --denoise and no preset value
+def path_option(*names, **kw):
+    """A click option taking a file or folder path."""
+    return click.option(*names, type=click.Path(path_type=Path), **kw)
+
+
+def flag_message(e: SettingsError) -> str:
+    """A refused setting in the name of the flag that sets it."""
+    return f"{flag_of(e.name)}: {e.reason}"
 
 
 GATED_NOTE = """\
@@ -71,121 +78,180 @@ def ensure_model(model: Path | None, sources: tuple[Path, ...], hf_repo: str | N
         raise Failure(str(e)) from None
 
 
-def gen_settings(preset: str | None, given: dict, images: dict | None = None,
-                 png: dict | None = None) -> dict:  # fmt: skip
-    """Defaults, then the preset's values, then an earlier PNG's (`--from-png`), then the
-    flags given; checked before any model loads. Every refusal is one line naming the flag."""
-    from .errors import SettingsError
-    from .presets import PresetError, get_preset
-    from .settings import CHECKED, check_settings, open_init_image
+def request_options(command):
+    """A click option for every `GenerationRequest` field that has help: its flag, type and
+    help come from the field (mlxflux/request.py), so a new field is a new flag."""
+    for f in reversed(params()):
+        meta = f.metadata
+        if not meta["help"]:
+            continue
+        cli = dict(meta["cli"] or {})
+        kw = {"help": meta["help"], "default": cli.pop("default", None)}
+        if "choices" in cli:
+            kw["type"] = click.Choice(list(cli.pop("choices")))
+        if cli.pop("path", False):
+            kw["type"] = click.Path(path_type=Path)
+        kw.update(cli)
+        command = click.option(flag_of(f.name) if not meta["flag"] else meta["flag"], f.name,
+                               **kw)(command)  # fmt: skip
+    return command
 
-    images = images or {}
-    references = images.get("reference_images", [])
-    settings = {**GEN_DEFAULTS, "prompt": None, "denoise": None, "init_image": None,
-                "steps": None, "shift": None, "reference_images": [],
-                "reference_scale": "kontext", "control_image": None, "preprocess": "auto",
-                "mask": None, "outpaint": False, **images}  # fmt: skip
-    size_given = given["width"] is not None or given["height"] is not None
-    if preset:
-        try:
-            p = get_preset(preset)
-        except PresetError as e:
-            raise Failure(str(e)) from None
-        settings.update({k: p[k] for k in settings if k in p})
-        size_given = True
-    if png:
-        settings.update({k: v for k, v in png.items() if k in settings})
-        size_given = size_given or "width" in png
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if not settings["prompt"]:
-        raise Failure("give --prompt TEXT or --preset NAME (see `mlxflux presets`)")
-    try:
-        if settings["shift"] not in (None, "auto"):
-            settings["shift"] = float(settings["shift"])
-    except ValueError:
-        raise Failure(f"--shift: {settings['shift']!r} is not a number or 'auto'") from None
-    try:
-        # every input image opened now, so a bad file is refused before the model loads
-        init = control = None
-        if settings["init_image"] is None:
-            if given["denoise"] is not None:
-                raise Failure("--denoise: needs --init-image (it sets how much of it changes)")
-            settings["denoise"] = 1.0
-        else:
-            init = open_init_image(settings["init_image"])[0]
-            if given["denoise"] is None and (settings["mask"] or settings["outpaint"]):
-                settings["denoise"] = 1.0  # Fill: diffusers' strength 1, ComfyUI's example
-            if settings["denoise"] is None:
-                settings["denoise"] = IMG2IMG_DENOISE
-        if settings["control_image"] is not None:
-            control = open_init_image(settings["control_image"], "control_image")[0]
-        refs = [open_init_image(path, "reference")[0] for path in references]
-        if not size_given:  # the pipeline's rule: the init image's, control's or reference's
-            from .image_inputs import output_size
 
-            size = output_size(init, control, refs, settings["reference_scale"])
-            if size is not None:
-                settings["width"], settings["height"] = size
-        check_settings(**{k: settings[k] for k in CHECKED})
+@click.command()
+@click.option("--preset", help="A cover preset (book, vinyl/album, dvd): prompt and settings.")
+@request_options
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**64 - 1),
+    help="Noise seed, as ComfyUI's (CPU) [default: random, printed].",
+)
+@click.option(
+    "--seeds",
+    help="Several seeds, comma-separated (e.g. 3,17,42): one PNG each, the prompt encoded and "
+    "each stage's weights loaded once.",
+)
+@click.option(
+    "--count",
+    type=int,
+    help="N images with seeds --seed, --seed+1, ... (random start without --seed).",
+)
+@path_option("--model", help="Model folder [default: ~/.cache/mlxflux/models/flux1-dev-q8].")
+@click.option(
+    "--output",
+    help="PNG path, or a template with {seed}, {index} and {preset} (e.g. "
+    "covers/dvd-{seed}.png) [default: <preset or prompt>-<seed>.png here]. Never overwrites: "
+    "an existing name gets -1, -2, ...",
+)
+@path_option("--report", help="Write per-stage time and memory as JSON to this file.")
+@path_option(
+    "--from-png",
+    help="Start from the settings of an earlier PNG: mlxflux's own, an A1111/Forge "
+    "'parameters' chunk or a ComfyUI 'prompt' graph (prompt, seed, size, steps, scheduler, "
+    "guidance, shift, denoise). Flags given override them; a preset gives way to them.",
+)
+@click.option(
+    "--from",
+    "sources",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="First run only: convert these files/folders if there is no model folder.",
+)
+@click.option(
+    "--hf-repo",
+    help="First run only: download and convert this Hugging Face repo, e.g. "
+    "black-forest-labs/FLUX.1-schnell (Apache-2.0, no account needed) [default: FLUX.1-dev].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Compute dtype [default: float32 on the CPU backend; on Macs float16 on M1/M2 (no "
+    "native bfloat16; float32 residual streams, and any block that overflows float16 runs "
+    "again in float32), bfloat16 on M3 and later; bfloat16 on CUDA].",
+)
+@click.option(
+    "--memory-budget",
+    default="auto",
+    show_default=True,
+    help="Memory the run may use, in GiB, or 'auto' (on a Mac the GPU's recommended working "
+    "set, elsewhere the available memory, less a margin). Stages whose weights do not fit "
+    "read them from the model folder a block at a time (the same pixels, slower where the disk "
+    "is slow); a budget below what even that needs is refused before anything runs.",
+)
+def gen(preset, seed, seeds, count, model, output, report, from_png, sources, hf_repo,
+        precision, memory_budget, **given):  # fmt: skip
+    """Generate images, staged: text encoders, then the transformer, then the VAE.
+
+    \b
+    Text to image:   mlxflux gen --preset dvd --seed 42
+    Image to image:  mlxflux gen --preset dvd --init-image interstellar.jpg --denoise 0.6
+    By instruction:  mlxflux gen --preset dvd --model ~/models/kontext --reference interstellar.jpg
+                     --prompt "the same cover as a brutalist concrete poster, keep the title"
+    Composition:     mlxflux gen --preset book --model ~/models/canny --control-image 1984.jpg
+    Fill / outpaint: mlxflux gen --preset dvd --model ~/models/fill --init-image ram.jpg --outpaint
+    Iterate:         mlxflux gen --from-png dvd-42.png --seed 43
+    Many covers:     mlxflux gen --preset dvd --count 8 --output covers/dvd-{seed}.png
+    Several Macs:    mlx.launch --hostfile hosts.json -- mlxflux gen --preset dvd --count 8
+    """
+    from .pipeline import load
+    from .runs import check_template, share
+
+    png = read_from_png(from_png) if from_png else {}
+    try:  # every setting checked and every input image opened here, before any model loads
+        request = resolve({**given, "seed": seed, "seeds": seeds, "count": count}, preset, png)
+        check_template(output, len(request.seeds) > 1)
     except SettingsError as e:
-        raise Failure(f"--{e.name.replace('_', '-')}: {e.reason}") from None
-    return settings
-
-
-def flag_message(e) -> str:
-    """A SettingsError from the library, in the name of the flag that set it."""
-    flag = {"reference_images": "reference"}.get(e.name, e.name).replace("_", "-")
-    return f"--{flag}: {e.reason}"
-
-
-def model_defaults(settings: dict, pipe, given: dict, png: dict) -> None:
-    """Fill in what the loaded model decides: steps and shift unless given; on the variants
-    with their own guidance (Kontext 2.5, Canny 30, Depth 10, Fill 30) that guidance unless
-    --guidance or the PNG of --from-png gave one (the presets' 3.5 is dev's)."""
-    for name, value in pipe.defaults.items():
-        if settings.get(name) is None:
-            settings[name] = value
-    own = pipe.variant not in ("dev", "schnell")
-    if own and given.get("guidance") is None and "guidance" not in png:
-        settings["guidance"] = pipe.defaults["guidance"]
-
-
-def generation_kwargs(settings: dict, tiled_decode=None) -> dict:
-    """`Pipeline.generate_many`'s keywords from gen's settings: the CLI and the web page run
-    the same call, so the same settings give the same pixels."""
-    from .settings import CHECKED
-
-    return dict(
-        {k: settings[k] for k in CHECKED}, init_image=settings["init_image"],
-        loras=settings["loras"], tiled_decode=tiled_decode,
-        reference_images=settings["reference_images"], reference_scale=settings["reference_scale"],
-        control_image=settings["control_image"], preprocess=settings["preprocess"],
-        mask=settings["mask"], outpaint=settings["outpaint"],
-    )  # fmt: skip
-
-
-def run_generation(
-    pipe, settings, seeds, indexes, preset, output, tiled_decode, header: str
-) -> list[Path]:
-    """Pipeline.generate_many with a bar per image; each PNG written as soon as it is decoded.
-    Expected failures and Ctrl-C become one line; the images already written stay."""
-    from tqdm.auto import tqdm
-
-    from .comfy_graph import comfy_chunks
-    from .errors import MlxfluxError, SettingsError
-    from .image import save_png
-    from .runs import output_path
-
-    written: list[Path] = []
-    try:  # every setting, init image and LoRA file is checked here, before any stage runs
-        images = pipe.generate_many(settings["prompt"], seeds, on_step=lambda *a: step_done(*a),
-                                    **generation_kwargs(settings, tiled_decode))  # fmt: skip
+        raise Failure(flag_message(e)) from None
+    mine, group = share(list(request.seeds))
+    folder = ensure_model(model, sources, hf_repo)
+    try:
+        pipe = load(folder, precision, memory_budget)  # checks the folder before any stage
+        job = pipe.prepare(replace(request, seeds=tuple(mine), origins=request.origins))
     except SettingsError as e:
         raise Failure(flag_message(e)) from None
     except MlxfluxError as e:
         raise Failure(str(e)) from None
-    click.echo(f"{header}, memory: {pipe.last_report.settings['memory_plan']}", err=True)
-    for lora in pipe.last_report.settings.get("loras", []):
+    if not pipe.variant_info.guided and given.get("guidance") is not None:
+        click.echo("note: FLUX.1 schnell has no guidance input; --guidance is ignored", err=True)
+    where = f" (process {group.rank() + 1} of {group.size()})" if group.size() > 1 else ""
+    click.echo(f"{header(job)}{where}, model {folder}, {pipe.precision} ({pipe.precision_why}), "
+               f"memory: {job.report.settings['memory_plan']}", err=True)  # fmt: skip
+    indexes = {s: list(request.seeds).index(s) for s in mine}
+    written = run_job(job, indexes, preset, output)
+    if report:
+        data = job.report.to_dict()
+        data["outputs"] = [str(p) for p in written]
+        if len(written) == 1:
+            data["output"] = str(written[0])
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(data, indent=1))
+    summarize(job.report, written, list(request.seeds), group)
+
+
+def read_from_png(path: Path) -> dict:
+    """--from-png: the earlier PNG's settings, said on stderr with what cannot carry over."""
+    from .png_settings import read_png_settings
+
+    try:
+        png, kind, notes = read_png_settings(path)
+    except SettingsError as e:
+        raise Failure(f"--from-png: {e.reason}") from None
+    click.echo(f"settings from {path} ({kind}): "
+               + ", ".join(f"{k} {v!r}" if k == "prompt" else f"{k} {v}"
+                           for k, v in png.items() if k != "prompt"), err=True)  # fmt: skip
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    return png
+
+
+def header(job) -> str:
+    """One line saying what the job makes: seeds, size, steps, guidance, inputs."""
+    r = job.request
+    inputs = ""
+    if r.init_image is not None:
+        inputs += f", from {r.init_image.name} at denoise {r.denoise}"
+    if r.reference_images:
+        s = "s" if len(r.reference_images) > 1 else ""
+        inputs += f", reference{s} {', '.join(p.name for p in r.reference_images)}"
+    if r.control_image is not None:
+        inputs += f", control {r.control_image.name}"
+    if r.mask is not None or r.outpaint:
+        inputs += f", {'mask ' + r.mask.name if r.mask is not None else 'outpainted'}"
+    seeds = ", ".join(map(str, r.seeds))
+    return (f"seed{'s' if len(r.seeds) > 1 else ''} {seeds}, {job.width}x{job.height}, "
+            f"{r.steps} steps ({r.scheduler}), guidance {r.guidance:g}{inputs}")  # fmt: skip
+
+
+def run_job(job, indexes: dict, preset: str | None, output: str | None) -> list[Path]:
+    """The job with a bar per image; each PNG written as soon as it is decoded. Expected
+    failures and Ctrl-C become one line; the images already written stay."""
+    from tqdm.auto import tqdm
+
+    from .comfy_graph import comfy_chunks
+    from .png import save_png
+    from .runs import output_path
+
+    seeds, settings = job.request.seeds, job.report.settings
+    for lora in settings.get("loras", []):
         click.echo(f"lora {lora['file']} x {lora['scale']:g}: {lora['layers']} layers", err=True)
         if lora["not_applied"]:
             n = len(lora["not_applied"])
@@ -198,7 +264,7 @@ def run_generation(
 
     def new_bar(index: int):
         label = f"image {index + 1}/{len(seeds)}" if len(seeds) > 1 else "denoise"
-        return tqdm(total=settings["steps"], desc=label, unit="step", dynamic_ncols=True)
+        return tqdm(total=job.request.steps, desc=label, unit="step", dynamic_ncols=True)
 
     bars = {0: new_bar(0)}  # one per image, each opened as the previous one closes
 
@@ -209,12 +275,13 @@ def run_generation(
             if index + 1 < len(seeds):
                 bars[index + 1] = new_bar(index + 1)
 
+    written: list[Path] = []
     try:
-        for seed, image in images:
-            meta = dict(pipe.last_report.settings, seed=seed, version=__version__, preset=preset)
+        for seed, image in job.run(on_step=step_done):
+            meta = dict(settings, seed=seed, version=__version__, preset=preset)
             path = output_path(output, seed=seed, index=indexes[seed], preset=preset,
-                               prompt=settings["prompt"])  # fmt: skip
-            graphs = comfy_chunks(meta, pipe.manifest)
+                               prompt=job.request.prompt)  # fmt: skip
+            graphs = comfy_chunks(meta, job.pipe.manifest)
             written.append(save_png(image, path.resolve(), meta, graphs))
             click.echo(str(written[-1]))
     except KeyboardInterrupt:
@@ -225,7 +292,7 @@ def run_generation(
     finally:
         for bar in bars.values():
             bar.close()
-    for entry, path in zip(pipe.last_report.images, written, strict=False):
+    for entry, path in zip(job.report.images, written, strict=False):
         entry["output"] = str(path)
     return written
 
@@ -247,14 +314,3 @@ def summarize(rep, written: list[Path], all_seeds: list[int], group) -> None:
         click.echo(
             f"{made} of {len(all_seeds)} images written by {group.size()} processes", err=True
         )
-
-
-def parse_lora(spec: str) -> tuple[Path, float]:
-    """FILE[:SCALE] -> (path, scale): a colon followed by a number is the scale."""
-    path, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return Path(path), float(tail)
-        except ValueError:
-            pass  # a colon in the file name: the whole text is the path
-    return Path(spec), 1.0

@@ -16,6 +16,9 @@ ae.safetensors) and the same sampler, scheduler, shift, guidance and seed:
 Input images are named by file: put them in ComfyUI's `input` folder.
 """
 
+from .sampling import BASE_SHIFT, MAX_SHIFT
+from .variants import variant_of
+
 # ComfyUI node types: (input slots in order, widget names in order, outputs)
 NODES = {
     "UNETLoader": ([], ["unet_name", "weight_dtype"], ["MODEL"]),
@@ -54,7 +57,6 @@ SLOT_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "conditioning": "C
 # BFL's file names, for a model converted from files that do not map to ComfyUI's loaders
 DEFAULT_FILES = {"transformer": "{model}.safetensors", "t5": "t5xxl_fp16.safetensors",
                  "clip": "clip_l.safetensors", "vae": "ae.safetensors"}  # fmt: skip
-OUTPAINT_FEATHERING = 40
 
 
 class Graph:
@@ -82,10 +84,10 @@ def source_files(manifest: dict, model_name: str) -> dict[str, str]:
 
 
 def comfy_prompt(settings: dict, manifest: dict) -> dict:
-    """The API graph (ComfyUI's `prompt` chunk) that draws what `settings` drew."""
-    from .variants import outpaint_padding, variant_of
-
+    """The API graph (ComfyUI's `prompt` chunk) that draws what `settings` drew; the variant's
+    family adds its nodes (`variants.base.Family.graph_text`, `graph_model_input`)."""
     variant = variant_of(manifest)
+    family = variant.family
     files = source_files(manifest, variant.model_name)
     g = Graph()
     unet = files["transformer"]
@@ -101,8 +103,8 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
     w, h = settings["width"], settings["height"]
     shift, default = settings["shift"], variant.shift
     if shift == "auto":  # BFL's resolution-dependent shift
-        model = g.add("ModelSamplingFlux", model=[model, 0], max_shift=1.15, base_shift=0.5,
-                      width=w, height=h)  # fmt: skip
+        model = g.add("ModelSamplingFlux", model=[model, 0], max_shift=MAX_SHIFT,
+                      base_shift=BASE_SHIFT, width=w, height=h)  # fmt: skip
     elif float(shift) != default:  # a fixed shift: both ends the same
         model = g.add("ModelSamplingFlux", model=[model, 0], max_shift=float(shift),
                       base_shift=float(shift), width=w, height=h)  # fmt: skip
@@ -114,39 +116,11 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
         return [g.add("ImageScale", image=[image, 0], upscale_method="lanczos", width=w,
                       height=h, crop="center"), 0]  # fmt: skip
 
-    for ref in settings.get("reference_images") or []:  # Kontext
-        image = [g.add("LoadImage", image=ref["file"], upload="image"), 0]
-        if settings.get("reference_scale", "kontext") == "kontext":
-            image = [g.add("FluxKontextImageScale", image=image), 0]
-        latent = g.add("VAEEncode", pixels=image, vae=[vae, 0])
-        positive = [g.add("ReferenceLatent", conditioning=positive, latent=[latent, 0]), 0]
+    positive = family.graph_text(g, settings, positive, vae)
     positive = [g.add("FluxGuidance", conditioning=positive, guidance=settings["guidance"]), 0]
-    latent = None
-    if settings.get("control_image"):  # Canny / Depth
-        pixels = scaled(settings["control_image"]["file"])
-        if settings.get("preprocess") == "canny":
-            pixels = [g.add("Canny", image=pixels, low_threshold=0.4, high_threshold=0.8), 0]
-        cond = g.add("InstructPixToPixConditioning", positive=positive, negative=negative,
-                     vae=[vae, 0], pixels=pixels)  # fmt: skip
-        positive, negative = [cond, 0], [cond, 1]
-    if variant.fill and settings.get("init_image"):
-        if settings.get("outpaint"):
-            image = g.add("LoadImage", image=settings["init_image"], upload="image")
-            pad = outpaint_padding(settings["init_image_size"], w, h)
-            fw, fh = w - pad[0] - pad[2], h - pad[1] - pad[3]  # the image fitted, then padded
-            fit = g.add("ImageScale", image=[image, 0], upscale_method="lanczos", width=fw,
-                        height=fh, crop="disabled")  # fmt: skip
-            padded = g.add("ImagePadForOutpaint", image=[fit, 0], left=pad[0], top=pad[1],
-                           right=pad[2], bottom=pad[3], feathering=OUTPAINT_FEATHERING)  # fmt: skip
-            pixels, mask = [padded, 0], [padded, 1]
-        else:
-            pixels = scaled(settings["init_image"])
-            mask_file = settings["mask"]["file"]
-            mask = [g.add("LoadImageMask", image=mask_file, channel="red", upload="image"), 0]
-        cond = g.add("InpaintModelConditioning", positive=positive, negative=negative,
-                     vae=[vae, 0], pixels=pixels, mask=mask, noise_mask=False)  # fmt: skip
-        positive, negative, latent = [cond, 0], [cond, 1], [cond, 2]
-    elif settings.get("init_image"):  # image to image
+    positive, negative, latent = family.graph_model_input(g, settings, positive, negative, vae,
+                                                          scaled)  # fmt: skip
+    if latent is None and settings.get("init_image"):  # image to image
         latent = [g.add("VAEEncode", pixels=scaled(settings["init_image"]), vae=[vae, 0]), 0]
     if latent is None:
         latent = [g.add("EmptySD3LatentImage", width=w, height=h, batch_size=1), 0]

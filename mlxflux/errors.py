@@ -16,6 +16,13 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
 
 
+def listing(keys, limit: int = 8) -> str:
+    """Sorted keys for a message, the first `limit` and how many more."""
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
 class ModelFolderError(MlxfluxError, ValueError):
     """A model folder that cannot be used; the message names the file and the problem."""
 

@@ -1,6 +1,9 @@
-"""The backend-specific kernels of the Flux trunk, in one place: attention and quantized matmul.
+"""The backend-specific kernels of the Flux trunk, in one place: attention, GELU and the matmuls
+of (quantized) linear layers.
 
-`MLXFLUX_KERNELS` picks the code path, read at each call:
+A `Kernels` object is chosen once, when a model is loaded (`choose`, which reads
+`MLXFLUX_KERNELS` once), and the model holds it; its layers call it and never ask which
+device they are on:
 
     auto   (default) `fused` on Metal and CUDA, `split` on the CPU backend
     fused  MLX's fused attention and `mx.quantized_matmul`: what a GPU runs, on any device
@@ -15,18 +18,17 @@ On CUDA the quantized matmul falls back to a slower kernel when the group size i
 the input width, so there, at many tokens, a layer is dequantized to the compute dtype and the
 regular matmul runs (not measured on a GPU yet; Metal keeps `mx.quantized_matmul`).
 
-The models call `attention`, `linear` and `gelu` and never ask which device they are on.
-`calls` counts which kernel each call chose, so tests can show which path really ran, and
-`profiling()` times each kind of kernel for `bench/speed.py --breakdown`.
+`Kernels.calls` counts which kernel each call chose, so tests can show which path really ran,
+and `Kernels.profiling()` times each kind of kernel for `bench/speed.py --breakdown`.
 """
 
 import contextlib
-import functools
 import os
 import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,55 +43,6 @@ DEQUANTIZE_BLOCK = 256  # rows per block: 256 x 3072 float32 is 3 MiB
 SCORES_BYTES = 8 << 20  # split attention: float32 scores per chunk (heads x query rows): 8 MiB
 # measured fastest at the book size (64 MiB: 5.5 s per attention, 16: 2.84, 8: 2.80, 1: 3.84)
 
-calls: Counter = Counter()
-_profile: Counter | None = None  # seconds per kind of kernel while `profiling()` is on
-
-
-@contextlib.contextmanager
-def profiling():
-    """Time every kernel call (seconds per kind: matmul, attention, elementwise).
-
-    Each kernel evaluates its inputs first and its output after, so the times add up to the
-    kernels' own work; what the step spends elsewhere (concatenations, layout copies, the
-    Euler update) is the step's time less their sum. On a GPU, evaluation that synchronous
-    loses the lazy graph's batching, so a profiled GPU step is slower than a real one.
-    """
-    global _profile
-    _profile, outer = Counter(), _profile
-    try:
-        yield _profile
-    finally:
-        _profile = outer
-
-
-def kernel(kind: str):
-    """Decorator for the trunk's kernels (matmul, attention, elementwise): on the split path
-    (the CPU backend) each call is evaluated on its own, its inputs first and its output after;
-    while `profiling()` is on, on any path, and its wall time is counted under `kind`.
-
-    Why evaluate each kernel on the CPU: a block evaluated as one lazy graph let the attention
-    chunks of the second CPU stream start beside the default stream's BLAS calls, and the two
-    fought over the cores: a book-size step took 17.0-18.3 s lazily, 15.4 s kernel by kernel
-    (full width, 1+1 blocks). A GPU keeps its lazy graph: there the batching pays.
-    """
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            if _profile is None and mode() != "split":
-                return fn(*args, **kwargs)
-            mx.eval(*(a for a in args if isinstance(a, mx.array)))
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            mx.eval(out)
-            if _profile is not None:
-                _profile[kind] += time.perf_counter() - start
-            return out
-
-        return run
-
-    return wrap
-
 
 class KernelModeError(MlxfluxError, ValueError):
     """MLXFLUX_KERNELS holds something other than auto, fused or split."""
@@ -102,19 +55,210 @@ def backend() -> str:
     return "metal" if mx.metal.is_available() else "cuda"
 
 
-def mode() -> str:
-    """'fused' or 'split', from MLXFLUX_KERNELS and the default device."""
-    value = os.environ.get("MLXFLUX_KERNELS", "auto").strip().lower() or "auto"
+def choose(value: str | None = None) -> "Kernels":
+    """The kernels for this device: `value` (auto, fused or split), or MLXFLUX_KERNELS's."""
+    if value is None:
+        value = os.environ.get("MLXFLUX_KERNELS", "auto")
+    value = value.strip().lower() or "auto"
     if value not in MODES:
         raise KernelModeError(f"MLXFLUX_KERNELS must be one of {', '.join(MODES)}, got {value!r}")
+    kind = backend()
     if value == "auto":
-        return "split" if backend() == "cpu" else "fused"
-    return value
+        value = "split" if kind == "cpu" else "fused"
+    return Kernels(value, kind)
 
 
-def default_precision() -> str:
-    """The compute dtype `precision=None` picks on this machine (`precision_choice`)."""
-    return precision_choice()[0]
+class Kernels:
+    """One model's kernels: the code path (`mode`, fused or split) for its device (`backend`),
+    and the counts of what ran (`calls`)."""
+
+    def __init__(self, mode: str, backend: str):
+        if mode not in ("fused", "split"):
+            raise KernelModeError(f"kernels must be fused or split, got {mode!r}")
+        self.mode, self.backend = mode, backend
+        self.calls: Counter = Counter()
+        self._profile: Counter | None = None  # seconds per kind while `profiling()` is on
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.mode!r}, {self.backend!r})"
+
+    @contextlib.contextmanager
+    def profiling(self):
+        """Time every kernel call (seconds per kind: matmul, attention, elementwise).
+
+        Each kernel evaluates its inputs first and its output after, so the times add up to
+        the kernels' own work; what the step spends elsewhere (concatenations, layout copies,
+        the Euler update) is the step's time less their sum. On a GPU, evaluation that
+        synchronous loses the lazy graph's batching, so a profiled GPU step is slower.
+        """
+        self._profile, outer = Counter(), self._profile
+        try:
+            yield self._profile
+        finally:
+            self._profile = outer
+
+    def run(self, kind: str, fn: Callable, *args, **kwargs):
+        """fn(*args): on the split path (the CPU backend) evaluated on its own, its inputs first
+        and its output after; while `profiling()` is on, on any path, and its wall time is
+        counted under `kind` (matmul, attention, elementwise).
+
+        Why evaluate each kernel on the CPU: a block evaluated as one lazy graph let the
+        attention chunks of the second CPU stream start beside the default stream's BLAS calls,
+        and the two fought over the cores: a book-size step took 17.0-18.3 s lazily, 15.4 s
+        kernel by kernel (full width, 1+1 blocks). A GPU keeps its lazy graph.
+        """
+        if self._profile is None and self.mode != "split":
+            return fn(*args, **kwargs)
+        mx.eval(*(a for a in args if isinstance(a, mx.array)))
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        mx.eval(out)
+        if self._profile is not None:
+            self._profile[kind] += time.perf_counter() - start
+        return out
+
+    def elementwise(self, fn: Callable, *args, **kwargs):
+        return self.run("elementwise", fn, *args, **kwargs)
+
+    def attention(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """Softmax attention over [B, H, L, D] -> [B, L, H*D], scaled by 1/sqrt(D)."""
+        return self.run("attention", self._attention, q, k, v)
+
+    def _attention(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        b, h, n, d = q.shape
+        scale = d**-0.5
+        if self.mode == "fused":
+            self.calls["fused_attention"] += 1
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:
+            self.calls["split_attention"] += 1
+            out = _split_attention(q, k, v, scale)
+        return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+    def gelu(self, x: mx.array) -> mx.array:
+        """GELU with the tanh approximation (FLUX's MLPs): MLX's own on the fused path; on the
+        split path the vectorizable rational form, its rows shared between the CPU streams (one
+        thread each: a [1024, 12288] chunk took 98 ms on one, 77 ms on two with the
+        concatenation)."""
+        return self.run("elementwise", self._gelu, x)
+
+    def _gelu(self, x: mx.array) -> mx.array:
+        if self.mode == "fused":
+            return nn.gelu_approx(x)
+        self.calls["rational_gelu"] += 1
+        streams = _cpu_streams()
+        rows = x.shape[-2]
+        if rows < 2 * len(streams):
+            return _gelu_rational(x.astype(mx.float32)).astype(x.dtype)
+        step = -(-rows // len(streams))
+        parts = []
+        for s, start in zip(streams, range(0, rows, step), strict=False):
+            with mx.stream(s):
+                parts.append(_gelu_rational(x[..., start : start + step, :].astype(mx.float32)))
+        return mx.concatenate(parts, axis=-2).astype(x.dtype)
+
+    def linear_rows(self, layer: nn.Module, start: int = 0, stop: int | None = None):
+        """A function applying output rows [start, stop) of a Linear or QuantizedLinear layer.
+
+        The weight is prepared once (dequantized once on the split path) and shared by every
+        call of the returned function, so a layer applied to token chunks costs one
+        dequantization. A LoRA on the layer (`layer.lora`, `mlxflux.lora.LowRank`) runs as
+        its side path.
+        """
+        stop = layer.weight.shape[0] if stop is None else stop
+        base = self._rows(layer, start, stop)
+        side = getattr(layer, "lora", None)
+        if side is None:
+            return lambda x: self.run("matmul", base, x)
+        down, up = side.down, side.up[start:stop]
+
+        def with_lora(x: mx.array) -> mx.array:
+            return base(x) + (x @ down.astype(x.dtype).T) @ up.astype(x.dtype).T
+
+        return lambda x: self.run("matmul", with_lora, x)
+
+    def linear(self, layer: nn.Module, x: mx.array) -> mx.array:
+        """`layer(x)` through these kernels."""
+        return self.linear_rows(layer)(x)
+
+    def _rows(self, layer: nn.Module, start: int, stop: int):
+        bias = layer["bias"][start:stop] if "bias" in layer else None
+        if not isinstance(layer, nn.QuantizedLinear):
+            w = layer.weight[start:stop]
+
+            def dense(x: mx.array) -> mx.array:
+                y = x @ w.astype(x.dtype).T
+                return y if bias is None else y + bias.astype(y.dtype)
+
+            return dense
+        gs, bits = layer.group_size, layer.bits
+        w, scales, biases = (layer[n][start:stop] for n in ("weight", "scales", "biases"))
+        if self.mode == "split":
+            return self._split_quantized(w, scales, biases, gs, bits, bias)
+        kind, calls = self.backend, self.calls
+
+        def quantized(x: mx.array) -> mx.array:
+            if kind == "cuda" and x.size // x.shape[-1] >= CUDA_DEQUANTIZE_TOKENS:
+                calls["dequantize_matmul"] += 1
+                y = x @ mx.dequantize(w, scales, biases, gs, bits, dtype=x.dtype).T
+            else:
+                # scales in another dtype than x would promote the whole matmul to float32
+                calls["quantized_matmul"] += 1
+                s, z = scales.astype(x.dtype), biases.astype(x.dtype)
+                y = mx.quantized_matmul(
+                    x, w, scales=s, biases=z, transpose=True, group_size=gs, bits=bits
+                )
+            return y if bias is None else y + bias.astype(y.dtype)
+
+        return quantized
+
+    def _split_quantized(self, w, scales, biases, gs: int, bits: int, bias):
+        """A quantized layer on the split path (the CPU backend): its weight made float32 for the
+        BLAS matmul at each call.
+
+        With `mlxflux.native`'s loop: the whole layer, into this thread's reused buffer, then one
+        BLAS matmul (docs/numerics.md: tried and dropped, blocks of rows in cache multiplied by
+        one-thread BLAS calls on every core, and filling the buffer on every core: both slower in
+        a real step, where OpenBLAS's threads wait spinning between calls). Without it, MLX ops: up
+        to DEQUANTIZE_BLOCK_TOKENS tokens a block of rows at a time, each block still in the cache
+        when the matmul reads it (one 12288 x 3072 layer, 512 tokens: 237 ms whole, 188 blocked,
+        float32 162); with more, whole, once per returned function.
+        """
+        calls = self.calls
+        calls["dequantize_fp32"] += 1
+        rows, cols = w.shape[0], w.shape[1] * 32 // bits
+        if native.available() and native.supports(bits, gs):
+            s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
+            mx.eval(w, s32, b32)
+            packed, s32, b32 = native.host(w), native.host(s32), native.host(b32)
+
+            def native_quantized(x: mx.array) -> mx.array:
+                calls["dequantize_native"] += 1
+                w32 = native.dequantized(packed, s32, b32, rows, cols, gs, bits)
+                y = x @ w32.astype(x.dtype).T
+                mx.eval(y)  # the buffer is written again at the next call
+                return y if bias is None else y + bias.astype(y.dtype)
+
+            return native_quantized
+        dense_w = dequantize(w, scales, biases, gs, bits)
+
+        def quantized(x: mx.array) -> mx.array:
+            if x.size // x.shape[-1] <= DEQUANTIZE_BLOCK_TOKENS:
+                calls["dequantize_blocks"] += 1
+                y = mx.concatenate(
+                    [x @ dequantize(w[i : i + DEQUANTIZE_BLOCK], scales[i : i + DEQUANTIZE_BLOCK],
+                                    biases[i : i + DEQUANTIZE_BLOCK], gs, bits).astype(x.dtype).T
+                     for i in range(0, rows, DEQUANTIZE_BLOCK)],
+                    axis=-1,
+                )  # fmt: skip
+            else:
+                y = x @ dense_w.astype(x.dtype).T
+            return y if bias is None else y + bias.astype(y.dtype)
+
+        return quantized
+
+
+# ---- choosing a precision ---------------------------------------------------------------------
 
 
 def apple_gpu_generation(architecture: str) -> int | None:
@@ -145,7 +289,7 @@ def precision_choice(device_info: dict | None = None) -> tuple[str, str]:
     return "bfloat16", f"{arch or 'Apple GPU'}: native bfloat16"
 
 
-# ---- attention ------------------------------------------------------------------------------
+# ---- attention on the CPU --------------------------------------------------------------------
 
 
 _THREAD = threading.local()
@@ -161,20 +305,6 @@ def _cpu_streams() -> tuple:
         streams = (mx.default_stream(mx.cpu), *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
         _THREAD.cpu_streams = streams
     return streams
-
-
-@kernel("attention")
-def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Softmax attention over [B, H, L, D] -> [B, L, H*D], scaled by 1/sqrt(D)."""
-    b, h, n, d = q.shape
-    scale = d**-0.5
-    if mode() == "fused":
-        calls["fused_attention"] += 1
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    else:
-        calls["split_attention"] += 1
-        out = _split_attention(q, k, v, scale)
-    return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
 LOG2E = 1.4426950408889634
@@ -286,28 +416,7 @@ def _gelu_rational(x: mx.array) -> mx.array:
     return 0.5 * x * (1.0 + u * p / q)
 
 
-@kernel("elementwise")
-def gelu(x: mx.array) -> mx.array:
-    """GELU with the tanh approximation (FLUX's MLPs): MLX's own on the fused path; on the
-    split path the vectorizable rational form, its rows shared between the CPU streams (one
-    thread each: a [1024, 12288] chunk took 98 ms on one, 77 ms on two with the concatenation).
-    """
-    if mode() == "fused":
-        return nn.gelu_approx(x)
-    calls["rational_gelu"] += 1
-    streams = _cpu_streams()
-    rows = x.shape[-2]
-    if rows < 2 * len(streams):
-        return _gelu_rational(x.astype(mx.float32)).astype(x.dtype)
-    step = -(-rows // len(streams))
-    parts = []
-    for s, start in zip(streams, range(0, rows, step), strict=False):
-        with mx.stream(s):
-            parts.append(_gelu_rational(x[..., start : start + step, :].astype(mx.float32)))
-    return mx.concatenate(parts, axis=-2).astype(x.dtype)
-
-
-# ---- linear layers ---------------------------------------------------------------------------
+# ---- dequantization --------------------------------------------------------------------------
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
@@ -331,104 +440,3 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
     q = q.reshape(rows, -1, group_size).astype(mx.float32)
     s = scales[..., None].astype(mx.float32)
     return (q * s + biases[..., None].astype(mx.float32)).reshape(rows, -1)
-
-
-def linear_rows(layer: nn.Module, start: int = 0, stop: int | None = None):
-    """A function applying output rows [start, stop) of a Linear or QuantizedLinear layer.
-
-    The weight is prepared once (dequantized once on the split path) and shared by every call
-    of the returned function, so a layer applied to token chunks costs one dequantization.
-    """
-    stop = layer.weight.shape[0] if stop is None else stop
-    base = _rows(layer, start, stop)
-    side = getattr(layer, "lora", None)  # mlxflux.lora: (down [r, in], up [out, r]), summed
-    if side is None:
-        return kernel("matmul")(base)
-    down, up = side[0], side[1][start:stop]
-
-    def with_lora(x: mx.array) -> mx.array:
-        return base(x) + (x @ down.astype(x.dtype).T) @ up.astype(x.dtype).T
-
-    return kernel("matmul")(with_lora)
-
-
-def _rows(layer: nn.Module, start: int, stop: int):
-    bias = layer["bias"][start:stop] if "bias" in layer else None
-    if not isinstance(layer, nn.QuantizedLinear):
-        w = layer.weight[start:stop]
-
-        def dense(x: mx.array) -> mx.array:
-            y = x @ w.astype(x.dtype).T
-            return y if bias is None else y + bias.astype(y.dtype)
-
-        return dense
-    gs, bits = layer.group_size, layer.bits
-    w, scales, biases = (layer[n][start:stop] for n in ("weight", "scales", "biases"))
-    if mode() == "split":
-        return _split_quantized(w, scales, biases, gs, bits, bias)
-    kind = backend()
-
-    def quantized(x: mx.array) -> mx.array:
-        if kind == "cuda" and x.size // x.shape[-1] >= CUDA_DEQUANTIZE_TOKENS:
-            calls["dequantize_matmul"] += 1
-            y = x @ mx.dequantize(w, scales, biases, gs, bits, dtype=x.dtype).T
-        else:
-            # scales in another dtype than x would promote the whole matmul to float32
-            calls["quantized_matmul"] += 1
-            s, z = scales.astype(x.dtype), biases.astype(x.dtype)
-            y = mx.quantized_matmul(
-                x, w, scales=s, biases=z, transpose=True, group_size=gs, bits=bits
-            )
-        return y if bias is None else y + bias.astype(y.dtype)
-
-    return quantized
-
-
-def _split_quantized(w, scales, biases, gs: int, bits: int, bias):
-    """A quantized layer on the split path (the CPU backend): its weight made float32 for the
-    BLAS matmul at each call.
-
-    With `mlxflux.native`'s loop: the whole layer, into this thread's reused buffer, then one
-    BLAS matmul (docs/numerics.md: tried and dropped, blocks of rows in cache multiplied by
-    one-thread BLAS calls on every core, and filling the buffer on every core: both slower in
-    a real step, where OpenBLAS's threads wait spinning between calls). Without it, MLX ops: up
-    to DEQUANTIZE_BLOCK_TOKENS tokens a block of rows at a time, each block still in the cache
-    when the matmul reads it (one 12288 x 3072 layer, 512 tokens: 237 ms whole, 188 blocked,
-    float32 162); with more, whole, once per returned function.
-    """
-    calls["dequantize_fp32"] += 1
-    rows, cols = w.shape[0], w.shape[1] * 32 // bits
-    if native.available() and native.supports(bits, gs):
-        s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
-        mx.eval(w, s32, b32)
-        packed, s32, b32 = native.host(w), native.host(s32), native.host(b32)
-
-        def native_quantized(x: mx.array) -> mx.array:
-            calls["dequantize_native"] += 1
-            w32 = native.dequantized(packed, s32, b32, rows, cols, gs, bits)
-            y = x @ w32.astype(x.dtype).T
-            mx.eval(y)  # the buffer is written again at the next call
-            return y if bias is None else y + bias.astype(y.dtype)
-
-        return native_quantized
-    dense_w = dequantize(w, scales, biases, gs, bits)
-
-    def quantized(x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] <= DEQUANTIZE_BLOCK_TOKENS:
-            calls["dequantize_blocks"] += 1
-            y = mx.concatenate(
-                [x @ dequantize(w[i : i + DEQUANTIZE_BLOCK], scales[i : i + DEQUANTIZE_BLOCK],
-                                biases[i : i + DEQUANTIZE_BLOCK], gs, bits).astype(x.dtype).T
-                 for i in range(0, rows, DEQUANTIZE_BLOCK)],
-                axis=-1,
-            )  # fmt: skip
-        else:
-            y = x @ dense_w.astype(x.dtype).T
-        return y if bias is None else y + bias.astype(y.dtype)
-
-    return quantized
-
-
-def linear(layer: nn.Module, x: mx.array) -> mx.array:
-    """`layer(x)` through this backend's kernel."""
-    return linear_rows(layer)(x)

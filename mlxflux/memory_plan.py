@@ -6,14 +6,16 @@ its largest two blocks (the one running and the one being read ahead) plus the w
 (embeddings, norms, the modulation tables) plus the activations. A stage streams when its
 resident need does not fit the budget; below the largest streamed need the run is refused in
 one line, before any stage. The stages never ask which it was: they take their blocks' weights
-through `weights.BlockWeights`, which the plan hands them.
+through `blocks.BlockWeights`, which the plan hands them.
 """
 
 import os
 from dataclasses import dataclass, field
 
+from .blocks import block_of
 from .errors import SettingsError
-from .weights import block_of
+from .models.autoencoder import AutoencoderConfig, estimate_decode_bytes
+from .models.transformer import FluxConfig, is_modulation_key
 
 GIB = 1 << 30
 # what `auto` leaves to everything else: a tenth of the machine's budget, at least 1 GiB
@@ -22,7 +24,7 @@ MARGIN_FRACTION, MARGIN_MIN = 0.10, 1 * GIB
 # 0.63 GiB at 512 tokens, 1.24 GiB at 4208 (the DVD size): a line through both
 ACT_BASE, ACT_PER_TOKEN = 0.545 * GIB, 0.61 * GIB / 3696
 TEXT_ACTIVATIONS = int(0.25 * GIB)  # T5-XXL at 512 tokens, float32 (scaled by its width)
-DECODE_BUDGET = 2 << 30  # the pipeline tiles the VAE decode above this estimate
+DECODE_BUDGET = 2 << 30  # the VAE decodes (and encodes) in row tiles above this estimate
 
 
 def machine_budget(device_info: dict | None = None) -> int:
@@ -125,8 +127,6 @@ def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget:
     """The plan for one generation at width x height; SettingsError when even streaming does
     not fit `budget` (bytes; None: the machine's). `extra_tokens`: what a variant appends to
     the image tokens (Kontext's references)."""
-    from .models.transformer import is_modulation_key
-
     budget = machine_budget() if budget is None else budget
     comps = manifest["components"]
     flux = comps["transformer"]
@@ -136,8 +136,7 @@ def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget:
     trunk_keys = {k for k in flux["tensors"] if not is_modulation_key(k)}
     blocks, rest = block_bytes(flux, trunk_keys)
     biggest = sorted(blocks.values())[-2:]
-    cfg = flux["config"]
-    rows = 12 * cfg.get("depth", 19) + 3 * cfg.get("depth_single_blocks", 38) + 2  # x hidden
+    rows = FluxConfig.from_dict(flux["config"]).modulation_vectors  # x hidden, per step
     tables = steps * rows * hidden * 4  # every step's modulation vectors, float32 at most
     denoise = StageNeed(sum(blocks.values()) + rest + act + tables,
                         sum(biggest) + rest + act + tables)  # fmt: skip
@@ -149,8 +148,6 @@ def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget:
     largest_table = max(mod_sizes.values(), default=0)
     # each modulation layer is dropped once its table is evaluated: never more than two alive
     modulation = StageNeed(2 * largest_table + tables, 2 * largest_table + tables)
-    from .models.autoencoder import AutoencoderConfig, estimate_decode_bytes
-
     vae = sum(tensor_bytes(comps["vae"]).values())
     vae_cfg = AutoencoderConfig.from_dict(comps["vae"]["config"])
     decode_act = min(DECODE_BUDGET, estimate_decode_bytes(height, width, vae_cfg, dtype_bytes))

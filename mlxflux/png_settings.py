@@ -13,10 +13,10 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import SettingsError
+from .request import PRESET_KEYS
 from .sampling import SCHEDULERS
 
-KEYS = ("prompt", "width", "height", "steps", "guidance", "scheduler", "shift", "seed",
-        "t5_padding", "denoise")  # fmt: skip
+KEYS = (*PRESET_KEYS, "seed")  # what a PNG carries over: a preset's settings and the seed
 
 
 def read_png_settings(path) -> tuple[dict, str, list[str]]:

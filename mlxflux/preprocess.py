@@ -18,7 +18,7 @@ Returns an RGB image of 0 / 255 edges, as the node's output is saved.
 import numpy as np
 from PIL import Image
 
-from .image import unit_pixels
+from .pixels import unit_pixels
 
 CANNY_LOW, CANNY_HIGH = 0.4, 0.8  # ComfyUI's Canny node defaults
 EPS = 1e-6  # kornia's eps inside the magnitude's square root

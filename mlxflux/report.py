@@ -1,4 +1,4 @@
-"""Per-stage time and memory: what `--report` writes and `Pipeline.last_report` holds."""
+"""Per-stage time and memory: what `--report` writes and each `job.Job` holds as `report`."""
 
 import gc
 import time

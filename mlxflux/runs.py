@@ -1,41 +1,15 @@
-"""Many images in one run: which seeds, what each file is called, and which process makes which
-seed when the same command runs under MLX's launcher (`mlx.launch -n 2 -- mlxflux gen ...`)."""
+"""Many images in one run: what each file is called, and which process makes which seed when
+the same command runs under MLX's launcher (`mlx.launch -n 2 -- mlxflux gen ...`)."""
 
-import os
 import string
 from pathlib import Path
 
 import mlx.core as mx
 
 from .errors import SettingsError
-from .image import slug
+from .png import slug
 
-MAX_SEED = 2**64 - 1
 FIELDS = ("seed", "index", "preset")
-
-
-def parse_seeds(seeds: str | None, count: int | None, seed: int | None) -> list[int]:
-    """--seeds a,b,c, or --count N from --seed (random when absent), or the one --seed."""
-    if seeds is not None and (count is not None or seed is not None):
-        other = "--count" if count is not None else "--seed"
-        raise SettingsError(f"give either --seeds or {other}, not both", "seeds")
-    if seeds is not None:
-        out = []
-        for part in seeds.split(","):
-            try:
-                value = int(part.strip())
-            except ValueError:
-                raise SettingsError(f"{part.strip()!r} is not a whole number", "seeds") from None
-            if not 0 <= value <= MAX_SEED:
-                raise SettingsError(f"{value} is outside 0..2**64-1", "seeds")
-            if value not in out:  # every seed is made once
-                out.append(value)
-        return out
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
-    if count is not None and count < 1:
-        raise SettingsError(f"must be at least 1, got {count}", "count")
-    return [(seed + i) % (MAX_SEED + 1) for i in range(count or 1)]
 
 
 def check_template(template: str | None, many: bool) -> None:

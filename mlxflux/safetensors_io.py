@@ -100,29 +100,37 @@ class TensorFile:
 class SafetensorsFile(TensorFile):
     """A validated safetensors header plus lazy, per-tensor reads."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, data: bytes | None = None):
+        """The header of the file at `path`, validated; `data`: the file's bytes, already read
+        (a LoRA, read once and hashed), which `read` then reads from instead of the file."""
         self.path = Path(path)
-        if not self.path.exists():
-            raise SafetensorsError(f"{self.path}: no such file")
-        if self.path.is_dir():
-            raise SafetensorsError(f"{self.path}: is a folder, not a safetensors file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SafetensorsError(f"{self.path}: empty or truncated file ({size} bytes)")
-            if head[:2] == b"\x80\x02" or head[:2] == b"PK":
-                raise SafetensorsError(
-                    f"{self.path}: a pickled PyTorch checkpoint; mlxflux reads only "
-                    "safetensors and never unpickles (convert it to safetensors first)"
-                )
-            n = int.from_bytes(head, "little")
-            if n == 0 or n > MAX_HEADER or n > size - 8:
-                raise SafetensorsError(
-                    f"{self.path}: not a safetensors file (header length {n} for a "
-                    f"{size}-byte file)"
-                )
-            raw = f.read(n)
+        self.data = data
+        if data is None:
+            if not self.path.exists():
+                raise SafetensorsError(f"{self.path}: no such file")
+            if self.path.is_dir():
+                raise SafetensorsError(f"{self.path}: is a folder, not a safetensors file")
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                raw = f.read(n) if 0 < n <= MAX_HEADER and n <= size - 8 else b""
+        else:
+            size = len(data)
+            head = data[:8]
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            raw = data[8 : 8 + n] if 0 < n <= MAX_HEADER and n <= size - 8 else b""
+        if len(head) < 8:
+            raise SafetensorsError(f"{self.path}: empty or truncated file ({size} bytes)")
+        if head[:2] == b"\x80\x02" or head[:2] == b"PK":
+            raise SafetensorsError(
+                f"{self.path}: a pickled PyTorch checkpoint; mlxflux reads only "
+                "safetensors and never unpickles (convert it to safetensors first)"
+            )
+        if n == 0 or n > MAX_HEADER or n > size - 8:
+            raise SafetensorsError(
+                f"{self.path}: not a safetensors file (header length {n} for a {size}-byte file)"
+            )
         self.header_sha256 = hashlib.sha256(head + raw).hexdigest()
         try:
             header = json.loads(raw)
@@ -161,18 +169,34 @@ class SafetensorsFile(TensorFile):
             if start < end:
                 raise SafetensorsError(f"{self.path}: tensors {first} and {second} overlap")
 
-    def read(self, key: str) -> mx.array:
-        """One tensor as an mx.array; fp8 is decoded exactly to bfloat16 (e4m3) / float16 (e5m2)."""
+    def raw(self, key: str) -> np.ndarray:
+        """One tensor's stored values in numpy (bfloat16 as uint16 bits, fp8 as uint8)."""
         t = self.tensors[key]
         dtype = np.uint8 if t.dtype.startswith("F8") else _NUMPY.get(t.dtype, np.uint16)
         count = t.nbytes // _ITEMSIZE[t.dtype]
         try:
-            raw = np.fromfile(self.path, dtype=dtype, count=count, offset=t.start)
-        except OSError as e:
+            if self.data is not None:
+                raw = np.frombuffer(self.data, dtype=dtype, count=count, offset=t.start)
+            else:
+                raw = np.fromfile(self.path, dtype=dtype, count=count, offset=t.start)
+        except (OSError, ValueError) as e:
             raise SafetensorsError(f"{self.path}: tensor {key} cannot be read ({e})") from None
         if raw.size != count:  # the file shrank since its header was read
             raise SafetensorsError(f"{self.path}: truncated: tensor {key} is incomplete")
-        raw = raw.reshape(t.shape)
+        return raw.reshape(t.shape)
+
+    def read_float32(self, key: str) -> np.ndarray:
+        """One floating-point tensor as float32 numpy (host memory, no MLX array made)."""
+        t, raw = self.tensors[key], self.raw(key)
+        if t.dtype == "BF16":  # bfloat16 is float32's high half: exact
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        if t.dtype.startswith("F8"):
+            return np.array(self.read(key).astype(mx.float32))
+        return raw.astype(np.float32)
+
+    def read(self, key: str) -> mx.array:
+        """One tensor as an mx.array; fp8 is decoded exactly to bfloat16 (e4m3) / float16 (e5m2)."""
+        t, raw = self.tensors[key], self.raw(key)
         if t.dtype == "BF16":
             return mx.array(raw).view(mx.bfloat16)
         if t.dtype == "F8_E4M3":

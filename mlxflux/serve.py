@@ -1,13 +1,15 @@
 """`mlxflux serve`: a local web page and a JSON API over the same library.
 
-One model is loaded once. Jobs run one at a time, in the order they came, on a worker thread;
-each runs the call `mlxflux gen` makes (`cli_gen.generation_kwargs`), so the same settings give
-the same PNG. A cancelled job stops after the step it is on and writes nothing more.
+One model is loaded once. A request's settings become a `GenerationRequest` as `mlxflux gen`'s
+flags do (`request.resolve`), and the pipeline prepares its job on the thread that took the
+request (inputs opened, LoRAs read, the memory plan made: refused there with 400); jobs run
+one at a time, in the order they came, on a worker thread, so the same settings give the same
+PNG. A cancelled job stops after the step it is on and writes nothing more.
 
     GET    /                         the page (plain HTML and JS, no build step)
     GET    /api/info                 the model, its variant, what images it takes, the presets
-    POST   /api/jobs                 multipart: "settings" (JSON, generate's names + "preset",
-                                     "seed", "seeds", "count", "loras"), files "init_image",
+    POST   /api/jobs                 multipart: "settings" (JSON: the request's fields in their
+                                     names, + "seed", "seeds", "count"), files "init_image",
                                      "reference" (repeatable), "control_image", "mask"
     GET    /api/jobs                 every job of this session, the queue in order
     GET    /api/jobs/{id}            one job
@@ -16,7 +18,8 @@ the same PNG. A cancelled job stops after the step it is on and writes nothing m
     GET    /api/images               the output folder's PNGs, newest first, with their settings
     GET    /api/images/{name}        one PNG of the output folder (no other path is served)
 
-Bad requests get 400 with {"error": "one line"}; uploads are limited in size and must open as
+Bad requests get 400 with {"error": "one line", "field": the setting's name or null}, in the
+page's words (the field's label); uploads are limited in size and must open as
 images; they are kept in a temporary folder, removed when the server stops.
 """
 
@@ -37,6 +40,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import MlxfluxError, SettingsError, one_line
+from .request import label_of, params, resolve
 
 log = logging.getLogger("mlxflux.serve")
 
@@ -44,17 +48,30 @@ MAX_UPLOAD_BYTES = 64 << 20  # per file; a cover scan is a few MB
 MAX_REQUEST_BYTES = 5 * MAX_UPLOAD_BYTES
 UPLOADS = {"init_image": "init_image", "reference": "reference_images",
            "control_image": "control_image", "mask": "mask"}  # fmt: skip
-# what "settings" may hold: gen's flags in generate's names
-GIVEN = ("prompt", "width", "height", "steps", "guidance", "scheduler", "shift", "t5_padding",
-         "denoise")  # fmt: skip
-OPTIONS = ("preset", "seed", "seeds", "count", "loras", "reference_scale", "preprocess",
-           "outpaint")  # fmt: skip
+# what "settings" may hold: the request's fields (but its pictures, which come as files, and
+# the given noise), and how to choose seeds
+SETTINGS = (*(f.name for f in params() if f.name not in (*UPLOADS.values(), "noise", "seeds")),
+            "seed", "seeds", "count")  # fmt: skip
+NUMBERS = {
+    f.name: f.metadata["cli"]["type"]
+    for f in params()
+    if (f.metadata["cli"] or {}).get("type") in (int, float)
+} | {"seed": int, "count": int}
 END = ("done", "failed", "cancelled")
 PNG_NAME = re.compile(r"^[^/\\\x00]+\.png$")
 
 
 class BadRequest(Exception):
-    """A request that cannot run: 400 with its one-line message."""
+    """A request that cannot run: 400 with its one-line message and the field it is about."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    @classmethod
+    def of(cls, e: SettingsError) -> "BadRequest":
+        """A refused setting in the page's words: its field's label."""
+        return cls(f"{label_of(e.name)}: {e.reason}", e.name)
 
 
 class Cancelled(Exception):
@@ -62,11 +79,11 @@ class Cancelled(Exception):
 
 
 @dataclass
-class Job:
+class Entry:
+    """A job in the studio's queue: the prepared job and what the page sees of it."""
+
     id: str
-    prompt: str
-    settings: dict
-    seeds: list[int]
+    job: object  # the prepared `job.Job`
     preset: str | None
     inputs: dict  # the uploaded files' URLs, for the page's before/after view
     status: str = "queued"
@@ -88,11 +105,12 @@ class Job:
         self.history.append(self.public())
 
     def public(self) -> dict:
+        request = self.job.request
         return {
             "id": self.id, "status": self.status, "stage": self.stage, "step": self.step,
-            "steps": self.steps, "image": self.image, "count": len(self.seeds),
-            "seeds": self.seeds, "images": self.images, "error": self.error,
-            "prompt": self.prompt, "inputs": self.inputs, "created": self.created,
+            "steps": self.steps, "image": self.image, "count": len(request.seeds),
+            "seeds": list(request.seeds), "images": self.images, "error": self.error,
+            "prompt": request.prompt, "inputs": self.inputs, "created": self.created,
         }  # fmt: skip
 
 
@@ -104,10 +122,8 @@ class Studio:
         self.output = Path(output_dir).expanduser().resolve()
         self.output.mkdir(parents=True, exist_ok=True)
         self.uploads = Path(tempfile.mkdtemp(prefix="mlxflux-uploads-"))
-        self.jobs: dict[str, Job] = {}
-        self.queue: queue.Queue[Job] = queue.Queue()
-        # generate_many's checks set the pipeline's last_report: one caller at a time
-        self.lock = threading.Lock()
+        self.jobs: dict[str, Entry] = {}
+        self.queue: queue.Queue[Entry] = queue.Queue()
         threading.Thread(target=self._work, name="mlxflux-jobs", daemon=True).start()
 
     def close(self) -> None:
@@ -115,61 +131,32 @@ class Studio:
 
     # ---- arrival -------------------------------------------------------------------------
 
-    def submit(self, raw: dict, files: dict[str, list[tuple[str, bytes]]]) -> Job:
-        """Check a request as `mlxflux gen` checks its flags, save its uploads, queue it.
-        BadRequest with one line when it cannot run."""
-        from .cli_gen import (
-            Failure,
-            flag_message,
-            gen_settings,
-            generation_kwargs,
-            model_defaults,
-            parse_lora,
-        )
-        from .runs import parse_seeds
-
+    def submit(self, raw: dict, files: dict[str, list[tuple[str, bytes]]]) -> Entry:
+        """Check a request as `mlxflux gen` checks its flags, save its uploads, prepare its job
+        (once, here), queue it. BadRequest with one line when it cannot run."""
         if not isinstance(raw, dict):
             raise BadRequest("settings: must be a JSON object")
-        unknown = sorted(set(raw) - set(GIVEN) - set(OPTIONS) - set(UPLOADS.values()))
+        unknown = sorted(set(raw) - set(SETTINGS))
         if unknown:
             raise BadRequest(f"settings: unknown {', '.join(unknown)}")
+        given = {k: _number(v, NUMBERS[k], k) if k in NUMBERS else v for k, v in raw.items()}
+        given = {k: v for k, v in given.items() if v is not None and v != ""}
+        preset = given.pop("preset", None) or None
         job_id = uuid.uuid4().hex[:12]
         images, inputs = self._save_uploads(job_id, files)
-        images["reference_scale"] = raw.get("reference_scale") or "kontext"
-        images["preprocess"] = raw.get("preprocess") or "auto"
-        images["outpaint"] = bool(raw.get("outpaint"))
-        given = {k: raw.get(k) for k in GIVEN}
-        for k in ("width", "height", "steps"):
-            given[k] = _number(given[k], int, k)
-        for k in ("guidance", "denoise"):
-            given[k] = _number(given[k], float, k)
-        given["init_image"] = images.pop("init_image", None)
         try:
-            settings = gen_settings(raw.get("preset") or None, given, images)
-            settings["loras"] = [parse_lora(str(spec)) for spec in raw.get("loras") or []]
-            seeds = raw.get("seeds")
-            if isinstance(seeds, list):
-                seeds = ",".join(str(s) for s in seeds)
-            seed = _number(raw.get("seed"), int, "seed")
-            seeds = parse_seeds(seeds, _number(raw.get("count"), int, "count"), seed)
-            with self.lock:
-                model_defaults(settings, self.pipe, given, {})
-                # the pipeline's own checks (images, LoRAs, memory plan), no stage run
-                self.pipe.generate_many(settings["prompt"], seeds,
-                                        **generation_kwargs(settings)).close()  # fmt: skip
-        except Failure as e:
-            raise BadRequest(e.format_message()) from None
+            job = self.pipe.prepare(resolve({**given, **images}, preset))
         except SettingsError as e:
-            raise BadRequest(flag_message(e)) from None
+            raise BadRequest.of(e) from None
         except MlxfluxError as e:
             raise BadRequest(str(e)) from None
-        job = Job(job_id, settings["prompt"], settings, seeds, raw.get("preset") or None, inputs)
-        self.jobs[job.id] = job
-        self.queue.put(job)
-        return job
+        entry = Entry(job_id, job, preset, inputs)
+        self.jobs[entry.id] = entry
+        self.queue.put(entry)
+        return entry
 
     def _save_uploads(self, job_id: str, files) -> tuple[dict, dict]:
-        from .image import open_image
+        from .pixels import Picture
 
         images, inputs = {}, {}
         unknown = sorted(set(files) - set(UPLOADS))
@@ -188,14 +175,16 @@ class Studio:
                 path = folder / name
                 path.write_bytes(data)
                 try:
-                    open_image(path, field_name)  # refused now unless it opens as an image
+                    picture = Picture.of(path, field_name)  # opened once, kept by the request
                 except SettingsError as e:
-                    raise BadRequest(f"{field_name}: {e.reason.replace(str(path), name)}") from None
+                    reason = e.reason.replace(str(path), name)
+                    raise BadRequest(f"{label_of(UPLOADS[field_name])}: {reason}",
+                                     UPLOADS[field_name]) from None  # fmt: skip
                 key = UPLOADS[field_name]
                 if key == "reference_images":
-                    images.setdefault(key, []).append(path)
+                    images.setdefault(key, []).append(picture)
                 else:
-                    images[key] = path
+                    images[key] = picture
                 inputs.setdefault(field_name, []).append(
                     f"/api/uploads/{job_id}/{field_name}-{i}/{name}"
                 )
@@ -205,7 +194,7 @@ class Studio:
         path = (self.uploads / job_id / part / name).resolve()
         return path if path.is_file() and path.is_relative_to(self.uploads) else None
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str) -> Entry:
         job = self.jobs[job_id]
         if job.status not in END:
             job.cancel.set()
@@ -223,41 +212,38 @@ class Studio:
                 continue
             self._run(job)
 
-    def _run(self, job: Job) -> None:
-        from .cli_gen import generation_kwargs
+    def _run(self, entry: Entry) -> None:
         from .comfy_graph import comfy_chunks
-        from .image import save_png
+        from .png import save_png
         from .runs import output_path
 
         def on_step(index: int, step: int, steps: int) -> None:
-            job.changed(image=index, step=step, steps=steps)
-            if job.cancel.is_set():
+            entry.changed(image=index, step=step, steps=steps)
+            if entry.cancel.is_set():
                 raise Cancelled
 
-        job.changed(status="running")
+        job = entry.job
+        job.report.on_stage = lambda name: entry.changed(stage=name)
+        entry.changed(status="running")
         try:
-            with self.lock:  # the checks and this job's report; the stages run outside
-                images = self.pipe.generate_many(job.prompt, job.seeds, on_step=on_step,
-                                                  **generation_kwargs(job.settings))  # fmt: skip
-                report = self.pipe.last_report
-            report.on_stage = lambda name: job.changed(stage=name)
-            for index, (seed, image) in enumerate(images):
-                if job.cancel.is_set():
+            for index, (seed, image) in enumerate(job.run(on_step=on_step)):
+                if entry.cancel.is_set():
                     raise Cancelled
-                meta = dict(report.settings, seed=seed, version=__version__, preset=job.preset)
-                name = output_path(None, seed=seed, index=index, preset=job.preset,
-                                   prompt=job.prompt)  # fmt: skip
+                meta = dict(job.report.settings, seed=seed, version=__version__,
+                            preset=entry.preset)  # fmt: skip
+                name = output_path(None, seed=seed, index=index, preset=entry.preset,
+                                   prompt=job.request.prompt)  # fmt: skip
                 graphs = comfy_chunks(meta, self.pipe.manifest)
                 path = save_png(image, self.output / name, meta, graphs)
-                job.changed(images=[*job.images, f"/api/images/{path.name}"])
-            job.changed(status="done", stage="")
+                entry.changed(images=[*entry.images, f"/api/images/{path.name}"])
+            entry.changed(status="done", stage="")
         except Cancelled:
-            job.changed(status="cancelled")
+            entry.changed(status="cancelled")
         except MlxfluxError as e:
-            job.changed(status="failed", error=str(e))
+            entry.changed(status="failed", error=str(e))
         except Exception as e:  # a bug: keep the server, say what happened
-            log.exception("job %s failed", job.id)
-            job.changed(status="failed", error=one_line(f"{type(e).__name__}: {e}"))
+            log.exception("job %s failed", entry.id)
+            entry.changed(status="failed", error=one_line(f"{type(e).__name__}: {e}"))
 
     # ---- the output folder ---------------------------------------------------------------
 
@@ -288,13 +274,13 @@ def _number(value, kind, name):
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise BadRequest(f"--{name.replace('_', '-')}: {value!r} is not a number")
+        raise BadRequest(f"{label_of(name)}: {value!r} is not a number", name)
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise BadRequest(f"--{name.replace('_', '-')}: {value!r} is not a number") from None
+        raise BadRequest(f"{label_of(name)}: {value!r} is not a number", name) from None
     if kind is int and isinstance(value, float) and value != number:
-        raise BadRequest(f"--{name.replace('_', '-')}: {value!r} is not a whole number")
+        raise BadRequest(f"{label_of(name)}: {value!r} is not a whole number", name)
     return number
 
 
@@ -317,8 +303,8 @@ def create_app(studio: Studio):
     )
     from starlette.routing import Route
 
-    def bad(message: str, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": one_line(message)}, status_code=status)
+    def bad(message: str, status: int = 400, field: str | None = None) -> JSONResponse:
+        return JSONResponse({"error": one_line(message), "field": field}, status_code=status)
 
     async def page(request: Request):
         return HTMLResponse(resources.files("mlxflux").joinpath("web/index.html").read_text())
@@ -327,11 +313,12 @@ def create_app(studio: Studio):
         from .presets import all_presets
 
         v = studio.pipe.variant_info
+        takes = set(v.family.inputs)
         return JSONResponse({
             "version": __version__, "model": str(studio.pipe.folder), "variant": v.name,
             "title": v.title, "defaults": v.defaults, "precision": studio.pipe.precision,
-            "accepts": {"init_image": True, "reference": v.references,
-                        "control_image": v.control, "mask": v.fill},
+            "accepts": {"init_image": True, "reference": "reference_images" in takes,
+                        "control_image": "control_image" in takes, "mask": "mask" in takes},
             "presets": all_presets(), "output_dir": str(studio.output),
         })  # fmt: skip
 
@@ -363,14 +350,14 @@ def create_app(studio: Studio):
         try:
             job = await asyncio.to_thread(studio.submit, settings, files)
         except BadRequest as e:
-            return bad(str(e))
+            return bad(str(e), field=e.field)
         return JSONResponse({"id": job.id, **job.public()}, status_code=201)
 
     async def list_jobs(request: Request):
         jobs = sorted(studio.jobs.values(), key=lambda j: j.created)
         return JSONResponse({"jobs": [j.public() for j in jobs]})
 
-    def find(request: Request) -> Job | None:
+    def find(request: Request) -> Entry | None:
         return studio.jobs.get(request.path_params["job_id"])
 
     async def get_job(request: Request):

@@ -1,4 +1,13 @@
+"""The suite's set-up: the device, the `reference` marker, and fixtures several modules share.
+
+Tests that compare against a reference implementation (torch, diffusers, transformers) live in
+modules marked `pytestmark = pytest.mark.reference`; `pytest -m "not reference"` runs the rest,
+pure MLX (README: about a minute on a Mac). Without torch installed those modules are not even
+collected."""
+
+import importlib.util
 import os
+from pathlib import Path
 
 # MLXFLUX_TEST_DEVICE=gpu runs every test on the default GPU (Metal or CUDA); CI uses the CPU.
 # On a GPU, MLX runs float32 matmuls as TF32 by default (MLX_ENABLE_TF32=1 on CUDA and M5-class
@@ -9,19 +18,29 @@ if TEST_DEVICE == "gpu":
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-# parity is checked in fp32 against torch on the CPU
-torch.set_default_dtype(torch.float32)
+REFERENCE_MARK = "pytestmark = pytest.mark.reference"
+HAVE_REFERENCES = all(importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers"))
 
 
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "reference: compares against torch/diffusers/transformers (the test extra)"
+    )
     if TEST_DEVICE not in ("cpu", "gpu"):
         raise pytest.UsageError(f"MLXFLUX_TEST_DEVICE must be cpu or gpu, got {TEST_DEVICE!r}")
     if TEST_DEVICE == "gpu" and not mx.is_available(mx.gpu):
         raise pytest.UsageError("MLXFLUX_TEST_DEVICE=gpu, but MLX sees no GPU on this machine")
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    """Without the reference implementations, the modules that need them are left out."""
+    if HAVE_REFERENCES or collection_path.suffix != ".py":
+        return None
+    if collection_path.name == "reference.py" or REFERENCE_MARK in collection_path.read_text():
+        return True
+    return None
 
 
 def pytest_report_header(config):
@@ -35,35 +54,49 @@ def _test_device():
     yield
 
 
-def randomize_(module: torch.nn.Module, seed: int, scale: float = 1.0) -> torch.nn.Module:
-    """Give every parameter a random value: matrices ~ N(0, 1/fan_in), vectors around 0 or 1.
+@pytest.fixture
+def no_stage(monkeypatch):
+    """Fails the test if any stage starts: a refusal must come before the text stage."""
+    import mlxflux.pipeline
 
-    Reference models initialise some layers to zero; random values everywhere make a wrong key
-    or a swapped half show up in the output.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * scale / fan_in**0.5)
-            elif name.endswith("bias") or name.endswith("shift"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:  # norm scales
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-    return module.eval()
+    def refused(*args, **kwargs):
+        raise AssertionError("a stage ran: the request should have been refused before it")
+
+    monkeypatch.setattr(mlxflux.pipeline.Pipeline, "encode_text", refused)
 
 
-def to_mx(t) -> mx.array:
-    return mx.array(t.detach().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
+# a small random model (pure MLX), made once per module
 
 
-def rel_err(out, ref) -> float:
-    """max |out - ref| / max |ref|"""
-    out = np.asarray(out, dtype=np.float64)
-    ref = np.asarray(ref.detach().numpy() if isinstance(ref, torch.Tensor) else ref, np.float64)
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    return float(np.abs(out - ref).max() / np.abs(ref).max())
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    from .helpers import small_model
+
+    return small_model(tmp_path_factory.mktemp("small") / "model")
+
+
+# the end-to-end modules' shared tiny model (reference weights, converted once per module)
+
+
+@pytest.fixture(scope="module")
+def models():
+    from . import reference
+
+    return reference.make_models(seed=21)
+
+
+@pytest.fixture(scope="module")
+def folder(models, tmp_path_factory):
+    from . import reference
+
+    return reference.converted(models, tmp_path_factory.mktemp("pipe"))
+
+
+@pytest.fixture(scope="module")
+def folder_q8(models, tmp_path_factory):
+    from . import reference
+
+    return reference.converted(models, tmp_path_factory.mktemp("pipe_q8"), bits=8)
 
 
 def pytest_terminal_summary(terminalreporter):

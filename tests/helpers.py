@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: the real tokenizer files, the CLI in a subprocess, tiny
-reference text encoders, and 8-bit reference weights."""
+"""Helpers shared by the tests that need no reference implementation (pure MLX, numpy, PIL):
+the real tokenizer files, the CLI in a subprocess, a job's image and report, small random
+model folders, pictures, GGUF files. What needs torch is in `reference.py`."""
 
 import importlib.util
 import os
@@ -8,14 +9,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
+import gguf
 import numpy as np
-import torch
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+from PIL import Image
 
-from mlxflux.quant import GROUP_SIZE
+import mlxflux
+from mlxflux.models.registry import check_weights
 
-from .conftest import randomize_, to_mx
+WIDTH, HEIGHT = 96, 64  # the end-to-end tests' picture size
+
+
+def load_strict(module, weights: dict, source: str):
+    """Check `weights` against `module` (every key, every shape) and load them."""
+    from mlx.utils import tree_flatten
+
+    check_weights(dict(tree_flatten(module.parameters())), weights, source)
+    module.load_weights(list(weights.items()), strict=True)
+    return module
+
+
+def generate(pipe, prompt: str, seed: int = 0, **settings):
+    """(image, report) of one generation: `Pipeline.generate` with the job's own report."""
+    job = pipe.prepare(mlxflux.GenerationRequest(prompt, seeds=(seed,), **settings))
+    ((_, image),) = job.run()
+    return image, job.report
 
 
 def tokenizer_dir() -> Path:
@@ -74,40 +93,101 @@ def interrupted_gen(
     return run_python(code, sigint_ignored, cwd=cwd)
 
 
-def tiny_clip(seed=0, hidden=64, intermediate=96, layers=3) -> CLIPTextModel:
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64 if hidden > 64 else 4,
-        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407,
-        bos_token_id=49406, pad_token_id=49407,
-    )  # fmt: skip
-    return randomize_(CLIPTextModel(cfg), seed)
+# where each GGML type's fp16 scale fields sit in a 256-value K-quant block
+K_BLOCKS = {Q.Q2_K: (84, [80, 82]), Q.Q3_K: (110, [108]), Q.Q4_K: (144, [0, 2]),
+            Q.Q5_K: (176, [0, 2]), Q.Q6_K: (210, [208])}  # fmt: skip
 
 
-def tiny_t5(seed=0, d_model=64, layers=3) -> T5EncoderModel:
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=32128, d_model=d_model, d_kv=16, d_ff=128, num_layers=layers, num_heads=4,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-    )  # fmt: skip
-    model = randomize_(T5EncoderModel(cfg), seed)
-    with torch.no_grad():  # T5 folds 1/sqrt(d_kv) into q's init (it never scales scores)
-        for block in model.encoder.block:
-            block.layer[0].SelfAttention.q.weight.mul_(cfg.d_kv**-0.5)
-    return model
+LEGACY = [Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1]
 
 
-def quantize_dequantize_(module: torch.nn.Module, bits: int = 8) -> torch.nn.Module:
-    """Replace every quantizable Linear weight with its affine round trip, as the converter
-    and `mlxflux.quant` quantize it (per row, groups of 64, in float32): quantizing diffusers'
-    separate q/k/v rows gives exactly the rows of the converter's fused BFL layers."""
-    with torch.no_grad():
-        for layer in module.modules():
-            w = getattr(layer, "weight", None)
-            if isinstance(layer, torch.nn.Linear) and w.shape[-1] % GROUP_SIZE == 0:
-                q = mx.quantize(to_mx(w), group_size=GROUP_SIZE, bits=bits)
-                deq = mx.dequantize(*q, group_size=GROUP_SIZE, bits=bits)
-                w.copy_(torch.from_numpy(np.array(deq)))
-    return module
+def k_quant_bytes(rows: int, cols: int, kind, seed: int) -> np.ndarray:
+    """Valid random blocks of a K-quant type (gguf-py can only dequantize these): random codes
+    and scales, with small finite fp16 super-block scales."""
+    size, fp16_at = K_BLOCKS[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.6 / cols**0.5 / 8).tobytes(), np.uint8)
+    for at in fp16_at:
+        raw[..., at : at + 2] = scale
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray], kinds: dict[str, object]) -> dict:
+    """Write `tensors` (float32) with each one's GGML type; returns the values gguf's own
+    dequantizer gives back, the reference."""
+    w = gguf.GGUFWriter(str(path), "flux")
+    for i, (name, value) in enumerate(tensors.items()):
+        kind = kinds.get(name, Q.F32)
+        if kind in K_BLOCKS:
+            data = k_quant_bytes(*value.shape, kind, i)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+        elif kind == Q.F16:
+            w.add_tensor(name, value.astype(np.float16))
+        elif kind == Q.F32:
+            w.add_tensor(name, value.astype(np.float32))
+        else:
+            data = quants.quantize(value.astype(np.float32), kind)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(str(path))
+    return {
+        t.name: quants.dequantize(t.data, t.tensor_type).reshape(tensors[t.name].shape)
+        for t in reader.tensors
+    }
+
+
+def transformer_kinds(bfl: dict) -> dict:
+    """Every type mlxflux reads, spread over the tiny transformer's matrices."""
+    kinds, cycle = {}, 0
+    for name, value in bfl.items():
+        if value.ndim != 2:
+            continue
+        if value.shape[1] % 256 == 0 and cycle % 3 == 0:
+            kinds[name] = list(K_BLOCKS)[(cycle // 3) % len(K_BLOCKS)]
+        elif value.shape[1] % 32 == 0:
+            kinds[name] = (LEGACY + [Q.F16])[cycle % (len(LEGACY) + 1)]
+        else:
+            kinds[name] = Q.F16
+        cycle += 1
+    return kinds
+
+
+def cover_image(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
+    """A smooth picture (gradients and a disc), as an original cover would be, not noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = rng.uniform(0, 1, 3)
+    img = np.stack([base[c] * (1 - x) + (1 - base[c]) * y for c in range(3)], -1)
+    img[(x - 0.5) ** 2 + (y - 0.3) ** 2 < 0.04] = rng.uniform(0, 1, 3)
+    return Image.fromarray((img * 255).clip(0, 255).astype(np.uint8))
+
+
+def small_model(out: Path, variant: str = "dev", bits: int | None = None, seed: int = 0) -> Path:
+    """A small random-weight model folder (`mlxflux.convert.random_model`, float32 storage),
+    made in MLX alone: the model of the tests that need no reference implementation."""
+    from mlxflux.convert.random_model import make_random_model
+
+    return make_random_model(out, size="small", variant=variant, bits=bits, dtype="float32",
+                             seed=seed, tokenizers=tokenizer_dir(), log=lambda m: None)  # fmt: skip
+
+
+def write_lora(path: Path, layers: dict[str, tuple[int, int]], seed: int, rank: int = 4) -> Path:
+    """A kohya-named LoRA (BFL layer path -> (outputs, inputs)) with random factors."""
+    from safetensors.numpy import save_file
+
+    g = np.random.default_rng(seed)
+    tensors = {}
+    for layer, (rows, cols) in layers.items():
+        name = "lora_unet_" + layer.replace(".", "_")
+        down = g.standard_normal((rank, cols)) / cols**0.5
+        tensors[f"{name}.lora_down.weight"] = down.astype(np.float32)
+        tensors[f"{name}.lora_up.weight"] = (g.standard_normal((rows, rank)) * 0.3).astype(
+            np.float32
+        )
+        tensors[f"{name}.alpha"] = np.array(2.0, np.float32)
+    save_file(tensors, str(path))
+    return path

@@ -9,9 +9,11 @@ from safetensors.torch import save_file
 
 from mlxflux.convert.keymaps import assemble, bfl_vae, diffusers_vae
 from mlxflux.models.autoencoder import AutoEncoder, AutoencoderConfig
-from mlxflux.weights import load_strict
 
-from .conftest import randomize_, rel_err, to_mx
+from .helpers import load_strict
+from .reference import randomize_, rel_err, to_mx, vae_to_bfl
+
+pytestmark = pytest.mark.reference
 
 SCALE, SHIFT = 0.3611, 0.1159  # docs/numerics.md, the models
 
@@ -52,38 +54,6 @@ def from_diffusers(vae) -> AutoEncoder:
     return load_strict(AutoEncoder(cfg), weights, "vae")
 
 
-def diffusers_to_bfl(vae) -> dict[str, torch.Tensor]:
-    """ae.safetensors layout from diffusers weights via diffusers' own single-file map, inverted.
-
-    diffusers' `convert_ldm_vae_checkpoint` maps BFL -> diffusers; we check that it maps this
-    file back onto the reference's exact state dict, so the file is what BFL would have shipped.
-    """
-    sd = vae.state_dict()
-    n = len(vae.config.block_out_channels)
-    out = {}
-    for k, v in sd.items():
-        t = k
-        for side, word, blk in (("encoder", "down", "down_blocks"), ("decoder", "up", "up_blocks")):
-            if t.startswith(f"{side}.{blk}."):
-                i = int(t.split(".")[2])
-                lvl = i if side == "encoder" else n - 1 - i
-                rest = ".".join(t.split(".")[3:])
-                rest = rest.replace("resnets.", "block.").replace("downsamplers.0", "downsample")
-                rest = rest.replace("upsamplers.0", "upsample")
-                t = f"{side}.{word}.{lvl}.{rest}"
-        t = t.replace("mid_block.resnets.0", "mid.block_1").replace(
-            "mid_block.resnets.1", "mid.block_2"
-        )
-        t = t.replace("mid_block.attentions.0", "mid.attn_1").replace("conv_norm_out", "norm_out")
-        t = t.replace("conv_shortcut", "nin_shortcut").replace("attn_1.group_norm", "attn_1.norm")
-        for a, b in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-            t = t.replace(f"attn_1.{a}.", f"attn_1.{b}.")
-        if ".attn_1." in t and t.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # BFL stores attention as 1x1 convs
-        out[t] = v.contiguous()
-    return out
-
-
 def check_bfl_file_with_diffusers(vae, bfl: dict[str, torch.Tensor]) -> None:
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -122,7 +92,7 @@ def test_decode_and_encode_match_diffusers(block_out, layers):
 
 def test_ae_safetensors_layout_loads_and_matches(tmp_path):
     vae = make_reference((32, 64), 2, seed=4)
-    bfl = diffusers_to_bfl(vae)
+    bfl = vae_to_bfl(vae)
     check_bfl_file_with_diffusers(vae, bfl)
     path = tmp_path / "ae.safetensors"
     save_file(bfl, str(path))

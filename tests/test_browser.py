@@ -17,8 +17,7 @@ import uvicorn
 import mlxflux
 from mlxflux.serve import Studio, create_app
 
-from . import tiny
-from .test_img2img import cover_image
+from .helpers import cover_image, small_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -43,7 +42,7 @@ def serve(folder, tmp):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
-    url, studio, srv, thread = serve(tiny.converted(tiny.make_models(seed=91), tmp), tmp)
+    url, studio, srv, thread = serve(small_model(tmp / "model", seed=91), tmp)
     yield url, studio, tmp
     srv.should_exit = True
     thread.join(10)
@@ -122,7 +121,7 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
         jobs = page.locator(".job").count()
         page.fill("#width", "50")
         page.click("#generate")
-        expect(page.locator("#error")).to_contain_text("--width: width and height must be")
+        expect(page.locator("#error")).to_contain_text("Width: width and height must be")
         assert page.locator(".job").count() == jobs
         assert errors == []
         browser.close()
@@ -135,12 +134,9 @@ def test_a_kontext_model_takes_a_reference_on_the_page(tmp_path, monkeypatch):
     from PIL import Image
     from playwright.sync_api import expect, sync_playwright
 
-    from mlxflux.convert import convert
-
     assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    src = tiny.write_diffusers(tiny.make_models(seed=92), tmp_path / "FLUX.1-Kontext-dev")
-    folder = convert([src], tmp_path / "model", bits=None, dtype="float32", log=lambda m: None)
+    folder = small_model(tmp_path / "model", variant="kontext", seed=92)
     url, studio, srv, thread = serve(folder, tmp_path)
     reference = tmp_path / "original.png"
     cover_image(6, 64, 48).save(reference)

@@ -129,10 +129,9 @@ def test_files_from_a_diffusers_folder_get_bfls_names():
 
 
 def test_pngs_carry_both_graphs(tmp_path):
-    from . import tiny  # diffusers: imported here, so ComfyUI's Python can run the rest
-    from .helpers import run_cli
+    from .helpers import run_cli, small_model
 
-    folder = tiny.converted(tiny.make_models(seed=95), tmp_path)
+    folder = small_model(tmp_path / "model", seed=95)
     r = run_cli("gen", "--model", folder, "--prompt", "x", "--width", 32, "--height", 32,
                 "--steps", 1, "--seed", 9, "--shift", "auto", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr

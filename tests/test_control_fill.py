@@ -18,16 +18,25 @@ from safetensors.torch import save_file
 
 import mlxflux
 from mlxflux.convert import ConvertError, convert
-from mlxflux.models.transformer import pack_latents
+from mlxflux.models.latents import pack_latents
 from mlxflux.preprocess import CANNY_HIGH, CANNY_LOW, canny_edges, canny_image
-from mlxflux.variants import outpaint_canvas
+from mlxflux.variants.fill import outpaint_canvas
 
-from . import tiny
-from .helpers import quantize_dequantize_, run_cli, tokenizer_dir
-from .test_gguf import transformer_kinds, write_gguf
-from .test_kontext import components
-from .test_pipeline import BF16_MAX, BF16_MEAN, FP32_MAX, FP32_MEAN, PROMPT, compare
-from .test_transformer import diffusers_to_bfl
+from . import reference
+from .helpers import generate, run_cli, tokenizer_dir, transformer_kinds, write_gguf
+from .reference import (
+    BF16_MAX,
+    BF16_MEAN,
+    FP32_MAX,
+    FP32_MEAN,
+    PROMPT,
+    compare,
+    components,
+    flux_to_bfl,
+    quantize_dequantize_,
+)
+
+pytestmark = pytest.mark.reference
 
 GUIDANCE = {"canny": 30.0, "depth": 10.0, "fill": 30.0}  # BFL's and ComfyUI's examples
 
@@ -62,19 +71,19 @@ def poster(seed: int, width: int, height: int) -> Image.Image:
 
 
 def write_repo(models, folder, pipeline_class):
-    tiny.write_diffusers(models, folder)
+    reference.write_diffusers(models, folder)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
     return folder
 
 
 @pytest.fixture(scope="module")
 def control_models():
-    return tiny.make_models(seed=61, in_channels=128)
+    return reference.make_models(seed=61, in_channels=128)
 
 
 @pytest.fixture(scope="module")
 def fill_models():
-    return tiny.make_models(seed=62, in_channels=384)
+    return reference.make_models(seed=62, in_channels=384)
 
 
 def _convert(models, tmp, name, bits=None, cls="FluxPipeline", **kw):
@@ -135,16 +144,16 @@ def box_mask(width, height, box) -> Image.Image:
 
 
 def single_files(models, tmp, name, fp8=None):
-    paths = tiny.write_single_files(models, tmp, fp8=fp8,
+    paths = reference.write_single_files(models, tmp, fp8=fp8,
                                     prefix="model.diffusion_model." if fp8 else "")  # fmt: skip
     paths["transformer"].rename(tmp / name)
     return {"sources": [tmp]}
 
 
 def gguf_file(models, tmp, name):
-    paths = tiny.write_single_files(models, tmp)
+    paths = reference.write_single_files(models, tmp)
     paths["transformer"].unlink()
-    bfl = {k: v.numpy() for k, v in diffusers_to_bfl(models["transformer"].state_dict()).items()}
+    bfl = {k: v.numpy() for k, v in flux_to_bfl(models["transformer"].state_dict()).items()}
     write_gguf(tmp / name, bfl, transformer_kinds(bfl))
     return {"sources": [tmp], "flux": tmp / name}
 
@@ -179,7 +188,8 @@ def test_converts_from_each_layout(control_models, fill_models, tmp_path, varian
 
 
 def test_an_unnamed_control_model_needs_the_variant_flag(control_models, tmp_path):
-    tiny.write_single_files(control_models, tmp_path / "src")  # flux1-dev.safetensors, 128 wide
+    # flux1-dev.safetensors, 128 inputs wide
+    reference.write_single_files(control_models, tmp_path / "src")
     with pytest.raises(ConvertError, match="pass --variant canny or --variant depth"):
         convert([tmp_path / "src"], tmp_path / "m", tokenizers=tokenizer_dir())
     assert not (tmp_path / "m").exists()
@@ -212,17 +222,17 @@ def test_control_matches_flux_control_pipeline(control_models, folders, variant,
     folder = folders[(variant, bits) if bits else variant]
     for precision in ("float32",) if not bits else ("float32", "bfloat16"):
         pipe = mlxflux.load(folder, precision=precision)
-        ours = pipe.generate(PROMPT, width=width, height=height, steps=steps, seed=seed,
-                             control_image=control)  # fmt: skip
+        ours, report = generate(pipe, PROMPT, width=width, height=height, steps=steps,
+                                seed=seed, control_image=control)  # fmt: skip
         mean, worst = compare(ours, ref)
         print(f"{variant} {width}x{height} {bits or 'plain'} {precision}: mean {mean:.3f}, "
               f"max {worst} levels")  # fmt: skip
         bound = (FP32_MEAN, FP32_MAX) if precision == "float32" else (BF16_MEAN, BF16_MAX)
         assert mean <= bound[0] and worst <= bound[1]
-    settings = pipe.last_report.settings
+    settings = report.settings
     assert settings["guidance"] == GUIDANCE[variant]
     assert settings["preprocess"] == ("canny" if variant == "canny" else "none")
-    assert set(pipe.last_report.stages) == {"text", "encode", "modulation", "denoise", "decode"}
+    assert set(report.stages) == {"text", "encode", "modulation", "denoise", "decode"}
 
 
 def test_cli_canny_matches_and_records_the_control_image(control_models, folders, tmp_path):
@@ -279,12 +289,12 @@ def test_fill_matches_flux_fill_pipeline(fill_models, folders, width, height, bi
     steps, seed = 3, 19
     ref = fill_reference(models, image, mask, width, height, steps, seed)
     pipe = mlxflux.load(folders[("fill", bits) if bits else "fill"])
-    ours = pipe.generate(PROMPT, width=width, height=height, steps=steps, seed=seed,
-                         init_image=image, mask=mask)  # fmt: skip
+    ours, report = generate(pipe, PROMPT, width=width, height=height, steps=steps, seed=seed,
+                            init_image=image, mask=mask)  # fmt: skip
     mean, worst = compare(ours, ref)
     print(f"fill {width}x{height} {bits or 'plain'}: mean {mean:.3f}, max {worst} levels")
     assert mean <= FP32_MEAN and worst <= FP32_MAX
-    assert pipe.last_report.settings["guidance"] == GUIDANCE["fill"]
+    assert report.settings["guidance"] == GUIDANCE["fill"]
 
 
 def comfy_pad_for_outpaint(image: np.ndarray, left, top, right, bottom, feathering=40):
@@ -388,8 +398,8 @@ def test_outpaint_a_square_cover(fill_models, folders, tmp_path, args, size, bou
 # ---- refusals ------------------------------------------------------------------------------
 
 
-def test_refusals_are_one_line_before_any_stage(control_models, folders, tmp_path):
-    dev = convert([tiny.write_diffusers(tiny.make_models(seed=63), tmp_path / "dev")],
+def test_refusals_are_one_line_before_any_stage(control_models, folders, tmp_path, no_stage):
+    dev = convert([reference.write_diffusers(reference.make_models(seed=63), tmp_path / "dev")],
                   tmp_path / "dev-model", bits=None, log=lambda m: None)  # fmt: skip
     img, square = tmp_path / "img.png", tmp_path / "square.png"
     poster(1, 96, 64).save(img)
@@ -418,7 +428,6 @@ def test_refusals_are_one_line_before_any_stage(control_models, folders, tmp_pat
     pipe = mlxflux.load(folders["canny"])
     with pytest.raises(mlxflux.SettingsError, match="preprocess"):
         pipe.generate("x", control_image=img, preprocess="hed")
-    assert pipe.last_report is None
 
 
 def test_compare_gains_a_middle_column(tmp_path):

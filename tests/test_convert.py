@@ -12,38 +12,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlxflux.convert import ConvertError, convert
-from mlxflux.models.transformer import image_ids
+from mlxflux.model_folder import MANIFEST, read_manifest
+from mlxflux.models.latents import image_ids
+from mlxflux.models.registry import load_component
 from mlxflux.safetensors_io import SafetensorsFile
-from mlxflux.weights import MANIFEST, load_component, read_manifest
 
-from . import tiny
-from .conftest import rel_err, to_mx
+from . import reference
 from .helpers import CTRL_C_PREAMBLE, run_cli, run_python, tokenizer_dir
+from .reference import reference_outputs, rel_err, to_mx
 
-
-def reference_outputs(models, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    flux = models["transformer"]
-    inputs = dict(
-        hidden_states=torch.randn(1, 12, 64, generator=g),
-        encoder_hidden_states=torch.randn(1, 5, tiny.T5_WIDTH, generator=g),
-        pooled_projections=torch.randn(1, tiny.CLIP_WIDTH, generator=g),
-        timestep=torch.tensor([0.7]),
-        img_ids=torch.from_numpy(image_ids(48, 64)).float(),
-        txt_ids=torch.zeros(5, 3),
-        guidance=torch.tensor([3.5]),
-    )
-    ids = torch.randint(0, 32000, (1, 20), generator=g)
-    clip_ids = torch.tensor([[49406, *range(300, 310), 49407] + [49407] * 65])
-    z = torch.randn(1, 16, 4, 6, generator=g)
-    with torch.no_grad():
-        out = {
-            "transformer": flux(**inputs, return_dict=False)[0],
-            "t5": models["t5"](ids).last_hidden_state,
-            "clip": models["clip"](clip_ids).pooler_output,
-            "vae": models["vae"].decode(z).sample,
-        }
-    return inputs, ids, clip_ids, z, out
+pytestmark = pytest.mark.reference
 
 
 def check_folder(folder: Path, models) -> dict[str, float]:
@@ -78,7 +56,7 @@ def check_folder(folder: Path, models) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def models():
-    return tiny.make_models(seed=11)
+    return reference.make_models(seed=11)
 
 
 def fp32(sources, out, **kw):
@@ -86,7 +64,7 @@ def fp32(sources, out, **kw):
 
 
 def test_diffusers_folder_sharded(tmp_path, models):
-    src = tiny.write_diffusers(models, tmp_path / "FLUX.1-dev", shard="300KB")
+    src = reference.write_diffusers(models, tmp_path / "FLUX.1-dev", shard="300KB")
     assert list((src / "transformer").glob("*.index.json"))  # really sharded
     out = fp32([src], tmp_path / "model")
     errs = check_folder(out, models)
@@ -101,7 +79,7 @@ def test_diffusers_folder_sharded(tmp_path, models):
 
 
 def test_bfl_single_files(tmp_path, models):
-    paths = tiny.write_single_files(models, tmp_path / "files")
+    paths = reference.write_single_files(models, tmp_path / "files")
     ref = dict(models, t5=models["t5"].half().float())  # t5xxl_fp16 holds fp16 weights
     out = fp32(
         [],
@@ -126,9 +104,9 @@ def test_bfl_single_files(tmp_path, models):
     ],
 )
 def test_comfyui_fp8_files_in_a_models_folder(tmp_path, kind, prefix):
-    models = tiny.make_models(seed=12)
+    models = reference.make_models(seed=12)
     root = tmp_path / "ComfyUI" / "models"
-    paths = tiny.write_single_files(models, root / "diffusion_models", fp8=kind, prefix=prefix)
+    paths = reference.write_single_files(models, root / "diffusion_models", fp8=kind, prefix=prefix)
     # ComfyUI's layout: each file in its own folder
     for comp, sub in (("vae", "vae"), ("clip", "text_encoders"), ("t5", "text_encoders")):
         (root / sub).mkdir(exist_ok=True)
@@ -136,14 +114,14 @@ def test_comfyui_fp8_files_in_a_models_folder(tmp_path, kind, prefix):
     assert SafetensorsFile(paths["transformer"]).dtypes >= {
         "F8_E4M3" if kind == torch.float8_e4m3fn else "F8_E5M2"
     }
-    tiny.round_like_fp8(models, kind)
+    reference.round_like_fp8(models, kind)
     out = fp32([root], tmp_path / "model", tokenizers=tokenizer_dir())
     assert max(check_folder(out, models).values()) <= 1e-4
 
 
 def test_scaled_fp8_transformer(tmp_path, models):
-    models = tiny.make_models(seed=13)
-    sd = tiny.flux_to_bfl(models["transformer"].state_dict())
+    models = reference.make_models(seed=13)
+    sd = reference.flux_to_bfl(models["transformer"].state_dict())
     scaled = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
     with torch.no_grad():
         for k, v in sd.items():
@@ -158,7 +136,7 @@ def test_scaled_fp8_transformer(tmp_path, models):
     models["transformer"].load_state_dict(
         tiny_diffusers_state(models["transformer"], sd), strict=True
     )
-    paths = tiny.write_single_files(models, tmp_path / "files")
+    paths = reference.write_single_files(models, tmp_path / "files")
     save_file(
         {"model.diffusion_model." + k: v for k, v in scaled.items()}, str(paths["transformer"])
     )
@@ -168,13 +146,13 @@ def test_scaled_fp8_transformer(tmp_path, models):
 
 
 def tiny_diffusers_state(model, bfl):
-    from .test_transformer import diffusers_single_file_convert
+    from .reference import diffusers_single_file_convert
 
     return diffusers_single_file_convert(bfl)
 
 
 def test_comfyui_all_in_one_checkpoint(tmp_path, models):
-    paths = tiny.write_single_files(models, tmp_path / "parts")
+    paths = reference.write_single_files(models, tmp_path / "parts")
     merged = {}
     for comp, prefix in (
         ("transformer", "model.diffusion_model."),
@@ -195,7 +173,7 @@ def test_comfyui_all_in_one_checkpoint(tmp_path, models):
 
 @pytest.mark.parametrize("bits,bound", [(8, 0.05), (6, 0.2), (4, 0.8)])
 def test_quantized_error_against_unquantized(tmp_path, models, bits, bound):
-    src = tiny.write_diffusers(models, tmp_path / "src")
+    src = reference.write_diffusers(models, tmp_path / "src")
     full = check_folder(fp32([src], tmp_path / "full"), models)
     out = convert([src], tmp_path / f"q{bits}", bits=bits, dtype="float32")
     q = check_folder(out, models)
@@ -217,7 +195,7 @@ def convert_cli(*args, env=None):
 
 
 def _bad_files(tmp: Path, models) -> dict[str, tuple[Path, str]]:
-    paths = tiny.write_single_files(models, tmp / "good")
+    paths = reference.write_single_files(models, tmp / "good")
     good = paths["transformer"].read_bytes()
     cases = {}
 
@@ -320,7 +298,7 @@ def test_missing_and_extra_tensors(tmp_path, models):
 def test_existing_folder_is_refused_without_force_and_kept_on_failure(
     tmp_path, models, monkeypatch
 ):
-    src = tiny.write_diffusers(models, tmp_path / "src")
+    src = reference.write_diffusers(models, tmp_path / "src")
     out = fp32([src], tmp_path / "model")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ConvertError, match="already exists"):
@@ -351,7 +329,7 @@ def test_existing_folder_is_refused_without_force_and_kept_on_failure(
 
 
 def test_ctrl_c_leaves_no_half_written_folder(tmp_path, models):
-    src = tiny.write_diffusers(models, tmp_path / "src")
+    src = reference.write_diffusers(models, tmp_path / "src")
     out = tmp_path / "model"
     code = CTRL_C_PREAMBLE + (
         "from mlxflux import safetensors_io\n"
@@ -373,7 +351,7 @@ def test_ctrl_c_leaves_no_half_written_folder(tmp_path, models):
 
 
 def test_info_prints_the_manifest(tmp_path, models):
-    src = tiny.write_diffusers(models, tmp_path / "src")
+    src = reference.write_diffusers(models, tmp_path / "src")
     out = convert([src], tmp_path / "model", bits=8, dtype="bfloat16")
     r = run_cli("info", out)
     assert r.returncode == 0, r.stderr
@@ -386,9 +364,9 @@ def test_info_prints_the_manifest(tmp_path, models):
 
 
 def test_loading_refuses_unknown_format_and_missing_files(tmp_path, models):
-    from mlxflux.weights import ModelFolderError
+    from mlxflux.errors import ModelFolderError
 
-    src = tiny.write_diffusers(models, tmp_path / "src")
+    src = reference.write_diffusers(models, tmp_path / "src")
     out = fp32([src], tmp_path / "model")
     manifest = json.loads((out / MANIFEST).read_text())
     (out / MANIFEST).write_text(json.dumps(dict(manifest, format=99)))
@@ -398,4 +376,4 @@ def test_loading_refuses_unknown_format_and_missing_files(tmp_path, models):
     shard = out / "vae" / manifest["components"]["vae"]["files"]["model"][0]
     shard.unlink()
     with pytest.raises(ModelFolderError, match=f"{shard.name}: missing"):
-        load_component(out, "vae")
+        load_component(out, "vae", read_manifest(out))

@@ -14,9 +14,20 @@ from diffusers import FluxTransformer2DModel
 
 from mlxflux import kernels
 
-from .conftest import randomize_, rel_err, to_mx
-from .test_kernels import BF16_BOUND, CPU_QMM_BF16_BOUND, QUANTIZABLE, with_bits
-from .test_transformer import load_from_diffusers, make_inputs, run_reference
+from .reference import (
+    BF16_BOUND,
+    CPU_QMM_BF16_BOUND,
+    QUANTIZABLE,
+    load_from_diffusers,
+    make_inputs,
+    randomize_,
+    rel_err,
+    run_reference,
+    to_mx,
+    with_bits,
+)
+
+pytestmark = pytest.mark.reference
 
 FP16_MAX = 65504.0
 
@@ -131,7 +142,7 @@ def test_plain_float16_streams_are_float32_and_matmuls_float16(monkeypatch):
     ref = overflowing_reference(4)
     model = load_from_diffusers(ref)
     seen = []
-    real = kernels._rows
+    real = model.kernels._rows
 
     def spy(layer, start, stop):
         fn = real(layer, start, stop)
@@ -145,7 +156,7 @@ def test_plain_float16_streams_are_float32_and_matmuls_float16(monkeypatch):
         to_mx(inputs["pooled_projections"]),
         to_mx(inputs["guidance"]),
     )
-    monkeypatch.setattr(kernels, "_rows", spy)
+    monkeypatch.setattr(model.kernels, "_rows", spy)
     rope = model.rope(inputs["img_ids"].numpy().astype(np.int32), 7)
     model.trunk(
         to_mx(inputs["hidden_states"]),

@@ -10,13 +10,12 @@ from PIL import Image, PngImagePlugin
 from mlxflux.errors import SettingsError
 from mlxflux.png_settings import read_png_settings
 
-from . import tiny
 from .helpers import run_cli
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tiny.converted(tiny.make_models(seed=71), tmp_path_factory.mktemp("from_png"))
+def folder(small_folder):
+    return small_folder
 
 
 def png_with(path, **chunks):

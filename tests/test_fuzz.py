@@ -31,16 +31,17 @@ from safetensors.torch import save_file
 import mlxflux
 from mlxflux.convert import convert
 from mlxflux.errors import MlxfluxError
-from mlxflux.lora import load_loras
+from mlxflux.lora import layer_shapes, read_loras
+from mlxflux.model_folder import MANIFEST, read_manifest
+from mlxflux.pixels import open_init_image
 from mlxflux.presets import parse_preset
 from mlxflux.safetensors_io import SafetensorsFile
-from mlxflux.settings import open_init_image
-from mlxflux.weights import MANIFEST, build_component, read_manifest
 
-from . import tiny
-from .helpers import tokenizer_dir
-from .test_gguf import write_gguf
-from .test_lora import make_lora, write_bfl, write_kohya
+from . import reference
+from .helpers import tokenizer_dir, write_gguf
+from .reference import make_lora, write_bfl, write_kohya
+
+pytestmark = pytest.mark.reference
 
 EXAMPLES = int(os.environ.get("MLXFLUX_FUZZ_EXAMPLES", "40"))
 CASE_SECONDS = 20  # one case longer than this is a hang
@@ -195,12 +196,12 @@ def test_overlapping_tensors_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def models():
-    return tiny.make_models(seed=31)
+    return reference.make_models(seed=31)
 
 
 @pytest.fixture(scope="module")
 def source_bytes(models, tmp_path_factory) -> dict[str, bytes]:
-    files = tiny.write_single_files(models, tmp_path_factory.mktemp("src"))
+    files = reference.write_single_files(models, tmp_path_factory.mktemp("src"))
     return {name: Path(p).read_bytes() for name, p in files.items()}
 
 
@@ -274,7 +275,7 @@ def test_gguf_header_counts(tmp_path, gguf_bytes, count, field):
 @pytest.fixture(scope="module")
 def lora_setup(models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
-    folder = tiny.converted(models, tmp)
+    folder = reference.converted(models, tmp)
     lora = make_lora(models, 3)
     files = {"bfl": write_bfl(lora, tmp / "bfl.safetensors").read_bytes(),
              "kohya": write_kohya(lora, tmp / "kohya.safetensors").read_bytes()}  # fmt: skip
@@ -288,8 +289,8 @@ def test_lora_reader(tmp_path, lora_setup, how, layout):
     path = tmp_path / "l.safetensors"
     path.write_bytes(damaged(files[layout], how))
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
-    model = build_component("transformer", manifest)
-    attempt("LoRA", lambda: load_loras(model, [(path, 0.8)], hidden))
+    shapes = layer_shapes(manifest["components"]["transformer"], manifest["quantization"]["bits"])
+    attempt("LoRA", lambda: read_loras([(path, 0.8)], shapes, hidden))
 
 
 # ---- model folders: manifests, configs, tokenizer files ----------------------------------
@@ -297,7 +298,7 @@ def test_lora_reader(tmp_path, lora_setup, how, layout):
 
 @pytest.fixture(scope="module")
 def pristine(models, tmp_path_factory):
-    return tiny.converted(models, tmp_path_factory.mktemp("folder"), bits=8)
+    return reference.converted(models, tmp_path_factory.mktemp("folder"), bits=8)
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +344,7 @@ def test_manifest_and_configs(pristine, folder, data):
     else:
         parent[path[-1]] = data.draw(json_values)
     if data.draw(st.booleans()) and isinstance(manifest, dict):
-        from mlxflux.weights import SELF_SHA, manifest_sha256
+        from mlxflux.model_folder import SELF_SHA, manifest_sha256
 
         with contextlib.suppress(TypeError, ValueError):  # unhashable edits: the old checksum
             manifest[SELF_SHA] = manifest_sha256(manifest)
@@ -437,7 +438,7 @@ def test_special_images(tmp_path):
     cases = {
         "bomb.png": (png_header_only(60000, 60000), "megapixels|decompression bomb"),
         "large.png": (png_header_only(10000, 10000), "megapixels"),  # Pillow only warns
-        "tiny.png": (image_bytes("RGB", "PNG", (1, 1)), "at least 16x16"),
+        "reference.png": (image_bytes("RGB", "PNG", (1, 1)), "at least 16x16"),
         "cmyk.jpg": (image_bytes("CMYK", "JPEG", color=(0, 255, 255, 0)), None),
         "sixteen.png": (image_bytes("I;16", "PNG", color=40000), None),
         "alpha.png": (image_bytes("RGBA", "PNG", color=(10, 20, 30, 0)), None),

@@ -10,76 +10,22 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
 
 from mlxflux.convert import convert
-from mlxflux.weights import load_component, read_manifest
+from mlxflux.model_folder import read_manifest
+from mlxflux.models.registry import load_component
 
-from . import tiny
-from .conftest import rel_err, to_mx
-from .helpers import run_cli, tokenizer_dir
-from .test_convert import reference_outputs
-from .test_transformer import diffusers_single_file_convert, diffusers_to_bfl
+from . import reference
+from .helpers import run_cli, tokenizer_dir, transformer_kinds, write_gguf
+from .reference import (
+    diffusers_single_file_convert,
+    flux_to_bfl,
+    reference_outputs,
+    rel_err,
+    to_mx,
+)
 
-# where each GGML type's fp16 scale fields sit in a 256-value K-quant block
-K_BLOCKS = {Q.Q2_K: (84, [80, 82]), Q.Q3_K: (110, [108]), Q.Q4_K: (144, [0, 2]),
-            Q.Q5_K: (176, [0, 2]), Q.Q6_K: (210, [208])}  # fmt: skip
-LEGACY = [Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1]
-
-
-def k_quant_bytes(rows: int, cols: int, kind, seed: int) -> np.ndarray:
-    """Valid random blocks of a K-quant type (gguf-py can only dequantize these): random codes
-    and scales, with small finite fp16 super-block scales."""
-    size, fp16_at = K_BLOCKS[kind]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.6 / cols**0.5 / 8).tobytes(), np.uint8)
-    for at in fp16_at:
-        raw[..., at : at + 2] = scale
-    return raw.reshape(rows, -1)
-
-
-def write_gguf(path, tensors: dict[str, np.ndarray], kinds: dict[str, object]) -> dict:
-    """Write `tensors` (float32) with each one's GGML type; returns the values gguf's own
-    dequantizer gives back, the reference."""
-    w = gguf.GGUFWriter(str(path), "flux")
-    for i, (name, value) in enumerate(tensors.items()):
-        kind = kinds.get(name, Q.F32)
-        if kind in K_BLOCKS:
-            data = k_quant_bytes(*value.shape, kind, i)
-            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
-        elif kind == Q.F16:
-            w.add_tensor(name, value.astype(np.float16))
-        elif kind == Q.F32:
-            w.add_tensor(name, value.astype(np.float32))
-        else:
-            data = quants.quantize(value.astype(np.float32), kind)
-            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    reader = gguf.GGUFReader(str(path))
-    return {
-        t.name: quants.dequantize(t.data, t.tensor_type).reshape(tensors[t.name].shape)
-        for t in reader.tensors
-    }
-
-
-def transformer_kinds(bfl: dict) -> dict:
-    """Every type mlxflux reads, spread over the tiny transformer's matrices."""
-    kinds, cycle = {}, 0
-    for name, value in bfl.items():
-        if value.ndim != 2:
-            continue
-        if value.shape[1] % 256 == 0 and cycle % 3 == 0:
-            kinds[name] = list(K_BLOCKS)[(cycle // 3) % len(K_BLOCKS)]
-        elif value.shape[1] % 32 == 0:
-            kinds[name] = (LEGACY + [Q.F16])[cycle % (len(LEGACY) + 1)]
-        else:
-            kinds[name] = Q.F16
-        cycle += 1
-    return kinds
+pytestmark = pytest.mark.reference
 
 
 # transformers' T5 names -> llama.cpp's (the names t5-v1_1-xxl-encoder-*.gguf files carry)
@@ -103,7 +49,7 @@ def llama_t5_name(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def models():
-    return tiny.make_models(seed=31)
+    return reference.make_models(seed=31)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +57,8 @@ def sources(models, tmp_path_factory):
     """GGUF transformer and T5 beside safetensors CLIP/VAE, and the reference models that
     hold the weights gguf dequantizes."""
     tmp = tmp_path_factory.mktemp("gguf")
-    files = tiny.write_single_files(models, tmp / "st")
-    bfl = {k: v.numpy() for k, v in diffusers_to_bfl(models["transformer"].state_dict()).items()}
+    files = reference.write_single_files(models, tmp / "st")
+    bfl = {k: v.numpy() for k, v in flux_to_bfl(models["transformer"].state_dict()).items()}
     flux_values = write_gguf(tmp / "flux1-dev-Q8_0.gguf", bfl, transformer_kinds(bfl))
     t5_sd = {k: v.numpy() for k, v in models["t5"].state_dict().items()
              if k != "encoder.embed_tokens.weight"}  # fmt: skip
@@ -160,7 +106,7 @@ def test_converted_gguf_computes_what_the_dequantized_weights_compute(sources, t
     paths, ref, _, _ = sources
     out = converted(paths, tmp_path / "model", bits)
     inputs, ids, _, _, want = reference_outputs(ref)
-    from mlxflux.models.transformer import image_ids
+    from mlxflux.models.latents import image_ids
 
     manifest = read_manifest(out)
     m = load_component(out, "transformer", manifest)

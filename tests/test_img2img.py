@@ -12,29 +12,10 @@ from PIL import Image
 
 import mlxflux
 
-from . import test_pipeline
-from .test_pipeline import (
-    FP32_MAX,
-    FP32_MEAN,
-    HEIGHT,
-    PROMPT,
-    WIDTH,
-    comfy_reference,
-    compare,
-    run_cli,
-)
+from .helpers import HEIGHT, WIDTH, cover_image, generate, run_cli
+from .reference import FP32_MAX, FP32_MEAN, PROMPT, comfy_reference, compare
 
-models, folder = test_pipeline.models, test_pipeline.folder  # the module-scoped fixtures
-
-
-def cover_image(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
-    """A smooth picture (gradients and a disc), as an original cover would be, not noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = rng.uniform(0, 1, 3)
-    img = np.stack([base[c] * (1 - x) + (1 - base[c]) * y for c in range(3)], -1)
-    img[(x - 0.5) ** 2 + (y - 0.3) ** 2 < 0.04] = rng.uniform(0, 1, 3)
-    return Image.fromarray((img * 255).clip(0, 255).astype(np.uint8))
+pytestmark = pytest.mark.reference
 
 
 def comfy_img2img_reference(torch_models, image, scheduler, steps, denoise, seed) -> np.ndarray:
@@ -60,15 +41,15 @@ def test_img2img_matches_comfyui(models, folder, scheduler, denoise):
     image, steps, seed = cover_image(1), 4, 9
     ref = comfy_img2img_reference(models, image, scheduler, steps, denoise, seed)
     pipe = mlxflux.load(folder)
-    ours = pipe.generate(
-        PROMPT, width=WIDTH, height=HEIGHT, steps=steps, seed=seed, scheduler=scheduler,
+    ours, report = generate(
+        pipe, PROMPT, width=WIDTH, height=HEIGHT, steps=steps, seed=seed, scheduler=scheduler,
         init_image=image, denoise=denoise,
     )  # fmt: skip
     mean, worst = compare(ours, ref)
     print(f"img2img {scheduler} denoise {denoise}: mean {mean:.3f}, max {worst} levels")
     assert mean <= FP32_MEAN and worst <= FP32_MAX
-    assert set(pipe.last_report.stages) == {"text", "encode", "modulation", "denoise", "decode"}
-    assert pipe.last_report.settings["denoise"] == denoise
+    assert set(report.stages) == {"text", "encode", "modulation", "denoise", "decode"}
+    assert report.settings["denoise"] == denoise
 
 
 def test_denoise_one_with_an_init_image_is_text_to_image(folder, tmp_path):
@@ -76,14 +57,14 @@ def test_denoise_one_with_an_init_image_is_text_to_image(folder, tmp_path):
     cover_image(3).save(path)
     pipe = mlxflux.load(folder)
     kw = dict(width=WIDTH, height=HEIGHT, steps=3, seed=5)
-    with_image = pipe.generate(PROMPT, init_image=path, denoise=1.0, **kw)
-    settings = pipe.last_report.settings
+    with_image, report = generate(pipe, PROMPT, init_image=path, denoise=1.0, **kw)
+    settings = report.settings
     assert settings["init_image"] == "cover.png" and len(settings["init_image_sha256"]) == 64
     assert np.array_equal(np.asarray(with_image), np.asarray(pipe.generate(PROMPT, **kw)))
 
 
 def test_init_image_is_scaled_to_cover_and_centre_cropped():
-    from mlxflux.image import cover
+    from mlxflux.pixels import cover
 
     # a 200x100 image with a vertical stripe at its centre, to a 64x64 target: scaled to
     # 128x64 (covering), then the centre 64 columns cropped, so the stripe stays centred
@@ -113,11 +94,10 @@ def test_default_size_is_the_images_rounded_to_16(folder):
         (dict(init_image=Image.new("RGB", (64, 64)), denoise=1.5), "denoise: must be above 0"),
     ],
 )
-def test_bad_init_image_or_denoise_is_refused(folder, kw, match):
+def test_bad_init_image_or_denoise_is_refused(folder, kw, match, no_stage):
     pipe = mlxflux.load(folder)
     with pytest.raises(mlxflux.SettingsError, match=match):
         pipe.generate("x", steps=1, **kw)
-    assert pipe.last_report is None
 
 
 # ---- the CLI: gen --init-image, and the before/after sheet ---------------------------------
@@ -162,15 +142,15 @@ def test_cli_reimagines_a_cover_and_records_the_original(folder, tmp_path):
     [
         (["--init-image", "missing.png"], "--init-image: missing.png: no such file"),
         (["--init-image", "notes.txt"], "--init-image: notes.txt: not a readable image"),
-        (["--init-image", "tiny.png"], "--init-image: tiny.png is 8x8: at least 16x16"),
+        (["--init-image", "reference.png"], "--init-image: reference.png is 8x8: at least 16x16"),
         (["--init-image", "ok.png", "--denoise", "0"], "--denoise: must be above 0"),
         (["--init-image", "ok.png", "--denoise", "1.5"], "--denoise: must be above 0"),
-        (["--denoise", "0.5"], "--denoise: needs --init-image"),
+        (["--denoise", "0.5"], "--denoise: needs an init image"),
     ],
 )
 def test_cli_refuses_bad_init_images_in_one_line(folder, tmp_path, flags, message):
     (tmp_path / "notes.txt").write_text("not a picture")
-    Image.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "reference.png")
     cover_image(6).save(tmp_path / "ok.png")
     before = set(tmp_path.iterdir())
     r = run_cli("gen", "--prompt", "x", "--steps", "1", "--model", folder, *flags, cwd=tmp_path)

@@ -22,52 +22,38 @@ from mlxflux import kernels, native
 from mlxflux.models.layers import Linear
 from mlxflux.quant import quantize
 
-from .conftest import randomize_, rel_err, to_mx
-from .helpers import quantize_dequantize_
-from .test_transformer import load_from_diffusers, make_inputs, run_reference
-
-# every Linear input width a multiple of 64, so every layer quantizes
-QUANTIZABLE = dict(
-    num_layers=1,
-    num_single_layers=2,
-    attention_head_dim=64,
-    num_attention_heads=2,
-    joint_attention_dim=64,
-    pooled_projection_dim=64,
-    guidance_embeds=True,
-    axes_dims_rope=(8, 28, 28),
+from .reference import (
+    BF16_BOUND,
+    CPU_QMM_BF16_BOUND,
+    QUANTIZABLE,
+    make_inputs,
+    quantize_dequantize_,
+    randomize_,
+    rel_err,
+    run_reference,
+    to_mx,
+    with_bits,
 )
-# bf16 activations against the fp32 reference: measured 8.2e-3 (plain) / 9.1e-3 (8-bit)
-BF16_BOUND = 2e-2
-# MLX's *CPU* quantized matmul is imprecise with bf16 inputs: one 512-wide layer is 5.3% off
-# its dense bf16 equivalent (0.3%); the transformer measured 4.1e-2. GPU kernels accumulate in
-# float32, so on a GPU device BF16_BOUND applies.
-CPU_QMM_BF16_BOUND = 8e-2
+
+pytestmark = pytest.mark.reference
 
 
 @pytest.mark.parametrize("value,want", [("", "split"), ("auto", "split"), ("fused", "fused"),
                                         ("split", "split"), (" Fused ", "fused")])  # fmt: skip
-def test_mode_comes_from_the_environment(monkeypatch, value, want):
+def test_mode_comes_from_the_environment_once(monkeypatch, value, want):
     monkeypatch.setenv("MLXFLUX_KERNELS", value)
     if value.strip() in ("", "auto") and kernels.backend() != "cpu":
         want = "fused"  # auto picks the fused kernels on Metal and CUDA
-    assert kernels.mode() == want
+    chosen = kernels.choose()
+    assert chosen.mode == want
+    monkeypatch.setenv("MLXFLUX_KERNELS", "split" if want == "fused" else "fused")
+    assert chosen.mode == want  # read once, when chosen: a model keeps its kernels
 
 
 def test_unknown_mode_is_refused_with_the_choices(monkeypatch):
     monkeypatch.setenv("MLXFLUX_KERNELS", "metal")
     with pytest.raises(kernels.KernelModeError, match="auto, fused, split.*'metal'"):
-        kernels.mode()
-
-
-def with_bits(ref, bits):
-    """(the MLX model of diffusers' `ref`, quantized to `bits`, and the reference holding the
-    same dequantized weights)."""
-    model = load_from_diffusers(ref)
-    if bits:
-        quantize(model, bits)
-        ref = quantize_dequantize_(copy.deepcopy(ref), bits)
-    return model, ref
+        kernels.choose()
 
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
@@ -80,7 +66,8 @@ def test_transformer_matches_diffusers_in_each_mode(monkeypatch, mode, precision
     inputs = make_inputs(ref, 1, 64, 96, 7)
     want = run_reference(ref, inputs)
     dtype = getattr(mx, precision)
-    kernels.calls.clear()
+    calls = model.kernels.calls
+    assert model.kernels.mode == mode
     # as the pipeline runs it: the weights as stored (float32 here), activations in `dtype`
     out = model(
         *(to_mx(inputs[k]).astype(dtype) for k in ("hidden_states", "encoder_hidden_states")),
@@ -91,30 +78,30 @@ def test_transformer_matches_diffusers_in_each_mode(monkeypatch, mode, precision
     )
     assert out.dtype == dtype
     err = rel_err(np.array(out.astype(mx.float32)), want)
-    print(f"{mode} {precision} {bits or 'plain'}: rel err {err:.2e}, calls {dict(kernels.calls)}")
+    print(f"{mode} {precision} {bits or 'plain'}: rel err {err:.2e}, calls {dict(calls)}")
     bound = 1e-4 if precision == "float32" else BF16_BOUND
     if bits and mode == "fused" and precision == "bfloat16" and kernels.backend() == "cpu":
         bound = CPU_QMM_BF16_BOUND
     assert err <= bound
     blocks = QUANTIZABLE["num_layers"] + QUANTIZABLE["num_single_layers"]
     fused = mode == "fused"
-    assert kernels.calls["fused_attention"] == (blocks if fused else 0)
-    assert kernels.calls["split_attention"] == (0 if fused else blocks)
+    assert calls["fused_attention"] == (blocks if fused else 0)
+    assert calls["split_attention"] == (0 if fused else blocks)
     if bits:  # every Linear of the trunk and the embedders is quantized
-        assert kernels.calls["quantized_matmul" if fused else "dequantize_fp32"] >= 10
-        assert kernels.calls["dequantize_fp32" if fused else "quantized_matmul"] == 0
+        assert calls["quantized_matmul" if fused else "dequantize_fp32"] >= 10
+        assert calls["dequantize_fp32" if fused else "quantized_matmul"] == 0
 
 
 def quantized_layer(seed: int, bits: int = 8, rows: int = 192):
-    """A 128 -> rows Linear as a quantized MLX layer, and the torch layer holding its
-    dequantized weights (the reference)."""
+    """A 128 -> rows Linear as a quantized MLX layer running MLXFLUX_KERNELS's kernels, and the
+    torch layer holding its dequantized weights (the reference)."""
     layer = torch.nn.Linear(128, rows)
     randomize_(layer, seed)
     ref = quantize_dequantize_(copy.deepcopy(layer), bits)
     holder = nn.Module()
     holder.layer = Linear(128, rows)
     holder.layer.load_weights([("weight", to_mx(layer.weight)), ("bias", to_mx(layer.bias))])
-    quantize(holder, bits)
+    quantize(holder, bits, kernels.choose())
     return holder.layer, ref
 
 
@@ -127,9 +114,9 @@ def test_cuda_dequantizes_layers_at_many_tokens(monkeypatch):
     for tokens, kernel in [(kernels.CUDA_DEQUANTIZE_TOKENS - 1, "quantized_matmul"),
                            (kernels.CUDA_DEQUANTIZE_TOKENS, "dequantize_matmul")]:  # fmt: skip
         x = torch.randn(1, tokens, 128)
-        kernels.calls.clear()
+        mlx_layer.kernels.calls.clear()
         got = np.array(mlx_layer(to_mx(x)))
-        assert dict(kernels.calls) == {kernel: 1}
+        assert dict(mlx_layer.kernels.calls) == {kernel: 1}
         with torch.no_grad():
             assert rel_err(got, ref(x)) <= 1e-5
 
@@ -144,10 +131,11 @@ def test_split_path_dequantizes_in_row_blocks_at_few_tokens(monkeypatch):
     limit = kernels.DEQUANTIZE_BLOCK_TOKENS
     for tokens, blocked in [(limit, 1), (limit + 1, 0)]:
         x = torch.randn(1, tokens, 128)
-        kernels.calls.clear()
+        calls = mlx_layer.kernels.calls
+        calls.clear()
         got = np.array(mlx_layer(to_mx(x)))
-        assert kernels.calls["dequantize_blocks"] == blocked
-        assert kernels.calls["dequantize_native"] == 0
+        assert calls["dequantize_blocks"] == blocked
+        assert calls["dequantize_native"] == 0
         with torch.no_grad():
             assert rel_err(got, ref(x)) <= 1e-5
 
@@ -194,14 +182,15 @@ def test_native_quantized_layers_match_torch(monkeypatch, bits, rows):
                                          (mlx_layer, ref, 300), (big_layer, big_ref, 1025),
                                          (mlx_layer, ref, 1025)]:  # fmt: skip
             x = torch.randn(2 if tokens == 7 else 1, tokens, 128)
-            kernels.calls.clear()
+            calls = layer.kernels.calls
+            calls.clear()
             got = np.array(layer(to_mx(x)))
-            assert kernels.calls["dequantize_native"] == 1, dict(kernels.calls)
-            assert kernels.calls["dequantize_blocks"] == 0
+            assert calls["dequantize_native"] == 1, dict(calls)
+            assert calls["dequantize_blocks"] == 0
             with torch.no_grad():
                 assert rel_err(got, reference(x)) <= 1e-5
         x = torch.randn(1, 9, 128)
-        part = kernels.linear_rows(mlx_layer, 40, 130)(to_mx(x))
+        part = mlx_layer.kernels.linear_rows(mlx_layer, 40, 130)(to_mx(x))
         with torch.no_grad():
             assert rel_err(np.array(part), ref(x)[..., 40:130]) <= 1e-5
         assert native._thread.flat[0].size == 2 * rows * 128  # the largest layer's size
@@ -265,9 +254,9 @@ def test_rational_gelu_matches_torch(monkeypatch):
     monkeypatch.setenv("MLXFLUX_KERNELS", "split")
     x = np.concatenate([np.linspace(-20, 20, 100_001), [0.0, 1e-30, -1e30, 1e30]])
     x = x.astype(np.float32).reshape(5, -1)  # rows: shared between the CPU streams
-    kernels.calls.clear()
-    got = np.array(kernels.gelu(mx.array(x)))
-    assert kernels.calls["rational_gelu"] == 1
+    split = kernels.choose()
+    got = np.array(split.gelu(mx.array(x)))
+    assert split.calls["rational_gelu"] == 1
     want = torch.nn.functional.gelu(torch.from_numpy(x).double(), approximate="tanh").numpy()
     finite = np.abs(x) < 1e29
     assert np.abs(got[finite] - want[finite]).max() <= 2e-6 * np.maximum(1, np.abs(x[finite])).max()
@@ -285,7 +274,7 @@ def test_the_cpu_kernels_are_really_compiled(tmp_path):
         "from mlxflux import kernels\n"
         "mx.set_default_device(mx.cpu)\n"
         "x = mx.random.normal((64, 256))\n"
-        "mx.eval(kernels.gelu(x), kernels.exp2_nonpositive(-mx.abs(x)))\n"
+        "mx.eval(kernels.choose().gelu(x), kernels.exp2_nonpositive(-mx.abs(x)))\n"
     )
 
     def libraries(tmp, path):

@@ -10,34 +10,47 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+from diffusers import FluxKontextPipeline, FluxPipeline
 from PIL import Image
-from transformers import CLIPTokenizer, T5TokenizerFast
 
 import mlxflux
 from mlxflux.convert import ConvertError, convert
-from mlxflux.models.transformer import pack_latents
-from mlxflux.variants import KONTEXT_RESOLUTIONS, reference_ids, reference_size, scale_reference
+from mlxflux.models.latents import pack_latents
+from mlxflux.variants.kontext import (
+    KONTEXT_RESOLUTIONS,
+    reference_ids,
+    reference_size,
+    scale_reference,
+)
 
-from . import tiny
-from .helpers import quantize_dequantize_, run_cli, tokenizer_dir
-from .test_gguf import transformer_kinds, write_gguf
-from .test_img2img import cover_image
-from .test_pipeline import BF16_MAX, BF16_MEAN, FP32_MAX, FP32_MEAN, PROMPT, compare
-from .test_transformer import diffusers_to_bfl
+from . import reference
+from .helpers import cover_image, generate, run_cli, tokenizer_dir, transformer_kinds, write_gguf
+from .reference import (
+    BF16_MAX,
+    BF16_MEAN,
+    FP32_MAX,
+    FP32_MEAN,
+    PROMPT,
+    compare,
+    components,
+    flux_to_bfl,
+    quantize_dequantize_,
+)
+
+pytestmark = pytest.mark.reference
 
 KONTEXT_GUIDANCE = 2.5  # BFL's cli_kontext and ComfyUI's Kontext template
 
 
 @pytest.fixture(scope="module")
 def models():
-    return tiny.make_models(seed=51)
+    return reference.make_models(seed=51)
 
 
 def write_kontext_repo(models, folder):
     """The diffusers layout of black-forest-labs/FLUX.1-Kontext-dev: its model_index.json
     names FluxKontextPipeline; the folder name says nothing here."""
-    tiny.write_diffusers(models, folder)
+    reference.write_diffusers(models, folder)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline"}))
     return folder
 
@@ -54,18 +67,6 @@ def folder_q8(models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kontext_q8")
     return convert([write_kontext_repo(models, tmp / "src")], tmp / "model", bits=8,
                    dtype="float32", log=lambda m: None)  # fmt: skip
-
-
-def components(models):
-    tok = tokenizer_dir()
-    return dict(
-        vae=models["vae"], text_encoder=models["clip"], text_encoder_2=models["t5"],
-        tokenizer=CLIPTokenizer.from_pretrained(tok / "tokenizer_1"),
-        tokenizer_2=T5TokenizerFast.from_pretrained(tok / "tokenizer_2"),
-        transformer=models["transformer"],
-        # ComfyUI's sigmas are given as they are: no further shifting
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0),
-    )  # fmt: skip
 
 
 def kontext_reference(models, image, width, height, steps, seed, auto_resize, prompt=PROMPT):
@@ -90,23 +91,23 @@ def kontext_reference(models, image, width, height, steps, seed, auto_resize, pr
 def comfy_fp8_files(models, tmp):
     """ComfyUI's Kontext fp8 file (flux1-dev-kontext_fp8_scaled.safetensors: the name is
     what says Kontext) beside the usual encoders and ae."""
-    paths = tiny.write_single_files(models, tmp, fp8=torch.float8_e4m3fn,
+    paths = reference.write_single_files(models, tmp, fp8=torch.float8_e4m3fn,
                                     prefix="model.diffusion_model.")  # fmt: skip
     paths["transformer"].rename(tmp / "flux1-dev-kontext_fp8_scaled.safetensors")
     return {"sources": [tmp]}
 
 
 def bfl_files(models, tmp):
-    paths = tiny.write_single_files(models, tmp)
+    paths = reference.write_single_files(models, tmp)
     paths["transformer"].rename(tmp / "flux1-kontext-dev.safetensors")
     return {"sources": [tmp]}
 
 
 def gguf_files(models, tmp):
     """city96's FLUX.1-Kontext-dev GGUF beside safetensors encoders and ae."""
-    paths = tiny.write_single_files(models, tmp)
+    paths = reference.write_single_files(models, tmp)
     paths["transformer"].unlink()
-    bfl = {k: v.numpy() for k, v in diffusers_to_bfl(models["transformer"].state_dict()).items()}
+    bfl = {k: v.numpy() for k, v in flux_to_bfl(models["transformer"].state_dict()).items()}
     write_gguf(tmp / "flux1-kontext-dev-Q8_0.gguf", bfl, transformer_kinds(bfl))
     return {"sources": [tmp], "flux": tmp / "flux1-kontext-dev-Q8_0.gguf"}
 
@@ -137,7 +138,7 @@ def test_kontext_converts_from_each_layout_and_says_why(models, tmp_path, layout
 
 
 def test_variant_flag_decides_and_is_checked_against_the_shapes(models, tmp_path):
-    files = tiny.write_single_files(models, tmp_path / "plain")  # named flux1-dev.safetensors
+    files = reference.write_single_files(models, tmp_path / "plain")  # named flux1-dev.safetensors
     out = convert([tmp_path / "plain"], tmp_path / "auto", bits=None, tokenizers=tokenizer_dir(),
                   log=lambda m: None)  # fmt: skip
     assert mlxflux.load(out).variant == "dev"
@@ -161,7 +162,7 @@ def test_variant_flag_decides_and_is_checked_against_the_shapes(models, tmp_path
 
 
 def test_older_folders_without_a_variant_load_as_dev(models, tmp_path):
-    out = convert([tiny.write_diffusers(models, tmp_path / "src")], tmp_path / "m", bits=None,
+    out = convert([reference.write_diffusers(models, tmp_path / "src")], tmp_path / "m", bits=None,
                   log=lambda m: None)  # fmt: skip
     manifest = json.loads((out / "mlxflux.json").read_text())
     assert manifest["variant"] == "dev"
@@ -183,17 +184,17 @@ def test_reference_matches_flux_kontext_pipeline(models, folder, width, height, 
     image, steps, seed = cover_image(4, *ref_size), 3, 17
     ref = kontext_reference(models, image, width, height, steps, seed, scale == "kontext")
     pipe = mlxflux.load(folder)
-    ours = pipe.generate(PROMPT, width=width, height=height, steps=steps, seed=seed,
-                         reference_images=[image], reference_scale=scale)  # fmt: skip
+    ours, report = generate(pipe, PROMPT, width=width, height=height, steps=steps, seed=seed,
+                            reference_images=[image], reference_scale=scale)  # fmt: skip
     mean, worst = compare(ours, ref)
     print(f"kontext {width}x{height}, reference {ref_size} ({scale}): mean {mean:.3f}, "
           f"max {worst} levels")  # fmt: skip
     assert mean <= FP32_MEAN and worst <= FP32_MAX
-    settings = pipe.last_report.settings
+    settings = report.settings
     assert settings["guidance"] == KONTEXT_GUIDANCE and settings["model"] == "flux1-kontext-dev"
     encoded = reference_size(*ref_size, scale)
     assert settings["reference_images"][0]["size"] == list(encoded)
-    assert set(pipe.last_report.stages) == {"text", "encode", "modulation", "denoise", "decode"}
+    assert set(report.stages) == {"text", "encode", "modulation", "denoise", "decode"}
 
 
 def test_reference_matches_flux_kontext_pipeline_in_8_bit(models, folder_q8):
@@ -271,15 +272,14 @@ def test_preset_keeps_its_size_and_settings_but_takes_kontexts_guidance(folder, 
     assert settings["guidance"] == 4.0 and (settings["width"], settings["height"]) == (1024, 1024)
 
 
-def test_references_are_refused_in_one_line_before_any_stage(models, folder, tmp_path):
-    dev = convert([tiny.write_diffusers(models, tmp_path / "src")], tmp_path / "dev", bits=None,
-                  dtype="float32", log=lambda m: None)  # fmt: skip
+def test_references_are_refused_in_one_line_before_any_stage(models, folder, tmp_path, no_stage):
+    src = reference.write_diffusers(models, tmp_path / "src")
+    dev = convert([src], tmp_path / "dev", bits=None, dtype="float32", log=lambda m: None)
     path = tmp_path / "cover.png"
     cover_image(2, 64, 64).save(path)
     pipe = mlxflux.load(dev)
     with pytest.raises(mlxflux.SettingsError, match="FLUX.1 dev takes no reference images"):
         pipe.generate_many("x", [1], reference_images=[path], width=64, height=64)
-    assert pipe.last_report is None  # refused before anything ran
     cases = [
         ((dev, path), "--reference: FLUX.1 dev takes no reference images"),
         ((folder, tmp_path / "missing.png"), "--reference: "),

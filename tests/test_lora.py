@@ -13,77 +13,34 @@ from safetensors.torch import save_file
 import mlxflux
 from mlxflux.lora import LoraError
 
-from . import test_pipeline
-from .helpers import quantize_dequantize_, run_cli
-from .test_pipeline import HEIGHT, PROMPT, WIDTH, comfy_reference, compare
-from .test_transformer import diffusers_single_file_convert, diffusers_to_bfl
+from .helpers import HEIGHT, WIDTH, generate, run_cli
+from .reference import (
+    LAYERS,
+    PROMPT,
+    RANK,
+    comfy_reference,
+    compare,
+    diffusers_single_file_convert,
+    flux_to_bfl,
+    make_lora,
+    quantize_dequantize_,
+    write_bfl,
+    write_kohya,
+)
 
-models, folder, folder_q8 = test_pipeline.models, test_pipeline.folder, test_pipeline.folder_q8
-
-# layers a LoRA touches: fused q/k/v, a single block's [q, k, v | MLP] input, modulation (its
-# own stage), the final layer's (shift, scale) adaLN, an embedder
-LAYERS = [
-    "double_blocks.0.img_attn.qkv",
-    "double_blocks.1.txt_mlp.0",
-    "double_blocks.0.img_mod.lin",
-    "single_blocks.1.linear1",
-    "single_blocks.0.linear2",
-    "final_layer.adaLN_modulation.1",
-    "time_in.in_layer",
-    "txt_in",
-]
-RANK = 4
-
-
-def make_lora(models, seed: int, layers=LAYERS, alpha: float | None = 2.0) -> dict:
-    """BFL layer -> (down [r, in], up [out, r], alpha) with a visible effect."""
-    bfl = diffusers_to_bfl(models["transformer"].state_dict())
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in layers:
-        rows, cols = bfl[layer + ".weight"].shape
-        down = torch.randn(RANK, cols, generator=g) / cols**0.5
-        up = torch.randn(rows, RANK, generator=g) * 0.6 / RANK**0.5
-        out[layer] = (down, up, alpha)
-    return out
+pytestmark = pytest.mark.reference
 
 
 def merged(models, loras: list[tuple[dict, float]]) -> dict:
     """The reference: every LoRA merged into a copy of the transformer, as ComfyUI does."""
     ref = copy.deepcopy(models["transformer"])
-    bfl = diffusers_to_bfl(ref.state_dict())
+    bfl = flux_to_bfl(ref.state_dict())
     for lora, scale in loras:
         for layer, (down, up, alpha) in lora.items():
             a = (alpha if alpha is not None else RANK) / RANK
             bfl[layer + ".weight"] = bfl[layer + ".weight"] + scale * a * up @ down
     ref.load_state_dict(diffusers_single_file_convert(bfl))
     return {**models, "transformer": ref}
-
-
-def write_bfl(lora: dict, path, prefix="diffusion_model."):
-    tensors = {}
-    for layer, (down, up, alpha) in lora.items():
-        tensors[f"{prefix}{layer}.lora_A.weight"] = down.contiguous()
-        tensors[f"{prefix}{layer}.lora_B.weight"] = up.contiguous()
-        if alpha is not None:
-            tensors[f"{prefix}{layer}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path))
-    return path
-
-
-def write_kohya(lora: dict, path, text_encoder: bool = False):
-    tensors = {}
-    for layer, (down, up, alpha) in lora.items():
-        name = "lora_unet_" + layer.replace(".", "_")
-        tensors[f"{name}.lora_down.weight"] = down.contiguous()
-        tensors[f"{name}.lora_up.weight"] = up.contiguous()
-        if alpha is not None:
-            tensors[f"{name}.alpha"] = torch.tensor(alpha)
-    if text_encoder:  # a CLIP LoRA in the same file: not applied, and said so
-        tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.ones(2, 8)
-        tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.ones(8, 2)
-    save_file(tensors, str(path))
-    return path
 
 
 # diffusers / PEFT: separate q/k/v (+ proj_mlp) and (scale, shift) for the final adaLN; the
@@ -131,8 +88,9 @@ def hidden_of(models) -> int:
 def run(folder, loras, seed=5):
     noise = mlxflux.comfy_noise(seed, (1, 16, HEIGHT // 8, WIDTH // 8))
     pipe = mlxflux.load(folder)
-    image = pipe.generate(PROMPT, width=WIDTH, height=HEIGHT, steps=4, noise=noise, loras=loras)
-    return image, noise, pipe.last_report
+    image, report = generate(pipe, PROMPT, width=WIDTH, height=HEIGHT, steps=4, noise=noise,
+                             loras=loras)  # fmt: skip
+    return image, noise, report
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers", "bfl"])
@@ -200,7 +158,7 @@ def test_text_encoder_and_unknown_keys_are_reported_not_dropped(models, folder, 
     assert "keys that match no layer: lora_unet_double_blocks_7_img_mlp_0" in r.stderr
 
 
-def test_bad_lora_files_are_refused_before_any_stage(models, folder, tmp_path):
+def test_bad_lora_files_are_refused_before_any_stage(models, folder, tmp_path, no_stage):
     pipe = mlxflux.load(folder)
     other = tmp_path / "other.safetensors"
     save_file({"unet.down_blocks.0.lora_A.weight": torch.ones(2, 8),
@@ -216,7 +174,6 @@ def test_bad_lora_files_are_refused_before_any_stage(models, folder, tmp_path):
     for path, match in cases:
         with pytest.raises(LoraError, match=f"{path.name}: .*{match}"):
             pipe.generate("x", width=32, height=32, steps=1, loras=[(path, 1.0)])
-        assert pipe.last_report is None
 
 
 def test_cli_lora_flag_records_file_hash_and_scale(models, folder, tmp_path):

@@ -2,69 +2,34 @@
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
-from transformers import CLIPTokenizer, T5TokenizerFast
 
 import mlxflux
 from mlxflux import kernels
 from mlxflux.convert import convert
-from mlxflux.models.transformer import pack_latents
+from mlxflux.models.latents import pack_latents
 
-from . import tiny
-from .helpers import interrupted_gen, quantize_dequantize_, run_cli, tokenizer_dir
-
-PROMPT = (
-    "A cinematic DVD cover for the movie Interstellar. A breathtaking close-up of a supermassive "
-    "black hole 'Gargantua' with a glowing golden accretion disk."
+from . import reference
+from .helpers import HEIGHT, WIDTH, generate, interrupted_gen, run_cli
+from .reference import (
+    BF16_MAX,
+    BF16_MEAN,
+    FP32_MAX,
+    FP32_MEAN,
+    PROMPT,
+    comfy_reference,
+    compare,
+    mlxflux_array,
+    quantize_dequantize_,
+    reference_pipeline,
 )
-WIDTH, HEIGHT = 96, 64
-# fp32 pipeline against FluxPipeline, levels of 255: measured mean 0.001, max 1 (a truncation
-# to uint8 that lands either side of an integer); bounds with a margin for other BLAS builds
-FP32_MEAN, FP32_MAX = 0.02, 2
-# bf16 against the fp32 reference, levels of 255: measured 0.40 / 3; float16 must meet it too
-BF16_MEAN, BF16_MAX = 0.75, 4
 
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny.make_models(seed=21)
-
-
-@pytest.fixture(scope="module")
-def folder(models, tmp_path_factory):
-    return tiny.converted(models, tmp_path_factory.mktemp("pipe"))
-
-
-def reference_pipeline(models, scheduler) -> FluxPipeline:
-    tok = tokenizer_dir()
-    return FluxPipeline(
-        scheduler=scheduler,
-        vae=models["vae"],
-        text_encoder=models["clip"],
-        tokenizer=CLIPTokenizer.from_pretrained(tok / "tokenizer_1"),
-        text_encoder_2=models["t5"],
-        tokenizer_2=T5TokenizerFast.from_pretrained(tok / "tokenizer_2"),
-        transformer=models["transformer"],
-    )
-
-
-def comfy_uint8(x: np.ndarray) -> np.ndarray:
-    """ComfyUI's SaveImage conversion, applied to the reference's float image."""
-    return np.clip(255.0 * x, 0, 255).astype(np.uint8)
-
-
-def compare(ours: Image.Image, ref: np.ndarray) -> tuple[float, int]:
-    a = np.asarray(ours).astype(np.int32)
-    b = comfy_uint8(ref[0]).astype(np.int32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    d = np.abs(a - b)
-    return float(d.mean()), int(d.max())
+pytestmark = pytest.mark.reference
 
 
 def test_auto_shift_max_padding_matches_default_flux_pipeline(models, folder):
@@ -91,25 +56,6 @@ def test_auto_shift_max_padding_matches_default_flux_pipeline(models, folder):
     assert mean <= FP32_MEAN and worst <= FP32_MAX
 
 
-def comfy_reference(
-    models, scheduler: str, steps: int, noise: np.ndarray, sigmas: list[float] | None = None
-) -> np.ndarray:
-    """FluxPipeline given ComfyUI's sigmas (shift 1.15) and T5 padded to 256, as ComfyUI runs,
-    starting from `noise` (the packed latent) at the first sigma."""
-    if sigmas is None:
-        sigmas = mlxflux.sigmas(scheduler, steps, width=WIDTH, height=HEIGHT, shift=1.15)
-    # no further shifting: the scheduler takes ComfyUI's sigmas as they are
-    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
-    pipe = reference_pipeline(models, sched)
-    with torch.no_grad():
-        return pipe(
-            PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=len(sigmas) - 1,
-            sigmas=sigmas[:-1], guidance_scale=3.5,
-            latents=torch.from_numpy(np.array(pack_latents(mlxflux_array(noise)))),
-            output_type="np", max_sequence_length=256,
-        ).images  # fmt: skip
-
-
 def comfy_mode(pipe, scheduler: str, steps: int, noise: np.ndarray):
     return pipe.generate(
         PROMPT, width=WIDTH, height=HEIGHT, steps=steps, guidance=3.5, scheduler=scheduler,
@@ -125,11 +71,6 @@ def test_comfyui_mode_matches_flux_pipeline_given_comfy_sigmas(models, folder, s
     mean, worst = compare(comfy_mode(mlxflux.load(folder), scheduler, steps, noise), ref)
     print(f"comfy/{scheduler} vs FluxPipeline: mean {mean:.3f}, max {worst} levels")
     assert mean <= FP32_MEAN and worst <= FP32_MAX
-
-
-@pytest.fixture(scope="module")
-def folder_q8(models, tmp_path_factory):
-    return tiny.converted(models, tmp_path_factory.mktemp("pipe_q8"), bits=8)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +95,12 @@ def test_every_kernel_mode_matches_flux_pipeline(
     monkeypatch.setenv("MLXFLUX_KERNELS", mode)
     noise, refs = kernel_references
     pipe = mlxflux.load(folder_q8 if bits else folder, precision=precision)
-    kernels.calls.clear()
+    assert pipe.kernels.mode == mode  # chosen once, at load, from MLXFLUX_KERNELS
     mean, worst = compare(comfy_mode(pipe, "simple", 4, noise), refs[bits])
     print(f"{mode} {precision} {bits or 'plain'}: mean {mean:.3f}, max {worst} levels")
-    assert kernels.calls["fused_attention" if mode == "fused" else "split_attention"] > 0
-    assert kernels.calls["split_attention" if mode == "fused" else "fused_attention"] == 0
+    calls = pipe.kernels.calls
+    assert calls["fused_attention" if mode == "fused" else "split_attention"] > 0
+    assert calls["split_attention" if mode == "fused" else "fused_attention"] == 0
     if bits and mode == "fused" and precision != "float32" and kernels.backend() == "cpu":
         # MLX's CPU quantized matmul loses precision with 16-bit inputs (test_kernels: 5% on
         # one layer); measured mean 2.46 / max 20 here. GPU kernels accumulate in float32.
@@ -169,14 +111,8 @@ def test_every_kernel_mode_matches_flux_pipeline(
         assert mean <= BF16_MEAN and worst <= BF16_MAX
 
 
-def mlxflux_array(x):
-    import mlx.core as mx
-
-    return mx.array(x)
-
-
 def test_each_stage_releases_the_previous_stages_weights(tmp_path, models):
-    src = tiny.write_diffusers(models, tmp_path / "src")
+    src = reference.write_diffusers(models, tmp_path / "src")
     folder = convert([src], tmp_path / "model", bits=None, dtype="float32")
 
     def size(comp, group=None):
@@ -185,8 +121,8 @@ def test_each_stage_releases_the_previous_stages_weights(tmp_path, models):
         return sum((folder / comp / f).stat().st_size for f in files)
 
     pipe = mlxflux.load(folder)
-    pipe.generate("a photo of a cat", width=64, height=64, steps=2, seed=1)
-    st = pipe.last_report.stages
+    _, report = generate(pipe, "a photo of a cat", width=64, height=64, steps=2, seed=1)
+    st = report.stages
     print({k: (v.peak_bytes, v.active_bytes_after) for k, v in st.items()})
     # T5 then CLIP, one after the other: the text peak holds the larger, not both
     text_w = max(size("t5"), size("clip"))
@@ -239,19 +175,8 @@ def test_gen_refuses_sizes_that_are_not_multiples_of_16(tmp_path, folder):
     assert not list(tmp_path.glob("*.png"))
 
 
-def hf_cache(root: Path, models, repo: str = "FLUX.1-dev") -> Path:
-    """A Hugging Face cache holding a tiny snapshot of black-forest-labs/<repo>, laid out as
-    huggingface-hub lays it out."""
-    repo = root / "hub" / f"models--black-forest-labs--{repo}"
-    commit = "0" * 40
-    tiny.write_diffusers(models, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    return root / "hub"
-
-
 def test_first_run_downloads_converts_and_generates(tmp_path, models):
-    hub = hf_cache(tmp_path, models)
+    hub = reference.hf_cache(tmp_path, models)
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "MLXFLUX_HOME": str(tmp_path / "home")}
     r = run_cli("gen", "--prompt", "a red cube", "--width", "64", "--height", "64", "--steps",
                 "1", "--seed", "5", env=env, cwd=tmp_path)  # fmt: skip
@@ -273,7 +198,7 @@ def test_first_run_offline_without_the_files_explains(tmp_path):
 
 
 def test_first_run_converts_from_mlxflux_source(tmp_path, models):
-    src = tiny.write_diffusers(models, tmp_path / "FLUX.1-dev")
+    src = reference.write_diffusers(models, tmp_path / "FLUX.1-dev")
     env = {
         "MLXFLUX_SOURCE": str(src),
         "MLXFLUX_HOME": str(tmp_path / "home"),
@@ -297,10 +222,10 @@ def test_ctrl_c_during_generation_writes_no_file(tmp_path, folder, sigint_ignore
 
 
 def scaled_folder(tmp_path_factory, factor: float):
-    models = tiny.make_models(seed=5)
+    models = reference.make_models(seed=5)
     with torch.no_grad():
         models["transformer"].proj_out.weight.mul_(factor)
-    return tiny.converted(models, tmp_path_factory.mktemp("overflow"))
+    return reference.converted(models, tmp_path_factory.mktemp("overflow"))
 
 
 @pytest.fixture(scope="module")
@@ -323,11 +248,12 @@ def test_float16_reruns_the_overflowing_layer_in_float32(overflowing_folder):
     kw = dict(width=32, height=32, steps=2, seed=1)
     want = np.asarray(mlxflux.load(overflowing_folder, precision="float32").generate("a", **kw))
     pipe = mlxflux.load(overflowing_folder, precision="float16")
-    got = np.asarray(pipe.generate("a", **kw))
+    image, report = generate(pipe, "a", **kw)
+    got = np.asarray(image)
     diff = np.abs(got.astype(int) - want.astype(int))
     print(f"float16 vs float32: mean {diff.mean():.3f}, max {diff.max()}")
     assert diff.mean() <= BF16_MEAN and diff.max() <= BF16_MAX
-    settings = pipe.last_report.settings
+    settings = report.settings
     assert settings["precision"] == "float16" and settings["precision_why"] == "asked for"
     assert settings["float32_fallbacks"] == ["final_layer", "input", "decode"]
 
@@ -335,7 +261,7 @@ def test_float16_reruns_the_overflowing_layer_in_float32(overflowing_folder):
 def test_png_and_header_say_which_precision_ran_and_why(tmp_path, overflowing_folder):
     """The default on this backend, and float16 asked for, with the blocks that re-ran."""
     size = ["--width", "32", "--height", "32", "--steps", "2", "--seed", "1"]
-    for flags, want, why in [([], kernels.default_precision(), "MLX's CPU backend"),
+    for flags, want, why in [([], kernels.precision_choice()[0], "MLX's CPU backend"),
                              (["--precision", "float16"], "float16", "asked for")]:  # fmt: skip
         out = tmp_path / f"{want}.png"
         r = run_cli("gen", "--prompt", "a", *size, *flags, "--model", overflowing_folder,

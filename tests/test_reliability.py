@@ -17,22 +17,26 @@ import pytest
 from PIL import Image
 
 import mlxflux
-from mlxflux.weights import check_folder, read_manifest
+from mlxflux.model_folder import check_folder, read_manifest
 
-from . import tiny
+from . import reference
 from .helpers import CTRL_C_PREAMBLE
+
+pytestmark = pytest.mark.reference
 
 TRIALS = 5
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    return tiny.write_diffusers(tiny.make_models(seed=41), tmp_path_factory.mktemp("src") / "src")
+    src = tmp_path_factory.mktemp("src") / "src"
+    return reference.write_diffusers(reference.make_models(seed=41), src)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return tiny.converted(tiny.make_models(seed=41), tmp_path_factory.mktemp("model"), bits=8)
+    tmp = tmp_path_factory.mktemp("model")
+    return reference.converted(reference.make_models(seed=41), tmp, bits=8)
 
 
 def rss_bytes() -> int:

@@ -12,32 +12,25 @@ from PIL import Image
 
 import mlxflux
 from mlxflux.convert import convert
-from mlxflux.models.transformer import pack_latents
+from mlxflux.models.latents import pack_latents
 
-from . import tiny
-from .helpers import run_cli, tokenizer_dir
-from .test_pipeline import (
-    FP32_MAX,
-    FP32_MEAN,
-    HEIGHT,
-    PROMPT,
-    WIDTH,
-    compare,
-    hf_cache,
-    reference_pipeline,
-)
+from . import reference
+from .helpers import HEIGHT, WIDTH, generate, run_cli, tokenizer_dir
+from .reference import FP32_MAX, FP32_MEAN, PROMPT, compare, hf_cache, reference_pipeline
+
+pytestmark = pytest.mark.reference
 
 
 @pytest.fixture(scope="module")
 def models():
-    return tiny.make_models(seed=41, guidance=False)
+    return reference.make_models(seed=41, guidance=False)
 
 
 @pytest.fixture(scope="module")
 def folder(models, tmp_path_factory):
     """From BFL single files: no config.json, so the config comes from the tensor shapes."""
     tmp = tmp_path_factory.mktemp("schnell")
-    tiny.write_single_files(models, tmp / "files")
+    reference.write_single_files(models, tmp / "files")
     return convert([tmp / "files"], tmp / "model", bits=None, dtype="float32",
                    tokenizers=tokenizer_dir())  # fmt: skip
 
@@ -48,8 +41,8 @@ def test_schnell_converts_from_shapes_and_runs_with_its_defaults(models, folder)
     assert "transformer config inferred" in " ".join(manifest["notes"])
     noise = mlxflux.comfy_noise(8, (1, 16, HEIGHT // 8, WIDTH // 8))
     pipe = mlxflux.load(folder)
-    ours = pipe.generate(PROMPT, width=WIDTH, height=HEIGHT, noise=noise)
-    settings = pipe.last_report.settings
+    ours, report = generate(pipe, PROMPT, width=WIDTH, height=HEIGHT, noise=noise)
+    settings = report.settings
     assert (settings["steps"], settings["shift"], settings["model"]) == (4, 1.0, "flux1-schnell")
     # the reference: ComfyUI's schnell sigmas (simple, shift 1.0, 4 steps), no guidance input
     sigmas = mlxflux.sigmas("simple", 4, width=WIDTH, height=HEIGHT, shift=1.0)

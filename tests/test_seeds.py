@@ -14,11 +14,14 @@ from PIL import Image
 import mlxflux
 import mlxflux.pipeline as pipeline_module
 
-from . import test_pipeline
 from .helpers import interrupted_gen, run_cli
 
-models, folder = test_pipeline.models, test_pipeline.folder  # the module-scoped fixtures
 KW = dict(width=48, height=32, steps=2)
+
+
+@pytest.fixture(scope="module")
+def folder(small_folder):
+    return small_folder
 
 
 def test_many_seeds_equal_single_runs_and_load_each_stage_once(folder, monkeypatch):
@@ -35,12 +38,13 @@ def test_many_seeds_equal_single_runs_and_load_each_stage_once(folder, monkeypat
     pipe = mlxflux.load(folder)
     steps_seen = []
     on_step = lambda i, s, n: steps_seen.append((i, s))  # noqa: E731
-    out = list(pipe.generate_many("a red cube", [3, 17, 42], on_step=on_step, **KW))
+    job = pipe.prepare(mlxflux.GenerationRequest("a red cube", seeds=(3, 17, 42), **KW))
+    out = list(job.run(on_step=on_step))
     assert [s for s, _ in out] == [3, 17, 42]
     for seed, image in out:
         assert np.array_equal(np.asarray(image), singles[seed]), seed
     assert sorted(loads) == ["clip", "t5", "transformer", "vae"]  # once each, for 3 images
-    rep = pipe.last_report
+    rep = job.report
     assert list(rep.stages) == ["text", "modulation", "denoise", "decode"]
     assert [i["seed"] for i in rep.images] == [3, 17, 42]
     assert all(i["denoise_seconds"] > 0 and i["decode_seconds"] > 0 for i in rep.images)

@@ -14,16 +14,14 @@ import mlxflux
 from mlxflux import serve
 from mlxflux.serve import Studio, create_app
 
-from . import tiny
-from .helpers import run_cli
-from .test_img2img import cover_image
+from .helpers import cover_image, run_cli
 
 END = ("done", "failed", "cancelled")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tiny.converted(tiny.make_models(seed=81), tmp_path_factory.mktemp("serve"))
+def folder(small_folder):
+    return small_folder
 
 
 @pytest.fixture
@@ -138,23 +136,28 @@ def test_events_stream_progress_with_stage_names_then_the_end(client):
 def test_bad_requests_get_400_and_one_line(client, monkeypatch, tmp_path):
     ok = {"prompt": "x", "width": 32, "height": 32, "steps": 1}
     image = ("a.png", png_bytes(cover_image(1, 32, 32)), "image/png")
+    # refused settings in the page's words (the field's label), with the field to mark
     cases = [
-        ("{not json", [], "settings: not JSON"),
-        ({**ok, "colour": "red"}, [], "settings: unknown colour"),
-        ({**ok, "width": 50}, [], "--width: width and height must be positive multiples of 16"),
-        ({**ok, "steps": "many"}, [], "--steps: 'many' is not a number"),
-        ({"width": 32}, [], "give --prompt TEXT or --preset NAME"),
-        ({**ok, "preset": "poster"}, [], "poster"),
-        (ok, [("init_image", ("a.png", b"not a png", "image/png"))], "init_image: a.png: not a"),
-        (ok, [("reference", image)], "--reference: FLUX.1 dev takes no reference images"),
-        (ok, [("photo", image)], "files: unknown photo"),
-        (["a list"], [], "settings: must be a JSON object"),
-    ]
-    for settings, files, said in cases:
+        ("{not json", [], "settings: not JSON", None),
+        ({**ok, "colour": "red"}, [], "settings: unknown colour", None),
+        ({**ok, "width": 50}, [], "Width: width and height must be positive multiples of 16",
+         "width"),
+        ({**ok, "steps": "many"}, [], "Steps: 'many' is not a number", "steps"),
+        ({"width": 32}, [], "Prompt: give a prompt, or a preset", "prompt"),
+        ({**ok, "preset": "poster"}, [], "poster", "preset"),
+        (ok, [("init_image", ("a.png", b"not a png", "image/png"))],
+         "Original: a.png: not a", "init_image"),
+        (ok, [("reference", image)], "Reference: FLUX.1 dev takes no reference images",
+         "reference_images"),
+        (ok, [("photo", image)], "files: unknown photo", None),
+        (["a list"], [], "settings: must be a JSON object", None),
+    ]  # fmt: skip
+    for settings, files, said, field in cases:
         r = post(client, settings, files)
         assert r.status_code == 400, (settings, r.text)
         error = r.json()["error"]
-        assert said in error and "\n" not in error, (said, error)
+        assert said in error and "\n" not in error and not error.startswith("--"), error
+        assert r.json()["field"] == field, (said, r.json())
     monkeypatch.setattr(serve, "MAX_UPLOAD_BYTES", 100)
     r = post(client, ok, [("init_image", image)])
     assert r.status_code == 400 and "over the" in r.json()["error"]
@@ -190,3 +193,23 @@ def test_gallery_lists_the_folders_pngs_newest_first_with_settings(client, studi
     assert page.status_code == 200 and "mlxflux cover studio" in page.text
     info = client.get("/api/info").json()
     assert info["variant"] == "dev" and info["accepts"]["reference"] is False
+
+
+def test_each_job_is_prepared_once_on_the_request_thread(client, studio, monkeypatch):
+    """The request is checked and its job prepared when it arrives (inputs opened, LoRAs read,
+    the memory plan made); the worker runs that job: nothing is prepared twice."""
+    import threading
+
+    calls = []
+    real = type(studio.pipe).prepare
+
+    def counting(self, request):
+        calls.append((request.prompt, threading.current_thread().name))
+        return real(self, request)
+
+    monkeypatch.setattr(type(studio.pipe), "prepare", counting)
+    r = post(client, {"prompt": "once", "width": 32, "height": 32, "steps": 1, "seed": 4})
+    job = wait(client, r.json()["id"])
+    assert job["status"] == "done", job
+    assert len(calls) == 1 and calls[0][0] == "once"
+    assert calls[0][1] != "mlxflux-jobs"  # not on the worker

@@ -8,6 +8,7 @@ import torch
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers import T5TokenizerFast as HFT5Tokenizer
 
+from mlxflux import kernels
 from mlxflux.convert.keymaps import assemble, clip_text, t5_encoder
 from mlxflux.models.clip import CLIPConfig
 from mlxflux.models.clip import CLIPTextModel as MLXCLIP
@@ -15,10 +16,11 @@ from mlxflux.models.t5 import T5Config as MLXT5Config
 from mlxflux.models.t5 import T5Encoder
 from mlxflux.quant import quantize
 from mlxflux.tokenizers import CLIPTokenizer, T5Tokenizer
-from mlxflux.weights import load_strict
 
-from .conftest import rel_err, to_mx
-from .helpers import tiny_clip, tiny_t5, tokenizer_dir
+from .helpers import load_strict, tokenizer_dir
+from .reference import rel_err, tiny_clip, tiny_t5, to_mx
+
+pytestmark = pytest.mark.reference
 
 PROMPTS = [
     # the three preset prompts
@@ -173,7 +175,7 @@ def test_t5_8bit_error_is_small(t5_tokenizers):
     model = load_t5(ref)
     ids = mx.array([t5_tokenizers[0](PROMPTS[1], "comfy")])
     full = np.array(model(ids))
-    quantize(model, bits=8)
+    quantize(model, 8, kernels.choose())
     assert isinstance(model.encoder.block[0].layer[1].DenseReluDense.wo, nn.QuantizedLinear)
     q8 = np.array(model(ids))
     err = rel_err(q8, full)

@@ -1,30 +1,32 @@
 """The Flux transformer against diffusers' FluxTransformer2DModel, fp32 on the CPU."""
 
-import inspect
-import re
-
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.loaders import single_file_utils
 from mlx.utils import tree_flatten
 from safetensors.torch import save_file
 
 from mlxflux.convert.infer import flux_config_from_diffusers, flux_config_from_shapes
 from mlxflux.convert.keymaps import assemble, bfl_transformer, diffusers_transformer
-from mlxflux.models.transformer import (
-    FLUX_DEV,
-    FluxTransformer,
-    image_ids,
-    is_modulation_key,
-    pack_latents,
-    unpack_latents,
-)
-from mlxflux.weights import WeightError, load_strict
+from mlxflux.errors import WeightError
+from mlxflux.models.latents import image_ids, pack_latents, unpack_latents
+from mlxflux.models.transformer import FLUX_DEV, FluxTransformer, is_modulation_key
 
-from .conftest import randomize_, rel_err, to_mx
+from .helpers import load_strict
+from .reference import (
+    diffusers_single_file_convert,
+    flux_to_bfl,
+    load_from_diffusers,
+    make_inputs,
+    randomize_,
+    rel_err,
+    run_reference,
+    to_mx,
+)
+
+pytestmark = pytest.mark.reference
 
 TINY = {
     "guided": dict(
@@ -55,27 +57,6 @@ def make_reference(name: str, seed: int = 0) -> FluxTransformer2DModel:
     return randomize_(FluxTransformer2DModel(**TINY[name]), seed)
 
 
-def make_inputs(ref, batch: int, height: int, width: int, n_txt: int, seed: int = 1):
-    cfg = ref.config
-    g = torch.Generator().manual_seed(seed)
-    n_img = (height // 16) * (width // 16)
-    ids = image_ids(height, width)
-    return dict(
-        hidden_states=torch.randn(batch, n_img, 64, generator=g),
-        encoder_hidden_states=torch.randn(batch, n_txt, cfg.joint_attention_dim, generator=g),
-        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-        timestep=torch.rand(batch, generator=g),
-        img_ids=torch.from_numpy(ids).float(),
-        txt_ids=torch.zeros(n_txt, 3),
-        guidance=torch.full((batch,), 3.5) if cfg.guidance_embeds else None,
-    )
-
-
-def run_reference(ref, inputs):
-    with torch.no_grad():
-        return ref(**inputs, return_dict=False)[0]
-
-
 def run_mlx(model: FluxTransformer, inputs):
     out = model(
         to_mx(inputs["hidden_states"]),
@@ -88,100 +69,14 @@ def run_mlx(model: FluxTransformer, inputs):
     return np.array(out)
 
 
-def load_from_diffusers(ref) -> FluxTransformer:
-    weights = dict(
-        assemble(((k, to_mx(v)) for k, v in ref.state_dict().items()), diffusers_transformer, "ref")
-    )
-    model = FluxTransformer(flux_config_from_diffusers(dict(ref.config)))
-    return load_strict(model, weights, "ref")
-
-
 # ---- BFL layout, built here and validated by diffusers' own single-file converter ----------
-
-
-def diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, for tests."""
-    out = {}
-    simple = {
-        "x_embedder": "img_in",
-        "context_embedder": "txt_in",
-        "proj_out": "final_layer.linear",
-        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    }
-    for src, dst in simple.items():
-        for p in ("weight", "bias"):
-            if f"{src}.{p}" in sd:
-                out[f"{dst}.{p}"] = sd[f"{src}.{p}"]
-    for p in ("weight", "bias"):
-        scale, shift = sd[f"norm_out.linear.{p}"].chunk(2)
-        out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
-    n_double = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-    for i in range(n_double):
-        s, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for p in ("weight", "bias"):
-            out[d + f"img_mod.lin.{p}"] = sd[s + f"norm1.linear.{p}"]
-            out[d + f"txt_mod.lin.{p}"] = sd[s + f"norm1_context.linear.{p}"]
-            out[d + f"img_attn.qkv.{p}"] = torch.cat([sd[s + f"attn.to_{x}.{p}"] for x in "qkv"])
-            out[d + f"txt_attn.qkv.{p}"] = torch.cat(
-                [sd[s + f"attn.add_{x}_proj.{p}"] for x in "qkv"]
-            )
-            out[d + f"img_attn.proj.{p}"] = sd[s + f"attn.to_out.0.{p}"]
-            out[d + f"txt_attn.proj.{p}"] = sd[s + f"attn.to_add_out.{p}"]
-            out[d + f"img_mlp.0.{p}"] = sd[s + f"ff.net.0.proj.{p}"]
-            out[d + f"img_mlp.2.{p}"] = sd[s + f"ff.net.2.{p}"]
-            out[d + f"txt_mlp.0.{p}"] = sd[s + f"ff_context.net.0.proj.{p}"]
-            out[d + f"txt_mlp.2.{p}"] = sd[s + f"ff_context.net.2.{p}"]
-        out[d + "img_attn.norm.query_norm.scale"] = sd[s + "attn.norm_q.weight"]
-        out[d + "img_attn.norm.key_norm.scale"] = sd[s + "attn.norm_k.weight"]
-        out[d + "txt_attn.norm.query_norm.scale"] = sd[s + "attn.norm_added_q.weight"]
-        out[d + "txt_attn.norm.key_norm.scale"] = sd[s + "attn.norm_added_k.weight"]
-    n_single = 1 + max(
-        int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")
-    )
-    for i in range(n_single):
-        s, d = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for p in ("weight", "bias"):
-            out[d + f"modulation.lin.{p}"] = sd[s + f"norm.linear.{p}"]
-            out[d + f"linear1.{p}"] = torch.cat(
-                [sd[s + f"attn.to_{x}.{p}"] for x in "qkv"] + [sd[s + f"proj_mlp.{p}"]]
-            )
-            out[d + f"linear2.{p}"] = sd[s + f"proj_out.{p}"]
-        out[d + "norm.query_norm.scale"] = sd[s + "attn.norm_q.weight"]
-        out[d + "norm.key_norm.scale"] = sd[s + "attn.norm_k.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def diffusers_single_file_convert(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' converter with its hard-coded inner_dim = 3072 derived from img_in instead."""
-    src = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
-    src, n = re.subn(
-        r"inner_dim = 3072",
-        'inner_dim = checkpoint["img_in.weight"].shape[0]',
-        src,
-    )
-    if n != 1:
-        import diffusers
-
-        pytest.fail(
-            f"diffusers {diffusers.__version__}: convert_flux_transformer_checkpoint_to_diffusers "
-            f"no longer holds the line 'inner_dim = 3072' this test patches (found {n}); update "
-            "diffusers_single_file_convert for this version"
-        )
-    scope = dict(vars(single_file_utils))
-    exec(src, scope)
-    return scope["convert_flux_transformer_checkpoint_to_diffusers"](dict(bfl))
 
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_bfl_file_built_here_is_what_diffusers_reads(name):
     ref = make_reference(name)
     sd = ref.state_dict()
-    back = diffusers_single_file_convert(diffusers_to_bfl(sd))
+    back = diffusers_single_file_convert(flux_to_bfl(sd))
     assert back.keys() == sd.keys()
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
@@ -211,7 +106,7 @@ def test_matches_diffusers_from_diffusers_layout(name, batch, height, width, n_t
 def test_matches_diffusers_from_bfl_file(tmp_path, name, prefix):
     ref = make_reference(name, seed=3)
     path = tmp_path / "flux.safetensors"
-    save_file({prefix + k: v for k, v in diffusers_to_bfl(ref.state_dict()).items()}, str(path))
+    save_file({prefix + k: v for k, v in flux_to_bfl(ref.state_dict()).items()}, str(path))
 
     weights = dict(assemble(mx.load(str(path)).items(), bfl_transformer, str(path)))
     cfg = flux_config_from_shapes(

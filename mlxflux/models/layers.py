@@ -1,4 +1,8 @@
-"""Building blocks shared by the Flux transformer: embeddings, RoPE, linear layers, norms."""
+"""Building blocks shared by the Flux transformer: embeddings, RoPE, linear layers, norms.
+
+Layers that run through a model's kernels (`mlxflux.kernels.Kernels`: the backend's code
+path, chosen once at load) inherit `UsesKernels`; the model hands them its kernels once it is
+built (`hand_kernels`)."""
 
 import math
 
@@ -6,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import kernels
+from ..kernels import Kernels
 
 
 def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0) -> mx.array:
@@ -34,7 +38,19 @@ def rope_tables(
     return mx.array(np.cos(angle).astype(np.float32)), mx.array(np.sin(angle).astype(np.float32))
 
 
-@kernels.kernel("elementwise")
+class UsesKernels:
+    """A layer that runs through its model's kernels (None until `hand_kernels`)."""
+
+    kernels: Kernels | None = None
+
+
+def hand_kernels(model: nn.Module, kernels: Kernels) -> None:
+    """Give every layer of `model` that uses kernels these ones."""
+    for _, module in model.named_modules():
+        if isinstance(module, UsesKernels):
+            module.kernels = kernels
+
+
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Rotate interleaved pairs (x0, x1) of x [B, H, L, D] in float32 (BFL `apply_rope`)."""
     shape, dtype = x.shape, x.dtype
@@ -44,11 +60,14 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return out.reshape(shape).astype(dtype)
 
 
-class Linear(nn.Linear):
-    """nn.Linear run through this backend's kernel, in the input's dtype."""
+class Linear(nn.Linear, UsesKernels):
+    """nn.Linear run through its model's kernels, in the input's dtype. `lora`: a LoRA's
+    low-rank side path (`mlxflux.lora.LowRank`) that the kernels add, or None."""
+
+    lora = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        return kernels.linear(self, x)
+        return self.kernels.linear(self, x)
 
 
 TOKEN_CHUNK = 1024  # tokens per chunk for the MLPs: [1024, 12288] fp32 is 48 MiB
@@ -66,17 +85,20 @@ def map_tokens(fn, *xs: mx.array, chunk: int = TOKEN_CHUNK) -> mx.array:
     return mx.concatenate([fn(*(x[:, i : i + chunk] for x in xs)) for i in range(0, n, chunk)], 1)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.Module, UsesKernels):
     """RMS norm in float32 with a learned `scale` (BFL QK-norm, eps 1e-6)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.scale = mx.ones((dim,))
 
-    @kernels.kernel("elementwise")
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.fast.rms_norm(x.astype(mx.float32), self.scale.astype(mx.float32), 1e-6)
-        return y.astype(x.dtype)
+        return self.kernels.elementwise(rms_norm, x, self.scale)
+
+
+def rms_norm(x: mx.array, scale: mx.array) -> mx.array:
+    y = mx.fast.rms_norm(x.astype(mx.float32), scale.astype(mx.float32), 1e-6)
+    return y.astype(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -91,7 +113,6 @@ def layer_norm(x: mx.array) -> mx.array:
     return mx.fast.layer_norm(x, None, None, 1e-6)
 
 
-@kernels.kernel("elementwise")
 def norm_modulate(x: mx.array, shift: mx.array, scale: mx.array, dtype=None) -> mx.array:
     """adaLN: (1 + scale) * layer_norm(x) + shift, in x's dtype, cast to `dtype` (the next
     matmul's input)."""
@@ -99,7 +120,6 @@ def norm_modulate(x: mx.array, shift: mx.array, scale: mx.array, dtype=None) -> 
     return y if dtype is None else y.astype(dtype)
 
 
-@kernels.kernel("elementwise")
 def gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
     """The residual update x + gate * y, with gate [B, D] broadcast over tokens."""
     return x + gate[:, None] * y

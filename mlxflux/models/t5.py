@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..blocks import BlockWeights
 from .config import known_keys, strict_from_dict
 
 
@@ -160,11 +161,9 @@ class T5Encoder(nn.Module):
     def __call__(self, input_ids: mx.array, block_weights=None) -> mx.array:
         """input_ids [B, N] -> last_hidden_state [B, N, d_model] (float32).
 
-        `block_weights` (a `weights.BlockWeights`): each block runs inside
+        `block_weights` (a `blocks.BlockWeights`): each block runs inside
         `with block_weights("encoder.block.7")`; when it streams, each block is evaluated
         before its weights are released."""
-        from ..weights import BlockWeights
-
         weights = block_weights or BlockWeights()
         x = self.shared(input_ids).astype(mx.float32)
         bias = None

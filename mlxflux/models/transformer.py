@@ -6,10 +6,14 @@ The adaLN modulation projections (3.2 B of FLUX.1-dev's 11.9 B parameters) act o
 one conditioning vector. `FluxTransformer.modulation(...)` computes them for any number of steps
 at once, and `FluxTransformer.trunk(...)` runs from those precomputed vectors, so the pipeline
 can evaluate every step's modulation first and then drop those weights (docs/design.md,
-memory plan).
+memory plan). What is modulation is named once, here: `MODULATION` (the layers),
+`MOD_VECTORS` (how many hidden-wide vectors each block makes per step); the key test
+(`is_modulation_key`), the layer list (`FluxTransformer.modulation_layers`) and the tables'
+size (`FluxConfig.modulation_vectors`) are derived from them.
 """
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -17,15 +21,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..kernels import attention, gelu, linear_rows
-from ..weights import BlockWeights
+from ..blocks import BlockWeights
+from ..kernels import Kernels, choose
 from .config import strict_from_dict
 from .layers import (
     Linear,
     MLPEmbedder,
     QKNorm,
+    UsesKernels,
     apply_rope,
     gated_add,
+    hand_kernels,
     map_tokens,
     norm_modulate,
     rope_tables,
@@ -71,6 +77,15 @@ class FluxConfig:
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
+    @property
+    def modulation_vectors(self) -> int:
+        """Hidden-wide modulation vectors per step: what `Conditioning` holds for one row."""
+        return (
+            2 * MOD_VECTORS["double"] * self.depth
+            + MOD_VECTORS["single"] * self.depth_single_blocks
+            + MOD_VECTORS["final"]
+        )
+
     @classmethod
     def from_dict(cls, d: dict) -> "FluxConfig":
         return strict_from_dict(cls, d, "transformer")
@@ -82,22 +97,25 @@ class FluxConfig:
 
 
 FLUX_DEV = FluxConfig()
-# float16's float32 streams and per-block checks (`FluxTransformer.trunk`); bench/speed.py turns
-# them off to measure what they cost ("float16-unguarded"), nothing else should
-FLOAT16_GUARDS = True
-FLUX_SCHNELL = FluxConfig(guidance_embed=False)
+
+# The adaLN modulation: the layers that only feed the per-step conditioning (BFL names, `*` a
+# block number), computed by the modulation stage and dropped before the trunk runs ...
+MODULATION = (
+    "time_in", "vector_in", "guidance_in",
+    "double_blocks.*.img_mod", "double_blocks.*.txt_mod", "single_blocks.*.modulation",
+    "final_layer.adaLN_modulation",
+)  # fmt: skip
+# ... and the hidden-wide vectors each makes per step: (shift, scale, gate) twice in a double
+# block's stream, once in a single block; (shift, scale) for the final layer
+MOD_VECTORS = {"double": 6, "single": 3, "final": 2}
+_MODULATION_KEY = re.compile(
+    "^(" + "|".join(re.escape(p).replace(r"\*", r"\d+") for p in MODULATION) + r")\."
+)
 
 
 def is_modulation_key(key: str) -> bool:
-    """True for parameters that only feed the per-step conditioning (dropped after stage 2)."""
-    top = key.split(".", 1)[0]
-    return (
-        top in ("time_in", "vector_in", "guidance_in")
-        or ".img_mod." in key
-        or ".txt_mod." in key
-        or (top == "single_blocks" and ".modulation." in key)
-        or key.startswith("final_layer.adaLN_modulation.")
-    )
+    """True for parameters that only feed the per-step conditioning (`MODULATION`)."""
+    return _MODULATION_KEY.match(key) is not None
 
 
 class Modulation(nn.Module):
@@ -105,7 +123,7 @@ class Modulation(nn.Module):
 
     def __init__(self, dim: int, double: bool):
         super().__init__()
-        self.lin = Linear(dim, (6 if double else 3) * dim)
+        self.lin = Linear(dim, MOD_VECTORS["double" if double else "single"] * dim)
 
     def __call__(self, vec: mx.array) -> mx.array:
         return self.lin(nn.silu(vec))
@@ -132,17 +150,17 @@ def mlp(dim: int, hidden: int) -> list[nn.Module]:
     return [Linear(dim, hidden), nn.GELU(approx="tanh"), Linear(hidden, dim)]
 
 
-def run_mlp(layers: list[nn.Module], x: mx.array) -> mx.array:
+def run_mlp(k: Kernels, layers: list[nn.Module], x: mx.array) -> mx.array:
     """The MLP over token chunks, each layer's weight prepared once for all chunks."""
-    fc1, fc2 = linear_rows(layers[0]), linear_rows(layers[2])
-    return map_tokens(lambda t: fc2(gelu(fc1(t))), x)
+    fc1, fc2 = k.linear_rows(layers[0]), k.linear_rows(layers[2])
+    return map_tokens(lambda t: fc2(k.gelu(fc1(t))), x)
 
 
 def _chunks(m: mx.array, n: int) -> list[mx.array]:
     return mx.split(m, n, axis=-1)
 
 
-class DoubleStreamBlock(nn.Module):
+class DoubleStreamBlock(nn.Module, UsesKernels):
     def __init__(self, cfg: FluxConfig):
         super().__init__()
         d = cfg.hidden_size
@@ -155,32 +173,35 @@ class DoubleStreamBlock(nn.Module):
 
     def __call__(self, img, txt, img_mod, txt_mod, rope, dtype=None):
         """`dtype`: the matmuls' dtype (default: the streams'); the residual streams keep theirs."""
-        dt = dtype or img.dtype
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _chunks(img_mod, 6)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _chunks(txt_mod, 6)
+        dt, ke = dtype or img.dtype, self.kernels
+        el = ke.elementwise
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _chunks(
+            img_mod, MOD_VECTORS["double"]
+        )
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _chunks(
+            txt_mod, MOD_VECTORS["double"]
+        )
 
-        iq, ik, iv = self.img_attn.qkv_heads(norm_modulate(img, i_shift1, i_scale1, dt))
-        tq, tk, tv = self.txt_attn.qkv_heads(norm_modulate(txt, t_shift1, t_scale1, dt))
+        iq, ik, iv = self.img_attn.qkv_heads(el(norm_modulate, img, i_shift1, i_scale1, dt))
+        tq, tk, tv = self.txt_attn.qkv_heads(el(norm_modulate, txt, t_shift1, t_scale1, dt))
         # joint attention over [txt, img] tokens
-        q = apply_rope(mx.concatenate([tq, iq], axis=2), *rope)
-        k = apply_rope(mx.concatenate([tk, ik], axis=2), *rope)
+        q = el(apply_rope, mx.concatenate([tq, iq], axis=2), *rope)
+        k = el(apply_rope, mx.concatenate([tk, ik], axis=2), *rope)
         v = mx.concatenate([tv, iv], axis=2)
-        attn = attention(q, k, v)
+        attn = ke.attention(q, k, v)
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
-        img = gated_add(img, i_gate1, self.img_attn.proj(img_attn))
-        img = gated_add(
-            img, i_gate2, run_mlp(self.img_mlp, norm_modulate(img, i_shift2, i_scale2, dt))
-        )
-        txt = gated_add(txt, t_gate1, self.txt_attn.proj(txt_attn))
-        txt = gated_add(
-            txt, t_gate2, run_mlp(self.txt_mlp, norm_modulate(txt, t_shift2, t_scale2, dt))
-        )
+        img = el(gated_add, img, i_gate1, self.img_attn.proj(img_attn))
+        h = el(norm_modulate, img, i_shift2, i_scale2, dt)
+        img = el(gated_add, img, i_gate2, run_mlp(ke, self.img_mlp, h))
+        txt = el(gated_add, txt, t_gate1, self.txt_attn.proj(txt_attn))
+        h = el(norm_modulate, txt, t_shift2, t_scale2, dt)
+        txt = el(gated_add, txt, t_gate2, run_mlp(ke, self.txt_mlp, h))
         return img, txt
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(nn.Module, UsesKernels):
     def __init__(self, cfg: FluxConfig):
         super().__init__()
         d = cfg.hidden_size
@@ -192,43 +213,47 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(d, double=False)
 
     def __call__(self, x, mod, rope, dtype=None):
-        shift, scale, gate = _chunks(mod, 3)
+        ke = self.kernels
+        shift, scale, gate = _chunks(mod, MOD_VECTORS["single"])
         b, n, d = x.shape
-        h = norm_modulate(x, shift, scale, dtype or x.dtype)
+        h = ke.elementwise(norm_modulate, x, shift, scale, dtype or x.dtype)
         # linear1 is [q, k, v | MLP in]: attention needs every token's q/k/v; the MLP half
         # (4x wider) and linear2 run over token chunks
-        qkv = linear_rows(self.linear1, 0, 3 * d)(h)
+        qkv = ke.linear_rows(self.linear1, 0, 3 * d)(h)
         qkv = qkv.reshape(b, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        q = apply_rope(self.norm.query_norm(qkv[0]), *rope)
-        k = apply_rope(self.norm.key_norm(qkv[1]), *rope)
-        attn = attention(q, k, qkv[2])
-        mlp_in, out = linear_rows(self.linear1, 3 * d), linear_rows(self.linear2)
+        q = ke.elementwise(apply_rope, self.norm.query_norm(qkv[0]), *rope)
+        k = ke.elementwise(apply_rope, self.norm.key_norm(qkv[1]), *rope)
+        attn = ke.attention(q, k, qkv[2])
+        mlp_in, out = ke.linear_rows(self.linear1, 3 * d), ke.linear_rows(self.linear2)
 
         def tail(a: mx.array, t: mx.array) -> mx.array:
-            return out(mx.concatenate([a, gelu(mlp_in(t))], axis=-1))
+            return out(mx.concatenate([a, ke.gelu(mlp_in(t))], axis=-1))
 
-        return gated_add(x, gate, map_tokens(tail, attn, h))
+        return ke.elementwise(gated_add, x, gate, map_tokens(tail, attn, h))
 
 
-class LastLayer(nn.Module):
+class LastLayer(nn.Module, UsesKernels):
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
         self.linear = Linear(dim, out_channels)
         # BFL: nn.Sequential(SiLU, Linear) -> key `adaLN_modulation.1`
-        self.adaLN_modulation = [nn.SiLU(), Linear(dim, 2 * dim)]
+        self.adaLN_modulation = [nn.SiLU(), Linear(dim, MOD_VECTORS["final"] * dim)]
 
     def __call__(self, x, mod, dtype=None):
-        shift, scale = _chunks(mod, 2)  # BFL order (diffusers stores scale, shift)
-        return self.linear(norm_modulate(x, shift, scale, dtype or x.dtype))
+        shift, scale = _chunks(
+            mod, MOD_VECTORS["final"]
+        )  # BFL order (diffusers stores scale, shift)
+        return self.linear(self.kernels.elementwise(norm_modulate, x, shift, scale,
+                                                    dtype or x.dtype))  # fmt: skip
 
 
 @dataclass
 class Conditioning:
     """Every block's modulation vectors for N rows (steps x batch), in block order."""
 
-    double: list[tuple[mx.array, mx.array]]  # (img, txt), each [N, 6 * hidden]
-    single: list[mx.array]  # [N, 3 * hidden]
-    final: mx.array  # [N, 2 * hidden], (shift, scale)
+    double: list[tuple[mx.array, mx.array]]  # (img, txt), each [N, MOD_VECTORS['double'] * hidden]
+    single: list[mx.array]  # [N, MOD_VECTORS['single'] * hidden]
+    final: mx.array  # [N, MOD_VECTORS['final'] * hidden], (shift, scale)
 
     def arrays(self) -> list[mx.array]:
         return [a for pair in self.double for a in pair] + self.single + [self.final]
@@ -242,7 +267,8 @@ class Conditioning:
 
 
 class FluxTransformer(nn.Module):
-    def __init__(self, cfg: FluxConfig):
+    def __init__(self, cfg: FluxConfig, kernels: Kernels | None = None):
+        """`kernels`: the backend's code path (default: `kernels.choose()`, MLXFLUX_KERNELS's)."""
         super().__init__()
         self.config = cfg
         d = cfg.hidden_size
@@ -256,6 +282,11 @@ class FluxTransformer(nn.Module):
         self.single_blocks = [SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks)]
         self.final_layer = LastLayer(d, cfg.out_channels)
         self.float32_blocks: set[str] = set()  # float16 runs: blocks that overflowed it
+        # float16's float32 streams and per-block checks (`trunk`); bench/speed.py turns them
+        # off to measure what they cost ("float16-unguarded"), nothing else should
+        self.float16_guards = True
+        self.kernels = kernels or choose()
+        hand_kernels(self, self.kernels)
 
     def modulation(
         self,
@@ -317,7 +348,7 @@ class FluxTransformer(nn.Module):
         """
         weights = block_weights or BlockWeights()
         dt = dtype or txt.dtype
-        stream = mx.float32 if dt == mx.float16 and FLOAT16_GUARDS else dt
+        stream = mx.float32 if dt == mx.float16 and self.float16_guards else dt
 
         def embed(d):
             return self.img_in(img.astype(d)).astype(stream), self.txt_in(txt.astype(d)).astype(
@@ -347,7 +378,7 @@ class FluxTransformer(nn.Module):
 
     def _checked(self, name: str, run: Callable, dtype: mx.Dtype) -> tuple:
         """run(dtype) -> arrays; in float16, evaluated and re-run in float32 unless finite."""
-        if dtype != mx.float16 or not FLOAT16_GUARDS:
+        if dtype != mx.float16 or not self.float16_guards:
             return run(dtype)
         if name in self.float32_blocks:
             return run(mx.float32)
@@ -373,6 +404,17 @@ class FluxTransformer(nn.Module):
         cond = self.modulation(timesteps, pooled, guidance)
         return self.trunk(img, txt, cond, self.rope(img_ids, txt.shape[1]))
 
+    def modulation_layers(self, tables_only: bool = False) -> list[tuple[nn.Module, str]]:
+        """(parent, attribute) of every `MODULATION` layer: first those that make a table, in
+        `Conditioning.arrays()` order, then (unless `tables_only`) the embedders."""
+        out = [(b, name) for b in self.double_blocks for name in ("img_mod", "txt_mod")]
+        out += [(b, "modulation") for b in self.single_blocks]
+        out.append((self.final_layer, "adaLN_modulation"))
+        if not tables_only:
+            embedders = ("time_in", "vector_in", "guidance_in")
+            out += [(self, name) for name in embedders if name in self]
+        return out
+
     def modulation_releases(self) -> list[Callable[[], None]]:
         """One callable per `Conditioning.arrays()` table, in that order, dropping the layer that
         computes it (the pipeline frees each layer as soon as its table is evaluated)."""
@@ -380,11 +422,7 @@ class FluxTransformer(nn.Module):
         def drop(parent, attr):
             return lambda: setattr(parent, attr, None)
 
-        out = []
-        for b in self.double_blocks:
-            out += [drop(b, "img_mod"), drop(b, "txt_mod")]
-        out += [drop(b, "modulation") for b in self.single_blocks]
-        return [*out, drop(self.final_layer, "adaLN_modulation")]
+        return [drop(p, a) for p, a in self.modulation_layers(tables_only=True)]
 
     def block_names(self) -> list[str]:
         """The trunk's blocks in the order they run."""
@@ -394,35 +432,5 @@ class FluxTransformer(nn.Module):
 
     def drop_modulation(self) -> None:
         """Free the modulation weights once every step's Conditioning is computed."""
-        for b in self.double_blocks:
-            b.img_mod = b.txt_mod = None
-        for b in self.single_blocks:
-            b.modulation = None
-        self.final_layer.adaLN_modulation = None
-        self.time_in = self.vector_in = None
-        if self.config.guidance_embed:
-            self.guidance_in = None
-
-
-def image_ids(height: int, width: int) -> np.ndarray:
-    """Position ids [(H/16)(W/16), 3] = [0, row, col] for an image of height x width pixels."""
-    h, w = height // 16, width // 16
-    ids = np.zeros((h, w, 3), np.int32)
-    ids[..., 1] = np.arange(h)[:, None]
-    ids[..., 2] = np.arange(w)[None, :]
-    return ids.reshape(h * w, 3)
-
-
-def pack_latents(latents: mx.array) -> mx.array:
-    """[B, C, H, W] -> [B, (H/2)(W/2), C*4]: `b c (h ph) (w pw) -> b (h w) (c ph pw)`."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: mx.array, height: int, width: int) -> mx.array:
-    """Inverse of `pack_latents` for an image of height x width pixels."""
-    b, _, d = x.shape
-    h, w, c = height // 16, width // 16, d // 4
-    x = x.reshape(b, h, w, c, 2, 2).transpose(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h * 2, w * 2)
+        for parent, attr in self.modulation_layers():
+            setattr(parent, attr, None)

@@ -1,63 +1,26 @@
-"""The model folder's format, read and written here alone, and strict weight loading.
+"""The model folder's format (docs/design.md, "The model folder"), read and written here alone:
+the manifest, the checks made at every load (headers and small files, milliseconds), the
+checksums `mlxflux info --check` verifies, and the atomic writer `mlxflux.convert` uses."""
 
-Every parameter of the module must be given, nothing extra may be, and every shape must match;
-errors name the key and where the weights came from.
-"""
-
-import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from ._version import __version__
-from .errors import ModelFolderError, WeightError
-from .quant import GROUP_SIZE
+from .atomic import private_name, replace_folder, restore_folder
+from .errors import ModelFolderError, listing
+from .models.registry import CLASSES, COMPONENTS
+from .models.transformer import is_modulation_key
+from .quant import BITS, GROUP_SIZE, GROUP_SIZES
 from .safetensors_io import ShardWriter
-
-
-def _listing(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def check_weights(expected: dict[str, mx.array], weights: dict[str, mx.array], source: str) -> None:
-    """Raise WeightError unless `weights` holds exactly the `expected` keys, shape for shape."""
-    missing = expected.keys() - weights.keys()
-    extra = weights.keys() - expected.keys()
-    if missing:
-        raise WeightError(f"{source}: missing tensors: {_listing(missing)}")
-    if extra:
-        raise WeightError(f"{source}: unexpected tensors: {_listing(extra)}")
-    for key, param in expected.items():
-        if tuple(weights[key].shape) != tuple(param.shape):
-            raise WeightError(
-                f"{source}: tensor {key} has shape {tuple(weights[key].shape)}, "
-                f"the model expects {tuple(param.shape)}"
-            )
-
-
-def load_strict(module: nn.Module, weights: dict[str, mx.array], source: str) -> nn.Module:
-    """Check `weights` against `module` and load them (lazily: arrays stay unevaluated)."""
-    check_weights(dict(tree_flatten(module.parameters())), weights, source)
-    module.load_weights(list(weights.items()), strict=True)
-    return module
-
-
-# ---- the model folder (docs/design.md): written by mlxflux.convert, read by the pipeline ----
 
 FORMAT_VERSION = 1
 MANIFEST = "mlxflux.json"
-COMPONENTS = ("transformer", "t5", "clip", "vae")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -129,11 +92,7 @@ def _check_folder(folder: Path, manifest: dict) -> None:
     from .safetensors_io import MLX_DTYPE, SafetensorsError, SafetensorsFile
 
     quantization = manifest["quantization"]
-    if quantization["bits"] not in (None, 2, 3, 4, 5, 6, 8) or quantization["group_size"] not in (
-        32,
-        64,
-        128,
-    ):
+    if quantization["bits"] not in (None, *BITS) or quantization["group_size"] not in GROUP_SIZES:
         raise ModelFolderError(f"{folder / MANIFEST}: unknown quantization {quantization}; {REDO}")
     for rel in TOKENIZER_FILES:
         path = folder / "tokenizers" / rel
@@ -142,7 +101,7 @@ def _check_folder(folder: Path, manifest: dict) -> None:
     for name in COMPONENTS:
         entry = manifest["components"][name]
         try:
-            component_classes(name)[0].from_dict(entry["config"])
+            CLASSES[name][0].from_dict(entry["config"])
         except (TypeError, ValueError) as e:
             raise ModelFolderError(f"{folder / MANIFEST}: {name} config: {e}; {REDO}") from None
         seen: dict[str, tuple] = {}
@@ -168,7 +127,7 @@ def _check_folder(folder: Path, manifest: dict) -> None:
         extra = set(seen) - set(entry["tensors"])
         if extra:
             raise ModelFolderError(
-                f"{folder / name}: tensors not in the manifest: {_listing(extra)}; {REDO}"
+                f"{folder / name}: tensors not in the manifest: {listing(extra)}; {REDO}"
             )
         check_config_file(folder / name / "config.json", entry["config"])
     check_integrity(folder, manifest)
@@ -292,181 +251,6 @@ def verify_checksums(folder: str | os.PathLike, manifest: dict, progress=None) -
     return problems
 
 
-def component_classes(name: str) -> tuple[type, type]:
-    """(config class, module class) of a component."""
-    from .models.autoencoder import AutoEncoder, AutoencoderConfig
-    from .models.clip import CLIPConfig, CLIPTextModel
-    from .models.t5 import T5Config, T5Encoder
-    from .models.transformer import FluxConfig, FluxTransformer
-
-    return {
-        "transformer": (FluxConfig, FluxTransformer),
-        "vae": (AutoencoderConfig, AutoEncoder),
-        "t5": (T5Config, T5Encoder),
-        "clip": (CLIPConfig, CLIPTextModel),
-    }[name]
-
-
-def build_model(name: str, config: dict) -> nn.Module:
-    """An un-loaded module (lazy random parameters, nothing allocated) for a component."""
-    config_class, module_class = component_classes(name)
-    return module_class(config_class.from_dict(config))
-
-
-def quantize_like(model: nn.Module, tensors, quantization: dict) -> None:
-    """Give `model` quantized layers exactly where the folder holds `<layer>.scales`."""
-    if not any(k.endswith(".scales") for k in tensors):
-        return
-    from .quant import quantize
-
-    quantize(
-        model,
-        bits=quantization["bits"],
-        group_size=quantization["group_size"],
-        predicate=lambda path, _: f"{path}.scales" in tensors,
-    )
-
-
-def build_component(name: str, manifest: dict) -> nn.Module:
-    """A folder's component as built and quantized, with no weights attached (nothing read)."""
-    entry = manifest["components"][name]
-    model = build_model(name, entry["config"])
-    quantize_like(model, entry["tensors"], manifest["quantization"])
-    return model
-
-
-def load_component(
-    folder: str | os.PathLike, name: str, manifest: dict | None = None, group: str | None = None
-) -> nn.Module:
-    """Build a component and attach its weights lazily (read from disk when evaluated).
-
-    `group` limits loading to one file group of the component (the transformer's `modulation`
-    or `trunk`); the other parameters stay unevaluated placeholders until `load_group`.
-    """
-    manifest = manifest or read_manifest(folder)
-    return load_group(build_component(name, manifest), folder, name, manifest, group)
-
-
-def load_group(
-    model: nn.Module, folder: str | os.PathLike, name: str, manifest: dict, group: str | None
-) -> nn.Module:
-    """Attach one file group's weights (all of them for None) to `model`, strictly."""
-    folder = Path(folder)
-    entry = manifest["components"][name]
-    groups = entry["files"]
-    names = groups[group] if group else [f for files in groups.values() for f in files]
-    weights: dict[str, mx.array] = {}
-    for file in names:
-        path = folder / name / file
-        if not path.exists():
-            raise ModelFolderError(f"{path}: missing (the model folder is incomplete)")
-        weights.update(mx.load(str(path)))
-    source = f"{folder / name}" + (f" ({group})" if group else "")
-    for key, value in weights.items():
-        want = entry["tensors"].get(key)
-        if want is None or list(value.shape) != want["shape"] or str(value.dtype) != want["dtype"]:
-            raise ModelFolderError(f"{source}: tensor {key} does not match the manifest")
-    from .models.transformer import is_modulation_key
-
-    # the transformer's groups: modulation (adaLN + embedders) and trunk (everything else)
-    expected = {
-        k: v
-        for k, v in tree_flatten(model.parameters())
-        if group is None or is_modulation_key(k) == (group == "modulation")
-    }
-    check_weights(expected, weights, source)
-    model.load_weights(list(weights.items()), strict=False)
-    return model
-
-
-# ---- a stage's blocks: resident, or streamed from the folder a block at a time ----------
-
-
-BLOCK = re.compile(r"^((?:double_blocks|single_blocks|encoder\.block)\.\d+)\.")
-
-
-def block_of(key: str) -> str | None:
-    """The block a tensor belongs to ("double_blocks.3", "encoder.block.7"), or None."""
-    m = BLOCK.match(key)
-    return m.group(1) if m else None
-
-
-class BlockWeights:
-    """How a stage gets the weights of its blocks ("double_blocks.3", "encoder.block.7").
-
-    Resident (this class): the weights were attached lazily by `load_group` and stay once read.
-    `StreamedBlocks` reads them just before the block runs and releases them after. A stage
-    runs each block inside `with weights(prefix):` and never asks which it has."""
-
-    streamed = False
-    bytes_read = 0
-    wait_seconds = 0.0  # time a block waited for its weights (the reads the overlap missed)
-
-    def __call__(self, prefix: str):
-        return contextlib.nullcontext()
-
-    def done(self) -> None:
-        """The stage is over: drop whatever was read ahead."""
-
-
-class StreamedBlocks(BlockWeights):
-    """Each block's tensors read from the model folder just before the block runs (evaluated
-    on their own CPU stream), released right after it; while a block computes, the next one's
-    read runs (`mx.async_eval` on the reader stream), so a read that takes less time than a
-    block's compute costs nothing. `prefixes` is the order the blocks run in, which wraps
-    around (a denoising step's last block reads the next step's first)."""
-
-    streamed = True
-
-    def __init__(self, model: nn.Module, folder, name: str, manifest: dict, prefixes,
-                 include=lambda key: True):  # fmt: skip
-        self.model, self.folder = model, Path(folder) / name
-        self.order = list(prefixes)
-        tensors = manifest["components"][name]["tensors"]
-        self.files: dict[str, dict[str, list[str]]] = {p: {} for p in self.order}
-        for key, t in tensors.items():
-            head = block_of(key)
-            if head in self.files and include(key):
-                self.files[head].setdefault(t["file"], []).append(key)
-        self.stream = mx.new_stream(mx.cpu)
-        self.pending: dict[str, dict[str, mx.array]] = {}
-        self.bytes_read, self.wait_seconds = 0, 0.0
-
-    def _lazy(self, prefix: str) -> dict[str, mx.array]:
-        """The block's tensors as unevaluated arrays: nothing is read until they are."""
-        out = {}
-        for file, keys in self.files[prefix].items():
-            every = mx.load(str(self.folder / file), stream=self.stream)
-            out.update((k, every[k]) for k in keys)
-        return out
-
-    def _read_ahead(self, prefix: str) -> None:
-        arrays = self._lazy(prefix)
-        mx.async_eval(list(arrays.values()))
-        self.pending[prefix] = arrays
-
-    @contextlib.contextmanager
-    def __call__(self, prefix: str):
-        arrays = self.pending.pop(prefix, None)
-        if arrays is None:
-            arrays = self._lazy(prefix)
-        start = time.perf_counter()
-        mx.eval(list(arrays.values()))
-        self.wait_seconds += time.perf_counter() - start
-        self.bytes_read += sum(a.nbytes for a in arrays.values())
-        self.model.load_weights(list(arrays.items()), strict=False)
-        del arrays
-        i = self.order.index(prefix)
-        self._read_ahead(self.order[(i + 1) % len(self.order)])
-        try:
-            yield
-        finally:  # back to unread placeholders: the block's weights are freed
-            self.model.load_weights(list(self._lazy(prefix).items()), strict=False)
-
-    def done(self) -> None:
-        self.pending.clear()
-
-
 # ---- writing a model folder (mlxflux.convert and bench/make_random_model.py) ------------
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -486,8 +270,6 @@ def should_quantize(comp: str, key: str, shape: tuple, bits: int | None) -> bool
 
 
 def _file_group(comp: str, key: str) -> str:
-    from .models.transformer import is_modulation_key
-
     if comp == "transformer":
         return "modulation" if is_modulation_key(key) else "trunk"
     return "model"
@@ -535,20 +317,17 @@ def write_model_folder(
     sources: list[dict],
     notes: list[str],
     variant: str | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Write a model folder atomically: into a hidden sibling, verified, then renamed.
 
     components: name -> (config, iterable of (key, tensor)), iterated once, in COMPONENTS
-    order; tokenizers: anything with `copy_to(folder)` (convert's TokenizerFiles). On any
-    failure, Ctrl-C included, the sibling is removed and `out` is untouched.
+    order; tokenizers: anything with `copy_to(folder)` (convert's TokenizerFiles); extra: more
+    manifest fields (a random model's `random`). On any failure, Ctrl-C included, the sibling
+    is removed and `out` is untouched.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent, f".{out.name}.partial-")
-    if not out.exists():  # a process killed between its two renames: put the old folder back
-        for old in _stale(out.parent, f".{out.name}.old-")[:1]:
-            old.rename(out)
-    remove_stale(out.parent, f".{out.name}.old-")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    restore_folder(out)  # what a killed conversion left: removed, or an old folder put back
+    tmp = private_name(out.parent, f".{out.name}.partial-")
     try:
         tmp.mkdir()
         manifest = {
@@ -563,6 +342,7 @@ def write_model_folder(
         }
         if variant is not None:  # older folders have none: dev or schnell by their config
             manifest["variant"] = variant
+        manifest.update(extra or {})
         for comp in COMPONENTS:
             config, items = components[comp]
             manifest["components"][comp] = write_component(
@@ -574,65 +354,18 @@ def write_model_folder(
         manifest[SELF_SHA] = manifest_sha256(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         check_folder(tmp, manifest)  # re-read every header: what was written is what we meant
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def remove_stale(folder: Path, prefix: str) -> list[Path]:
-    """Remove what a killed process left: `<prefix><pid>-...` entries whose process is gone
-    (kill -9 or a power cut skip the cleanup; Ctrl-C does not). Returns what was removed."""
-    removed = _stale(folder, prefix)
-    for path in removed:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return removed
-
-
-def _stale(folder: Path, prefix: str) -> list[Path]:
-    """`<prefix><pid>-...` entries of `folder` whose process is gone, sorted."""
-    found = []
-    for path in sorted(folder.glob(f"{prefix}*")):
-        pid = path.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            found.append(path)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _manifest_id(manifest: dict) -> str:
-    import hashlib
-
     fields = [manifest["sources"], manifest["quantization"], manifest["dtype"]]
     if manifest.get("variant") not in (None, "dev", "schnell"):  # one the sources do not imply
         fields.append(manifest["variant"])
+    if "random" in manifest:  # no sources: the random weights' size and seed tell them apart
+        fields.append(manifest["random"])
     key = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old folder is kept until the new one is there."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -1,0 +1,197 @@
+"""A generation job: one request, prepared once, run once, with its own report.
+
+`prepare` does everything that can be refused before a stage runs: the model's defaults, the
+inputs opened and checked against the variant (they were opened once, by the request), each
+LoRA read once and matched, the schedule and the memory plan. What it makes is host-side data
+(PIL images, numpy arrays): a web server prepares a job on the thread that took the request and
+runs it on its worker. `Job.run` is the stages, for every seed, on the pipeline's model.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .errors import SettingsError
+from .lora import LoraSet, layer_shapes, read_loras
+from .memory_plan import Plan, make_plan
+from .models.transformer import is_modulation_key
+from .noise import comfy_noise
+from .pixels import cover, size_of, unit_pixels
+from .report import Report, Stage
+from .request import DEFAULT_SIZE, GenerationRequest
+from .sampling import img2img_sigmas, noise_scaling
+from .variants import Conditioning, Inputs, open_inputs
+
+
+@dataclass
+class Job:
+    """A checked request and what its stages need for every seed."""
+
+    pipe: object  # the `Pipeline` it runs on
+    request: GenerationRequest  # with the model's defaults applied
+    width: int
+    height: int
+    sigma_list: list[float]
+    inputs: Inputs  # the variant family's inputs
+    loras: LoraSet
+    plan: Plan
+    report: Report
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, 16, self.height // 8, self.width // 8)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return self.request.seeds
+
+    def run(self, on_step: Callable[[int, int, int], None] | None = None
+            ) -> Iterator[tuple[int, Image.Image]]:  # fmt: skip
+        """An iterator of (seed, image), each yielded once decoded.
+
+        The prompt is encoded once and each stage's weights load once: every seed is denoised
+        (latents are small), then the VAE decodes them in turn, so the peak stays the
+        single-image peak. `on_step(index, step, steps)`. Ctrl-C while denoising stops after
+        the current step; the seeds already denoised are still decoded and yielded, then
+        KeyboardInterrupt is raised again. The report gains `images`: per-seed seconds."""
+        pipe, request, report, plan = self.pipe, self.request, self.report, self.plan
+        # float16: the blocks and VAE stages that overflowed it and ran again in float32
+        fallbacks = report.settings.setdefault("float32_fallbacks", [])
+        with Stage(report, "text") as stage:
+            txt, pooled = pipe.encode_text(request.prompt, request.t5_padding,
+                                           "text" in plan.streamed, stage)  # fmt: skip
+        latent, extra = None, Conditioning()
+        if request.init_image is not None or self.inputs.encodes:
+            with Stage(report, "encode"):
+                latent, extra = self._encode(fallbacks)
+        with Stage(report, "modulation") as stage:
+            model, cond = pipe.modulation(pooled, self.sigma_list, request.guidance, self.loras)
+            stage.bytes_read = pipe.group_bytes("transformer", "modulation")
+            del pooled
+        done, interrupted = [], None
+        with Stage(report, "denoise") as stage:
+            model = _load_trunk(pipe, model)
+            blocks = pipe.blocks(model, "transformer", model.block_names(),
+                                 "denoise" in plan.streamed, _trunk_key)  # fmt: skip
+            for index, seed in enumerate(request.seeds):
+                noise = request.noise
+                if noise is None:
+                    noise = comfy_noise(seed, self.shape)
+                if latent is not None:
+                    noise = noise_scaling(self.sigma_list[0], noise, latent)
+                start = time.perf_counter()
+                steps = on_step and (lambda i, n, index=index: on_step(index, i, n))
+                try:
+                    done.append((seed, pipe.denoise(model, cond, txt, noise, self.sigma_list,
+                                                    steps, blocks, extra)))  # fmt: skip
+                except KeyboardInterrupt as e:  # between steps: keep what is finished
+                    interrupted = e
+                    break
+                report.images.append({"seed": seed, "denoise_seconds": _since(start)})
+            blocks.done()
+            stage.bytes_read = pipe.read_bytes(blocks, "transformer", "trunk")
+            stage.read_wait_seconds = blocks.wait_seconds
+            fallbacks.extend(sorted(model.float32_blocks))
+            del model, cond, txt, blocks, extra
+        if done:
+            with Stage(report, "decode") as stage:
+                ae = pipe.load("vae")
+                stage.bytes_read = pipe.group_bytes("vae")
+                for (seed, x), entry in zip(done, report.images, strict=False):
+                    start = time.perf_counter()
+                    image = pipe.decode(ae, x, request.tiled_decode, fallbacks)
+                    entry["decode_seconds"] = _since(start)
+                    yield seed, image
+                del ae, done
+        if interrupted is not None:
+            raise interrupted
+
+    def _encode(self, fallbacks: list) -> tuple[np.ndarray | None, Conditioning]:
+        """The encode stage: (the init latent or None, the inputs' conditioning)."""
+        pipe, request = self.pipe, self.request
+        ae = pipe.load("vae")  # only the encoder is read
+
+        def encode(pixels: np.ndarray) -> np.ndarray:
+            return pipe.encode_image(pixels, request.tiled_decode, ae, fallbacks)
+
+        family, w, h = pipe.variant_info.family, self.width, self.height
+        latent = None
+        # the init latent: image to image; Fill's picture only below denoise 1 (above: noise)
+        if request.init_image is not None and (not family.takes_init_image or request.denoise < 1):
+            pixels = self.inputs.init_pixels(w, h)
+            if pixels is None:
+                pixels = unit_pixels(cover(request.init_image.image, w, h))
+            latent = encode(pixels)
+        return latent, self.inputs.encode(encode, w, h)
+
+
+def _load_trunk(pipe, model):
+    from .models.registry import load_group
+
+    return load_group(model, pipe.folder, "transformer", pipe.manifest, "trunk")
+
+
+def _trunk_key(key: str) -> bool:
+    """The transformer's keys the denoise stage reads (the modulation stage read the rest)."""
+    return not is_modulation_key(key)
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
+
+
+def prepare(pipe, request: GenerationRequest) -> Job:
+    """A job for `request` on `pipe` (see the module's docstring); SettingsError (or LoraError)
+    in one line when it cannot run, before any stage."""
+    variant = pipe.variant_info
+    request = request.for_model(variant)
+    inputs = open_inputs(variant, request)
+    width, height = request.width, request.height
+    if width is None and height is None:
+        width, height = _default_size(request, inputs) or (None, None)
+    width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
+    inputs.check_size(width, height)
+    shape = (1, 16, height // 8, width // 8)
+    if request.noise is not None and request.noise.shape != shape:
+        raise SettingsError(f"must have shape {shape}, got {request.noise.shape}", "noise")
+    sigma_list = img2img_sigmas(request.scheduler, request.steps, request.denoise, width=width,
+                                height=height, shift=request.shift)  # fmt: skip
+    settings = dict(
+        prompt=request.prompt, width=width, height=height, steps=request.steps,
+        guidance=request.guidance, shift=request.shift, scheduler=request.scheduler,
+        t5_padding=request.t5_padding, sampler="euler", cfg=1.0, precision=pipe.precision,
+        precision_why=pipe.precision_why, model=pipe.model_name, model_id=pipe.model_id,
+        noise="given" if request.noise is not None else "comfy",
+    )  # fmt: skip
+    if len(request.seeds) == 1:
+        settings["seed"] = request.seeds[0]
+    else:
+        settings["seeds"] = list(request.seeds)
+    init = request.init_image
+    if init is not None:
+        settings.update(init_image=init.name, init_image_sha256=init.sha256,
+                        denoise=request.denoise)  # fmt: skip
+    settings.update(inputs.record())
+    loras = LoraSet()
+    if request.loras:  # read once and matched now, so a bad file fails before any stage
+        flux = pipe.manifest["components"]["transformer"]
+        shapes = layer_shapes(flux, pipe.manifest["quantization"]["bits"])
+        loras = read_loras(request.loras, shapes, flux["config"]["hidden_size"])
+        settings["loras"] = [r.record() for r in loras.reports]
+    # the memory plan: which stages stream; refused here when even streaming cannot fit
+    plan = make_plan(pipe.manifest, width, height, pipe.dtype.size, pipe.memory_budget,
+                     steps=len(sigma_list) - 1, extra_tokens=inputs.extra_tokens)  # fmt: skip
+    settings["memory_plan"] = plan.describe()
+    report = Report(settings=settings, plan=plan.kind)
+    return Job(pipe, request, width, height, sigma_list, inputs, loras, plan, report)
+
+
+def _default_size(request: GenerationRequest, inputs: Inputs) -> tuple[int, int] | None:
+    """The output size when none is given: the init image's (rounded to multiples of 16),
+    else what the variant's inputs say (the control image's, the first reference's)."""
+    if request.init_image is not None:
+        return size_of(request.init_image.image)
+    return inputs.default_size()

@@ -1,0 +1,78 @@
+"""Writing PNGs: the generation's settings in text chunks, never overwriting, atomically."""
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .atomic import remove_stale
+from .variants import FAMILIES
+
+
+def parameters_text(s: dict) -> str:
+    """The `parameters` chunk as A1111/Forge write it, which most image tools read."""
+    lines = [
+        s["prompt"],
+        f"Steps: {s['steps']}, Sampler: {s['sampler']}, Schedule type: {s['scheduler']}, "
+        f"CFG scale: {s['cfg']}, Distilled CFG Scale: {s['guidance']}, Seed: {s['seed']}, "
+        f"Size: {s['width']}x{s['height']}, Shift: {s['shift']}, T5 padding: {s['t5_padding']}, "
+        f"Model: {s.get('model', 'flux1-dev')} ({s.get('model_id', '')}), "
+        f"Precision: {s.get('precision', '')}, "
+        f"Version: mlxflux {s.get('version', '')}",
+    ]
+    if s.get("init_image"):  # A1111's name for img2img's denoise
+        lines[1] += (
+            f", Denoising strength: {s['denoise']}, Init image: {s['init_image']} "
+            f"(sha256 {s['init_image_sha256'][:16]})"
+        )
+    for family in FAMILIES:  # what each variant's inputs were (Kontext, Canny/Depth, Fill)
+        lines[1] += family.parameters(s)
+    return "\n".join(lines)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return words[:limit].rstrip("-") or "image"
+
+
+def save_png(
+    image: Image.Image, path: str | os.PathLike, settings: dict, extra: dict | None = None
+) -> Path:
+    """Write `image` with its settings; if `path` exists, pick `name-1.png`, `name-2.png`, ...
+
+    The file is written under a temporary name in the same folder and linked into place, so a
+    crash or Ctrl-C never leaves a partial PNG and an existing file is never replaced.
+    """
+    chunks = {"parameters": parameters_text(settings), "mlxflux": json.dumps(settings)}
+    chunks.update(extra or {})  # ComfyUI's `prompt` and `workflow` graphs
+    return write_png(image, path, chunks)
+
+
+def write_png(image: Image.Image, path: str | os.PathLike, chunks: dict[str, str]) -> Path:
+    """`save_png`'s atomic, never-overwriting write, with these text chunks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for key, text in chunks.items():
+        info.add_text(key, text)
+    remove_stale(path.parent, f".{path.stem}.tmp-")  # left by a killed process
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{os.getpid()}-", suffix=".png",
+                               dir=path.parent)  # fmt: skip
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        for i in range(10_000):
+            target = path if i == 0 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+            try:
+                os.link(tmp, target)  # fails if target exists: never overwrite
+                return target
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"{path}: too many files with this name")
+    finally:
+        os.unlink(tmp)

@@ -1,0 +1,429 @@
+"""A generation request: every parameter of a generation named once, with its default, its
+check and how the front ends show it.
+
+`GenerationRequest` is frozen and checked when it is made: its input images are opened (once)
+and every value is refused, in one line naming the parameter (`SettingsError.name`), before
+any model loads. `resolve` is the one place where a front end's layers meet: defaults, then a
+preset, then an earlier PNG (`--from-png`), then what was given (flags, the page's fields);
+the model's own defaults come last (`GenerationRequest.for_model`, in `Pipeline.prepare`).
+The CLI shows a refused parameter by its flag (`flag_of`), the page by its label (`label_of`).
+"""
+
+import math
+import os
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SettingsError
+from .pixels import Picture
+from .sampling import SCHEDULERS, TABLE_SIZE
+from .tokenizers import T5_PADDING
+from .variants.control import PREPROCESS
+from .variants.kontext import REFERENCE_SCALES
+
+MAX_GUIDANCE = 100.0  # ComfyUI's FluxGuidance node allows 0-100
+MAX_SEED = 2**64 - 1
+DEFAULT_SIZE = 1024  # without a size given and without input images
+IMG2IMG_DENOISE = 0.75  # an init image without a denoise given (no preset value either)
+NO_PROMPT = "give a prompt, or a preset that has one (see `mlxflux presets`)"
+
+
+# ---- checks: each takes (value, name) and returns the value as the request keeps it ----------
+
+
+def _choice(options):
+    def check(value, name):
+        if value not in options:
+            raise SettingsError(f"must be one of {', '.join(options)}, got {value!r}", name)
+        return value
+
+    return check
+
+
+def _whole(low: int, high: int | None = None, optional: bool = True):
+    def check(value, name):
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SettingsError(f"must be a whole number of at least {low}, got {value!r}", name)
+        if high is not None and value > high:
+            raise SettingsError(f"must be at most {high}, got {value}", name)
+        return value
+
+    return check
+
+
+def _number(low: float, high: float, low_open: bool = False, optional: bool = True):
+    def check(value, name):
+        if value is None and optional:
+            return None
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if fits and (value > low if low_open else value >= low) and value <= high:
+            return float(value) if isinstance(value, float) else value
+        if low_open:
+            raise SettingsError(f"must be above {low:g} and at most {high:g}, got {value!r}", name)
+        raise SettingsError(
+            f"must be a finite number from {low:g} to {high:g}, got {value!r}", name
+        )
+
+    return check
+
+
+def _text(value, name):
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(NO_PROMPT, name)
+    return value
+
+
+def _shift(value, name):
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise SettingsError(f"{value!r} is not a number or 'auto'", name) from None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise SettingsError(f"must be a finite number above 0 or 'auto', got {value!r}", name)
+    return value
+
+
+def _seeds(value, name):
+    seeds = (value,) if isinstance(value, int) else tuple(value)
+    if not seeds:
+        raise SettingsError("give at least one seed", name)
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise SettingsError(f"{s!r} is not a whole number in 0..2**64-1", name)
+    return seeds
+
+
+def parse_lora(spec) -> tuple[Path, float]:
+    """FILE[:SCALE] -> (path, scale): a colon followed by a number is the scale."""
+    path, sep, tail = str(spec).rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(tail)
+        except ValueError:
+            pass  # a colon in the file name: the whole text is the path
+    return Path(spec), 1.0
+
+
+def _loras(value, name):
+    out = []
+    for item in value:
+        if isinstance(item, (str, os.PathLike)):
+            out.append(parse_lora(item))
+            continue
+        try:
+            path, scale = item
+            out.append((Path(path), float(scale)))
+        except (TypeError, ValueError):
+            raise SettingsError(f"{item!r} is not (path, scale) or FILE[:SCALE]", name) from None
+    return tuple(out)
+
+
+def _picture(value, name):
+    return None if value is None else Picture.of(value, name)
+
+
+def _pictures(value, name):
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike, Picture)) or hasattr(value, "convert"):
+        value = [value]
+    return tuple(Picture.of(v, name) for v in value)
+
+
+def _flag(value, name):
+    return bool(value)
+
+
+def _maybe_flag(value, name):
+    return None if value is None else bool(value)
+
+
+def _noise(value, name):
+    return None if value is None else np.asarray(value, dtype=np.float32)
+
+
+def _keep(value, name):
+    return value
+
+
+def param(default, check=_keep, *, flag=None, label=None, help="", cli=None):
+    """A request field: its default, its check, its CLI flag (`--name` by default; the help
+    and click's options) and its label on the page."""
+    meta = {"check": check, "flag": flag, "label": label, "help": help, "cli": cli}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """One generation: what to draw and how, every value checked (`mlxflux.Pipeline.prepare`
+    turns it into a job; `Pipeline.generate(prompt, **fields)` makes one)."""
+
+    prompt: str = param(MISSING, _text, label="Prompt", help="The prompt (overrides the preset's).")
+    width: int | None = param(None, label="Width", help="Width in pixels, a multiple of 16 "
+                              "[default: the preset's, the init image's, or 1024].",
+                              cli={"type": int})  # fmt: skip
+    height: int | None = param(None, label="Height", help="Height in pixels, a multiple of 16 "
+                               "[default: the preset's, the init image's, or 1024].",
+                               cli={"type": int})  # fmt: skip
+    steps: int | None = param(
+        None,
+        _whole(1),
+        label="Steps",
+        cli={"type": int},
+        help="Euler steps [default: the model's: dev 20, schnell 4].",
+    )
+    guidance: float | None = param(
+        None, _number(0, MAX_GUIDANCE), label="Guidance",
+        help="FLUX distilled guidance, 0-100 [default: the preset's or 3.5; the model's own on "
+        "Kontext (2.5), Canny (30), Depth (10) and Fill (30), as BFL and ComfyUI].",
+        cli={"type": float},
+    )  # fmt: skip
+    seeds: tuple[int, ...] = param((0,), _seeds, flag="--seeds", label="Seed")  # cli_gen: --seed
+    scheduler: str = param("simple", _choice(SCHEDULERS), label="Scheduler",
+                           help="ComfyUI scheduler [default: simple].",
+                           cli={"choices": SCHEDULERS})  # fmt: skip
+    shift: float | str | None = param(
+        None, _shift, label="Shift",
+        help="Fixed shift or 'auto' for the resolution-dependent shift of BFL/diffusers "
+        "[default: the model's, as ComfyUI: dev 1.15, schnell 1.0].",
+    )  # fmt: skip
+    t5_padding: str = param(
+        "comfy", _choice(tuple(T5_PADDING)), label="T5 padding",
+        help="comfy: pad T5 tokens to >=256; max: pad/truncate to 512 [default: comfy].",
+        cli={"choices": tuple(T5_PADDING)},
+    )  # fmt: skip
+    denoise: float = param(
+        1.0, _number(0, 1, low_open=True, optional=False), label="Denoise",
+        help=f"With --init-image: how much to change, 0 < D <= 1 (1 ignores the image) "
+        f"[default: the preset's, or {IMG2IMG_DENOISE}].",
+        cli={"type": float},
+    )  # fmt: skip
+    loras: tuple = param(
+        (), _loras, flag="--lora", label="LoRAs",
+        help="A LoRA for the transformer (kohya/ComfyUI, diffusers/PEFT or BFL names), at SCALE "
+        "(default 1.0, negative allowed); repeat to stack them. Works on 8-bit models too.",
+        cli={"multiple": True, "metavar": "FILE[:SCALE]"},
+    )  # fmt: skip
+    init_image: Picture | None = param(
+        None, _picture, label="Original",
+        help="Image to image: start from this picture (e.g. the original cover), scaled to "
+        "cover the size and centre-cropped, as ComfyUI's LoadImage -> VAEEncode -> KSampler.",
+        cli={"path": True},
+    )  # fmt: skip
+    reference_images: tuple = param(
+        (), _pictures, flag="--reference", label="Reference",
+        help="FLUX.1 Kontext: the picture to re-imagine by instruction (e.g. the original "
+        "cover); repeat for several (placed side by side as ComfyUI's chained ReferenceLatent "
+        "nodes). Without a preset or a size, the output takes the first one's size as encoded.",
+        cli={"multiple": True, "path": True},
+    )  # fmt: skip
+    reference_scale: str = param(
+        "kontext", _choice(REFERENCE_SCALES), label="Reference scale",
+        help="kontext: scale each reference to Kontext's preferred resolution of the nearest "
+        "aspect ratio (ComfyUI's FluxKontextImageScale); none: its own size, floored to "
+        "multiples of 16.",
+        cli={"choices": REFERENCE_SCALES, "default": "kontext", "show_default": True},
+    )  # fmt: skip
+    control_image: Picture | None = param(
+        None, _picture, label="Control image",
+        help="FLUX.1 Canny / Depth models: the picture whose composition is kept, scaled to "
+        "cover the size. Canny models take its edges (see --preprocess); Depth models take a "
+        "depth map made elsewhere (e.g. Depth Anything in ComfyUI), as it is.",
+        cli={"path": True},
+    )  # fmt: skip
+    preprocess: str = param(
+        "auto", _choice(PREPROCESS), label="Preprocess",
+        help="What becomes of --control-image: auto is canny on Canny models (ComfyUI's Canny "
+        "node, thresholds 0.4/0.8) and none on Depth models.",
+        cli={"choices": PREPROCESS, "default": "auto", "show_default": True},
+    )  # fmt: skip
+    mask: Picture | None = param(
+        None, _picture, label="Mask",
+        help="FLUX.1 Fill models: white repaints, black keeps, on --init-image (its size or "
+        "aspect ratio). --denoise defaults to 1.0.",
+        cli={"path": True},
+    )  # fmt: skip
+    outpaint: bool = param(
+        False, _flag, label="Outpaint",
+        help="FLUX.1 Fill models: centre --init-image on the canvas (the preset's or --width x "
+        "--height) and paint the rest, e.g. a square vinyl cover into a DVD box.",
+        cli={"is_flag": True},
+    )  # fmt: skip
+    tiled_decode: bool | None = param(
+        None, _maybe_flag, flag="--tiled-decode/--no-tiled-decode", label="Tiled decode",
+        help="Force the VAE's row-tiled decode (and encode) on or off [default: when it would "
+        "not fit].",
+        cli={"is_flag": True},
+    )  # fmt: skip
+    noise: np.ndarray | None = param(None, _noise)  # [1, 16, H/8, W/8]: replaces seeded noise
+    preset: str | None = param(None, label="Preset")  # recorded in the PNG; resolve applies it
+    # where each value came from ("default", "preset", "png", "given"; absent: an argument)
+    origins: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        for f in params():
+            value = f.metadata["check"](getattr(self, f.name), f.name)
+            object.__setattr__(self, f.name, value)
+        if self.width is not None or self.height is not None:
+            _check_size(self.width or DEFAULT_SIZE, self.height or DEFAULT_SIZE)
+        if self.steps is not None:
+            self._check_schedule()
+
+    def given(self, name: str) -> bool:
+        """Whether `name` holds something other than its default."""
+        value, default = getattr(self, name), _field(name).default
+        if isinstance(value, np.ndarray):
+            return True
+        return value is not None and value != default and value != ()
+
+    def for_model(self, variant) -> "GenerationRequest":
+        """The model's layer (`variants.Variant`): its steps and shift unless set, and its
+        guidance unless set, or set only by a preset or the defaults when the variant has its
+        own (Kontext 2.5, Canny 30, Depth 10, Fill 30: the presets' 3.5 is dev's)."""
+        fill = {k: v for k, v in variant.defaults.items() if getattr(self, k) is None}
+        weak = self.origins.get("guidance") in ("default", "preset")
+        if variant.own_guidance and weak:
+            fill["guidance"] = variant.guidance
+        if not fill:
+            return self
+        request = replace(self, **fill, origins=self.origins)
+        return request
+
+    def _check_schedule(self) -> None:
+        # the img2img schedule has int(steps / denoise) sigmas, from a table of TABLE_SIZE
+        if self.steps / self.denoise <= TABLE_SIZE:
+            return
+        if self.origins.get("denoise") == "default":
+            raise SettingsError(
+                f"{self.steps} steps at denoise {self.denoise:g} need more than the schedule's "
+                f"{TABLE_SIZE} sigmas",
+                "steps",
+            )
+        raise SettingsError(f"{self.denoise!r} is too small for {self.steps} steps", "denoise")
+
+
+def params():
+    """The request's parameter fields, in order (not `origins`)."""
+    return [f for f in fields(GenerationRequest) if "check" in f.metadata]
+
+
+def _field(name: str):
+    return next(f for f in fields(GenerationRequest) if f.name == name)
+
+
+def _check_size(width, height) -> None:
+    for value, name in ((width, "width"), (height, "height")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"must be a whole number of pixels, got {value!r}", name)
+    if width % 16 or height % 16 or width < 16 or height < 16:
+        raise SettingsError(
+            f"width and height must be positive multiples of 16, got {width}x{height} "
+            f"(nearest: {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)})",
+            "width" if width % 16 or width < 16 else "height",
+        )
+
+
+def flag_of(name: str) -> str:
+    """The CLI flag that sets parameter `name` (`--reference` for reference_images)."""
+    names = {f.name: f for f in fields(GenerationRequest)}
+    flag = names[name].metadata.get("flag") if name in names else None
+    return (flag or f"--{name.replace('_', '-')}").split("/")[0]
+
+
+def label_of(name: str) -> str:
+    """The page's label for parameter `name`."""
+    names = {f.name: f for f in fields(GenerationRequest)}
+    label = names[name].metadata.get("label") if name in names else None
+    return label or name.replace("_", " ").capitalize()
+
+
+# ---- the front ends' layers ------------------------------------------------------------------
+
+PRESET_KEYS = ("prompt", "width", "height", "steps", "guidance", "scheduler", "shift",
+               "t5_padding", "denoise")  # fmt: skip
+IMAGE_KEYS = ("init_image", "reference_images", "control_image", "mask", "outpaint")
+
+
+def resolve(given: dict, preset: str | None = None, png: dict | None = None) -> GenerationRequest:
+    """The request of a front end: `given` (the flags or the page's fields, in the request's
+    names; None where not given; "seed", "seeds" and "count" choose the seeds), over an earlier
+    PNG's settings (`png_settings.read_png_settings`), over a preset's, over the defaults.
+
+    The defaults that only a front end has: an init image changes 0.75 of the picture unless a
+    denoise is given (Fill: all of it); a denoise without an init image is refused; the seed
+    is random unless given (or the PNG's, when no seed is given at all)."""
+    from .presets import PresetError, get_preset
+
+    given = {k: v for k, v in given.items() if v is not None and v != () and v != []}
+    png = dict(png or {})
+    values, origins = {}, {}
+    if preset:
+        try:
+            p = get_preset(preset)
+        except PresetError as e:
+            raise SettingsError(str(e), "preset") from None
+        values.update({k: p[k] for k in PRESET_KEYS if k in p})
+        origins.update(dict.fromkeys(values, "preset"))
+    layer = {k: png[k] for k in PRESET_KEYS if k in png}
+    values.update(layer)
+    origins.update(dict.fromkeys(layer, "png"))
+    seeds = seeds_of(given.pop("seeds", None), given.pop("count", None), given.pop("seed", None),
+                     png.get("seed"))  # fmt: skip
+    values.update(given)
+    origins.update(dict.fromkeys(given, "given"))
+    if "guidance" not in values:
+        origins["guidance"] = "default"
+    init = values.get("init_image")
+    if init is None:
+        if "denoise" in given:
+            raise SettingsError("needs an init image (it sets how much of it changes)", "denoise")
+        values["denoise"], origins["denoise"] = 1.0, "default"
+    elif "denoise" not in given and (values.get("mask") or values.get("outpaint")):
+        values["denoise"], origins["denoise"] = 1.0, "default"  # Fill: diffusers' strength 1
+    elif "denoise" not in values:
+        values["denoise"], origins["denoise"] = IMG2IMG_DENOISE, "default"
+    if not values.get("prompt"):
+        raise SettingsError(NO_PROMPT, "prompt")
+    return GenerationRequest(**values, seeds=seeds, preset=preset, origins=origins)
+
+
+def seeds_of(seeds=None, count=None, seed=None, fallback=None) -> tuple[int, ...]:
+    """--seeds a,b,c (each once), or --count N from --seed (random when absent), or the one
+    --seed; `fallback` (an earlier PNG's seed) when none of them is given."""
+    if seeds is not None and (count is not None or seed is not None):
+        other = "--count" if count is not None else "--seed"
+        raise SettingsError(f"give either --seeds or {other}, not both", "seeds")
+    if seeds is not None:
+        parts = seeds.split(",") if isinstance(seeds, str) else list(seeds)
+        out = []
+        for part in parts:
+            try:
+                value = int(str(part).strip())
+            except ValueError:
+                raise SettingsError(f"{str(part).strip()!r} is not a whole number",
+                                    "seeds") from None  # fmt: skip
+            if not 0 <= value <= MAX_SEED:
+                raise SettingsError(f"{value} is outside 0..2**64-1", "seeds")
+            if value not in out:  # every seed is made once
+                out.append(value)
+        return tuple(out)
+    if seed is None and count is None:
+        seed = fallback
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise SettingsError(f"must be at least 1, got {count}", "count")
+    return tuple((seed + i) % (MAX_SEED + 1) for i in range(count or 1))
