@@ -30,12 +30,12 @@ import json, sys, time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from dataclasses import replace
-from mlxflux import kernels
-from mlxflux.models.transformer import FLUX_DEV, FluxTransformer, image_ids, pack_latents
+from mlxflux.models.transformer import FLUX_DEV, FluxTransformer
+from mlxflux.models.latents import image_ids, pack_latents
 from mlxflux.pipeline import PRECISIONS, denoise_step
 from mlxflux.quant import quantize
 
-from mlxflux.variants import reference_size, reference_tokens
+from mlxflux.variants.kontext import reference_size, reference_tokens
 
 w, h, depth, single, bits, precision, kontext = sys.argv[1:8]
 w, h, depth, single = int(w), int(h), int(depth), int(single)
@@ -50,7 +50,7 @@ for i, (k, p) in enumerate(tree_flatten(model.parameters())):  # uniform, varian
 model.load_weights(params)
 del params
 if bits != "none":
-    quantize(model, int(bits))
+    quantize(model, int(bits), model.kernels)
 mx.eval(model.parameters())
 cond = model.modulation(mx.array([0.7]), mx.random.normal((1, 768)).astype(dtype), mx.array([3.5]))
 mx.eval(cond.arrays())
@@ -72,7 +72,7 @@ t = time.perf_counter()
 x = denoise_step(model, x, txt, cond, rope, 0.7, 0.5, extra=extra)
 seconds = time.perf_counter() - t
 print(json.dumps(dict(peak=mx.get_peak_memory(), base=base, weights=weights, seconds=seconds,
-                      kernels=kernels.mode(), device=str(mx.default_device()))))
+                      kernels=model.kernels.mode, device=str(mx.default_device()))))
 """
 
 

@@ -18,8 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxflux.kernels import default_precision
-from mlxflux.models.transformer import FLUX_DEV, FluxTransformer, image_ids, pack_latents
+from mlxflux.kernels import precision_choice
+from mlxflux.models.latents import image_ids, pack_latents
+from mlxflux.models.transformer import FLUX_DEV, FluxTransformer
 from mlxflux.pipeline import PRECISIONS, denoise_step
 from mlxflux.quant import quantize
 
@@ -33,7 +34,7 @@ def main():
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--out", default="bench/results/lora_speed")
     a = p.parse_args()
-    dtype = PRECISIONS[default_precision()]
+    dtype = PRECISIONS[precision_choice()[0]]
     model = FluxTransformer(replace(FLUX_DEV, depth=1, depth_single_blocks=1))
     model.load_weights(
         [
@@ -41,7 +42,7 @@ def main():
             for k, v in tree_flatten(model.parameters())
         ]  # fmt: skip
     )
-    quantize(model, 8)
+    quantize(model, 8, model.kernels)
     cond = model.modulation(mx.array([0.7]), mx.random.normal((1, 768)).astype(dtype),
                             mx.array([3.5]))  # fmt: skip
     mx.eval(model.parameters(), cond.arrays())

@@ -5,9 +5,10 @@
     python bench/make_random_model.py --out /tmp/kontext-random-q8 --bits 8 --variant kontext
     python bench/memory.py --model /tmp/kontext-random-q8 --sizes dvd --reference
 
-Each run is a fresh process running `Pipeline.generate` (one step: memory does not depend on
-the step count; --reference adds a Kontext reference, a picture at the size's aspect ratio,
-scaled as ComfyUI's FluxKontextImageScale) and reading its per-stage report: `peak_bytes`
+Each run is a fresh process running one job, `Pipeline.prepare` then `Job.run` (one step:
+memory does not depend on the step count; --reference adds a Kontext reference, a picture at
+the size's aspect ratio, scaled as ComfyUI's FluxKontextImageScale) and reading its per-stage
+report: `peak_bytes`
 is mx.get_peak_memory() after mx.reset_peak_memory() at the stage's start. diffusers' needs
 are computed from its bf16 weights (FluxPipeline as documented: everything resident, or
 enable_model_cpu_offload(), which moves one model at a time to the GPU); not measured here.
@@ -39,9 +40,11 @@ if sys.argv[5] == "1":  # a picture, not noise, at the output's aspect ratio
     refs = [Image.fromarray(np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1)
                             .astype(np.uint8))]
 pipe = mlxflux.load(sys.argv[1], memory_budget=None if sys.argv[4] == "auto" else sys.argv[4])
-pipe.generate("A cinematic DVD cover for the movie Interstellar.", width=w, height=h, steps=1,
-              seed=0, reference_images=refs)
-rep = pipe.last_report.to_dict()
+job = pipe.prepare(mlxflux.GenerationRequest(
+    "A cinematic DVD cover for the movie Interstellar.", width=w, height=h, steps=1,
+    reference_images=refs))
+list(job.run())
+rep = job.report.to_dict()
 rep["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(rep))
 """

@@ -67,9 +67,9 @@ def make(out: Path) -> None:
         tensors[f"lora_unet_{layer}.lora_down.weight"] = (
             g.standard_normal((4, cols)) / cols**0.5
         ).astype(np.float32)
-        tensors[f"lora_unet_{layer}.lora_up.weight"] = (
-            g.standard_normal((rows, 4)) * 0.3
-        ).astype(np.float32)
+        tensors[f"lora_unet_{layer}.lora_up.weight"] = (g.standard_normal((rows, 4)) * 0.3).astype(
+            np.float32
+        )
         tensors[f"lora_unet_{layer}.alpha"] = np.array(2.0, np.float32)
     save_file(tensors, str(out / "lora.safetensors"))
     print(f"models and inputs in {out}")
@@ -82,8 +82,11 @@ def cases(models: Path) -> dict[str, tuple[str, dict, dict]]:
         "txt2img": ("dev", {}, {}),
         "img2img": ("dev", {}, {"init_image": m / "init.png", "denoise": 0.7}),
         "lora-8bit": ("dev-q8", {}, {"loras": [(m / "lora.safetensors", 0.8)]}),
-        "kontext": ("kontext", {}, {"reference_images": [m / "reference.png"],
-                                    "reference_scale": "none"}),  # fmt: skip
+        "kontext": (
+            "kontext",
+            {},
+            {"reference_images": [m / "reference.png"], "reference_scale": "none"},
+        ),  # fmt: skip
         "canny": ("canny", {}, {"control_image": m / "control.png"}),
         "fill-mask": ("fill", {}, {"init_image": m / "init.png", "mask": m / "mask.png"}),
         # a budget that fits the streamed need, not the resident denoise stage: streams
@@ -100,11 +103,17 @@ def draw(models: Path, out: Path) -> None:
     for name, (model, load_kw, gen_kw) in cases(models).items():
         pipe = mlxflux.load(models / model, **load_kw)
         for seed in SEEDS:
-            image = pipe.generate(PROMPT, **SIZE, steps=3, seed=seed, **gen_kw)
+            if hasattr(pipe, "prepare"):  # the job API: its own report
+                job = pipe.prepare(mlxflux.GenerationRequest(PROMPT, seeds=(seed,), **SIZE,
+                                                             steps=3, **gen_kw))  # fmt: skip
+                ((_, image),) = job.run()
+                plan = job.report.plan
+            else:  # before it: the pipeline's last report
+                image = pipe.generate(PROMPT, **SIZE, steps=3, seed=seed, **gen_kw)
+                plan = pipe.last_report.plan
             key = f"{name}-{seed}"
             image.save(out / f"{key}.png")
             sums[key] = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
-            plan = pipe.last_report.plan if hasattr(pipe, "last_report") else "?"
             print(f"{key}: {sums[key][:16]} ({plan})", flush=True)
     (out / "pixels.json").write_text(json.dumps(sums, indent=1))
 

@@ -25,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlxflux import kernels
 
@@ -139,11 +140,11 @@ def breakdown_torch(ref, h: int, w: int, args) -> dict:
 
 
 def breakdown_mlx(model, dtype, h: int, w: int, args) -> dict:
-    """One profiled mlxflux step: seconds per kind (kernels.profiling), the rest is data
+    """One profiled mlxflux step: seconds per kind (Kernels.profiling), the rest is data
     movement (concatenations, layout copies) and the Euler update."""
     step = mlx_step(model, dtype, h, w, args.kontext)
     step()  # warm-up (and the JIT's first compilation)
-    with kernels.profiling() as prof:
+    with model.kernels.profiling() as prof:
         start = time.perf_counter()
         step()
         total = time.perf_counter() - start
@@ -172,23 +173,23 @@ def build_reference(args):
 def mlx_from_reference(ref, precision: str, bits: int | None):
     from mlxflux.convert.infer import flux_config_from_diffusers
     from mlxflux.convert.keymaps import assemble, diffusers_transformer
-    from mlxflux.models import transformer
+    from mlxflux.models.registry import check_weights
     from mlxflux.models.transformer import FluxTransformer
     from mlxflux.quant import quantize
-    from mlxflux.weights import load_strict
 
-    transformer.FLOAT16_GUARDS = precision != "float16-unguarded"
+    guards = precision != "float16-unguarded"
     precision = precision.removesuffix("-unguarded")
     items = ((k, mx.array(v.detach().float().numpy())) for k, v in ref.state_dict().items())
     weights = dict(assemble(items, diffusers_transformer, "reference"))
-    model = load_strict(
-        FluxTransformer(flux_config_from_diffusers(dict(ref.config))), weights, "reference"
-    )
+    model = FluxTransformer(flux_config_from_diffusers(dict(ref.config)))
+    check_weights(dict(tree_flatten(model.parameters())), weights, "reference")
+    model.load_weights(list(weights.items()), strict=True)
+    model.float16_guards = guards
     dtype = getattr(mx, precision)
     if precision != "float32":
         model.set_dtype(dtype)
     if bits:
-        quantize(model, bits)
+        quantize(model, bits, model.kernels)
     mx.eval(model.parameters())
     return model, dtype
 
@@ -196,7 +197,7 @@ def mlx_from_reference(ref, precision: str, bits: int | None):
 def kontext_reference(h: int, w: int):
     """A Kontext reference's tokens and ids for an h x w output: one picture at the Kontext
     resolution of the same aspect ratio (ComfyUI's FluxKontextImageScale), random latents."""
-    from mlxflux.variants import reference_size, reference_tokens
+    from mlxflux.variants.kontext import reference_size, reference_tokens
 
     rw, rh = reference_size(w, h, "kontext")
     return reference_tokens([mx.random.normal((1, 16, rh // 8, rw // 8))])
@@ -205,13 +206,12 @@ def kontext_reference(h: int, w: int):
 def mlx_step(model, dtype, h: int, w: int, kontext: bool = False):
     """The pipeline's own step on random inputs: the trunk evaluated block by block, then the
     Euler update (with a Kontext reference's tokens appended when `kontext`)."""
-    from mlxflux.models import transformer
-    from mlxflux.models.transformer import image_ids
+    from mlxflux.models.latents import image_ids
     from mlxflux.pipeline import denoise_step
-    from mlxflux.variants import reference_tokens
+    from mlxflux.variants.kontext import reference_tokens
 
     n_img = (h // 16) * (w // 16)
-    guarded = dtype == mx.float16 and transformer.FLOAT16_GUARDS
+    guarded = dtype == mx.float16 and model.float16_guards
     wide = mx.float32 if guarded else dtype  # as Pipeline.wide_dtype
     img = mx.random.normal((1, n_img, 64))  # the pipeline's float32 latent
     txt = mx.random.normal((1, TXT, 4096)).astype(wide)
@@ -228,7 +228,7 @@ def torch_inputs(ref, h: int, w: int, args) -> dict:
     """Random inputs for diffusers' transformer (moved to --torch-device and --torch-dtype)."""
     import torch
 
-    from mlxflux.models.transformer import image_ids
+    from mlxflux.models.latents import image_ids
 
     dev, dtype = args.torch_device, getattr(torch, args.torch_dtype)
     ref.to(dev, dtype)
@@ -357,6 +357,7 @@ def main():
     cfg = flux_config_from_diffusers(dict(ref.config))
     ceiling = matmul_ceiling(args.torch_device)
     print(f"matmul ceiling (fp32 GFLOP/s): {ceiling}", flush=True)
+    mode = kernels.choose().mode  # what the models built below run (MLXFLUX_KERNELS)
     variants = [
         (prec, None if b == "none" else int(b))
         for prec in args.precisions.split(",")
@@ -366,7 +367,7 @@ def main():
         return run_breakdown(ref, variants, args)
     mflux = build_mflux(ref)
     impls = {
-        f"mlxflux {prec}" + (f" {bits}-bit" if bits else "") + f" ({kernels.mode()})": (prec, bits)
+        f"mlxflux {prec}" + (f" {bits}-bit" if bits else "") + f" ({mode})": (prec, bits)
         for prec, bits in variants
     }
     held = {} if args.sequential else {n: mlx_from_reference(ref, *v) for n, v in impls.items()}
@@ -381,18 +382,9 @@ def main():
         torch_name = f"torch {args.torch_device} {args.torch_dtype}"
 
         def mlx(name: str, h=h, w=w):
-            from mlxflux.models import transformer
-
             prec, bits = impls[name]
             model, dtype = held.get(name) or mlx_from_reference(ref, prec, bits)
-            guards = transformer.FLOAT16_GUARDS = prec != "float16-unguarded"
-            step = mlx_step(model, dtype, h, w, args.kontext)
-
-            def run():  # the held models may differ in FLOAT16_GUARDS, a module setting
-                transformer.FLOAT16_GUARDS = guards
-                return step()
-
-            return run
+            return mlx_step(model, dtype, h, w, args.kontext)
 
         makers = {torch_name: lambda h=h, w=w: torch_step(ref, h, w, args)}
         makers.update({n: functools.partial(mlx, n) for n in impls})
@@ -433,19 +425,20 @@ def run_breakdown(ref, variants, args) -> None:
     lines = [
         f"Where a step's time goes (seconds; {args.depth} double + {args.single} single "
         f"blocks, width {args.width}, {TXT} text tokens; {platform.machine()}, MLX on "
-        f"{mx.default_device()}, {date.today().isoformat()}). mlxflux: kernels.profiling() "
+        f"{mx.default_device()}, {date.today().isoformat()}). mlxflux: Kernels.profiling() "
         "(each kernel evaluated on its own); torch: torch.profiler self CPU times.",
         "",
         "| size | implementation | step s | " + " | ".join(KINDS) + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in KINDS) + " |",
     ]
+    mode = kernels.choose().mode
     for size in args.sizes.split(","):
         h, w = SIZES[size]
         results = [(f"torch {args.torch_device} {args.torch_dtype}",
                     breakdown_torch(ref, h, w, args))]  # fmt: skip
         for prec, bits in variants:
             model, dtype = mlx_from_reference(ref, prec, bits)
-            name = f"mlxflux {prec}" + (f" {bits}-bit" if bits else "") + f" ({kernels.mode()})"
+            name = f"mlxflux {prec}" + (f" {bits}-bit" if bits else "") + f" ({mode})"
             results.append((name, breakdown_mlx(model, dtype, h, w, args)))
             del model
             mx.clear_cache()

@@ -26,9 +26,10 @@ import json, resource, sys
 import mlxflux
 budget = None if sys.argv[4] == "none" else float(sys.argv[4])
 pipe = mlxflux.load(sys.argv[1], memory_budget=budget if budget else 10**6)
-pipe.generate("A cinematic DVD cover", width=int(sys.argv[2]), height=int(sys.argv[3]),
-              steps=int(sys.argv[5]), seed=0)
-rep = pipe.last_report.to_dict()
+job = pipe.prepare(mlxflux.GenerationRequest("A cinematic DVD cover", width=int(sys.argv[2]),
+                                             height=int(sys.argv[3]), steps=int(sys.argv[5])))
+list(job.run())
+rep = job.report.to_dict()
 rep["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(rep))
 """
