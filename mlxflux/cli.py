@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, private
 from .cli_gen import Failure, ensure_model, gen, path_option
 from .quant import BITS
 from .variants import VARIANTS
@@ -26,6 +26,11 @@ def main():
       mlxflux convert --from ~/ComfyUI/models
       mlxflux gen --preset dvd
     """
+    # compiled code (MLX's CPU kernels) is cached in a folder no other user can write
+    try:
+        private.use_private_tmpdir()
+    except OSError as e:
+        click.echo(f"warning: no private temporary folder ({e}); using the shared one", err=True)
 
 
 @main.command()
@@ -231,11 +236,25 @@ def compare(original, images, output, height, middle):
     "--host",
     default="127.0.0.1",
     show_default=True,
-    help="Address to listen on. 127.0.0.1: this Mac only. 0.0.0.0 (or a LAN address) lets "
-    "anyone who can reach this machine use the page, queue jobs on your GPU, upload images "
-    "and read every PNG in the output folder: there is no login. Only on a network you trust.",
+    help="Address to listen on. 127.0.0.1: this Mac only. Any other (0.0.0.0, a LAN address) "
+    "requires a token: made now and printed once with the URL, or --token. Whoever holds it "
+    "can use the page, queue jobs on your GPU and read every PNG in the output folder.",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Another name this machine is reached by (e.g. studio.local); repeatable. The page "
+    "answers only to the loopback names, --host and these, so no web site can re-point a name "
+    "of its own at it (DNS rebinding).",
+)
+@click.option(
+    "--token",
+    help="The token the page and the API require (default: none on loopback; off loopback, "
+    "a random one, printed once). Scripts send it as 'Authorization: Bearer TOKEN'.",
+)
 @path_option(
     "--output-dir",
     help="Where the PNGs go and the gallery reads from [default: ./mlxflux-output].",
@@ -246,18 +265,22 @@ def compare(original, images, output, height, middle):
     help="Compute dtype [default: by chip, as gen].",
 )
 @click.option("--memory-budget", default="auto", show_default=True, help="As gen's.")
-def serve(model, host, port, output_dir, precision, memory_budget):
+def serve(model, host, port, allow_hosts, token, output_dir, precision, memory_budget):
     """A local web page over the library: presets, prompt, seeds, the original cover for
     image to image / Kontext / control / fill, live progress, the result beside the original,
-    a gallery of earlier PNGs. Jobs run one at a time on one loaded model. Needs the serve
-    extra: pip install "mlxflux[serve]"."""
+    a gallery of earlier PNGs. Jobs run one at a time on one loaded model. Pages of other
+    sites can neither use it nor read it (README, "Security"). Needs the serve extra:
+    pip install ".[serve]" from a clone."""
+    import secrets
+
     try:
         import uvicorn
 
         from .serve import Studio, create_app
     except ImportError as e:
-        raise Failure(f'{e.name} is missing: pip install "mlxflux[serve]"') from None
+        raise Failure(f'{e.name} is missing: pip install ".[serve]" (from a clone)') from None
     from .errors import MlxfluxError
+    from .guard import is_loopback
     from .pipeline import load
 
     folder = ensure_model(model, (), None)
@@ -266,11 +289,16 @@ def serve(model, host, port, output_dir, precision, memory_budget):
     except MlxfluxError as e:
         raise Failure(str(e)) from None
     studio = Studio(pipe, output_dir or Path("mlxflux-output"))
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: listening on {host}: anyone who can reach it can use it", err=True)
+    if token is None and not is_loopback(host):
+        token = secrets.token_urlsafe(24)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    if not is_loopback(host):
+        click.echo(f"note: listening on {host}: whoever holds the token can use it", err=True)
     click.echo(f"mlxflux serve: {pipe.variant_info.title} from {folder}; PNGs in "
-               f"{studio.output}; open http://{host}:{port}/", err=True)  # fmt: skip
-    uvicorn.run(create_app(studio), host=host, port=port, log_level="warning")
+               f"{studio.output}; open {url}", err=True)  # fmt: skip
+    app = create_app(studio, bind=host, hosts=allow_hosts, token=token)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 main.add_command(gen)

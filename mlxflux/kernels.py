@@ -227,7 +227,7 @@ class Kernels:
         calls = self.calls
         calls["dequantize_fp32"] += 1
         rows, cols = w.shape[0], w.shape[1] * 32 // bits
-        if native.available() and native.supports(bits, gs):
+        if self.backend == "cpu" and native.available() and native.supports(bits, gs):
             s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
             mx.eval(w, s32, b32)
             packed, s32, b32 = native.host(w), native.host(s32), native.host(b32)

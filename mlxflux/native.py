@@ -9,9 +9,12 @@ into one buffer the thread keeps, so an 8-bit step costs about what a float32 st
 1.27x -> ~1.07x at 256x256 (README, bench/speed.py).
 
 It is built on first use with the system's C++ compiler, as MLX builds its own `mx.compile`d
-CPU kernels (`g++` on PATH), and cached under $TMPDIR/mlxflux. Without a compiler, when the
-build fails, or with `MLXFLUX_NATIVE=0`, `available()` is False and the callers use MLX ops:
-the same values (the loop rounds the product and the sum separately, as MLX's ops do), slower.
+CPU kernels (`g++` on PATH), in a private temporary folder, then cached in the user's own
+cache folder (`mlxflux.private`: ~/.cache/mlxflux/native on Linux, ~/Library/Caches/mlxflux
+on macOS), and loaded only from a file no other user owns or can write. Without a compiler,
+when the build fails, when the cached file is refused, off the CPU backend, or with
+`MLXFLUX_NATIVE=0`, `available()` is False and the callers use MLX ops: the same values (the
+loop rounds the product and the sum separately, as MLX's ops do), slower.
 
 The loop writes into the memory of a float32 MLX array that this module owns and has
 evaluated: MLX arrays are immutable to MLX, not to memory. The caller evaluates every op that
@@ -25,6 +28,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -32,6 +36,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from . import private
 
 SOURCE = r"""
 #include <stddef.h>
@@ -98,38 +104,59 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build() -> ctypes.CDLL | None:
-    compiler = shutil.which("g++")
-    if compiler is None:
-        return None
-    key = hashlib.sha256("\n".join([SOURCE, *FLAGS, _cpu_name()]).encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / "mlxflux"
-    lib = folder / f"native-{key}.so"
-    if not lib.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        # this process's own names, so that parallel processes never read a half-written file
-        partial = folder / f"native-{key}.{os.getpid()}.{threading.get_ident()}"
-        source = partial.with_suffix(".cpp")
-        source.write_text(SOURCE)
-        errors = []
+def compiler() -> str | None:
+    """A real C++ compiler: g++ (or c++, clang++) on PATH; on macOS only when the Command Line
+    Tools are installed (without them /usr/bin/g++ is a stub that opens an install dialog)."""
+    if sys.platform == "darwin":
         try:
+            r = subprocess.run(["xcode-select", "-p"], capture_output=True,
+                               stdin=subprocess.DEVNULL, timeout=10)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if r.returncode != 0:
+            return None
+    return next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)
+
+
+def _key() -> str:
+    return hashlib.sha256("\n".join([SOURCE, *FLAGS, _cpu_name()]).encode()).hexdigest()[:16]
+
+
+def library_path() -> Path:
+    """Where the built loop is cached: this user's own cache folder (`private.private_folder`),
+    never a shared temporary folder."""
+    return private.private_folder("native") / f"native-{_key()}.so"
+
+
+def _build() -> ctypes.CDLL | None:
+    """The loop, built on first use (in a private temporary folder, then moved into the cache)
+    and loaded only from a file no other user could have written (`private.trusted`)."""
+    lib = library_path()
+    if not lib.exists() and not lib.is_symlink():
+        cxx = compiler()
+        if cxx is None:
+            return None
+        build = Path(tempfile.mkdtemp(prefix=".build-", dir=lib.parent))  # 0700
+        try:
+            (build / "loop.cpp").write_text(SOURCE)
+            errors = []
             for arch in ARCH_FLAGS:
-                cmd = [compiler, *FLAGS, *arch, str(source), "-o", f"{partial}.so"]
+                cmd = [cxx, *FLAGS, *arch, str(build / "loop.cpp"), "-o", str(build / "loop.so")]
                 r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
                 if r.returncode == 0:
-                    os.replace(f"{partial}.so", lib)  # whole or not at all
+                    os.replace(build / "loop.so", lib)  # whole or not at all
                     break
                 errors.append(r.stderr.strip().splitlines()[-1:] or ["(no output)"])
             else:
                 warnings.warn(
-                    f"mlxflux: could not build its CPU dequantization loop with {compiler} "
+                    f"mlxflux: could not build its CPU dequantization loop with {cxx} "
                     f"({errors[-1][0]}); using MLX ops (slower quantized layers on the CPU)",
                     stacklevel=3,
                 )
                 return None
         finally:
-            source.unlink(missing_ok=True)
-    library = ctypes.CDLL(str(lib))
+            shutil.rmtree(build, ignore_errors=True)
+    library = ctypes.CDLL(str(private.trusted(lib)))
     fn = library.mlxflux_dequantize
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     fn.restype = None
@@ -137,9 +164,12 @@ def _build() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the native loop can run here (built on the first call)."""
+    """Whether the native loop can run here: the CPU backend, and a loop that builds and loads
+    (built on the first call; any failure or refusal is one warning, then MLX ops)."""
     global _library, _tried
     if os.environ.get("MLXFLUX_NATIVE", "1").strip() == "0":
+        return False
+    if mx.default_device().type != mx.cpu:
         return False
     with _lock:
         if not _tried:

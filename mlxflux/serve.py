@@ -18,6 +18,8 @@ PNG. A cancelled job stops after the step it is on and writes nothing more.
     GET    /api/images               the output folder's PNGs, newest first, with their settings
     GET    /api/images/{name}        one PNG of the output folder (no other path is served)
 
+Every route is behind `guard.Guard`: only this machine's names are served, requests that change
+something from another origin are refused, and off loopback a token is required.
 Bad requests get 400 with {"error": "one line", "field": the setting's name or null}, in the
 page's words (the field's label); uploads are limited in size and must open as
 images; they are kept in a temporary folder, removed when the server stops.
@@ -40,6 +42,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import MlxfluxError, SettingsError, one_line
+from .guard import Guard
 from .request import label_of, params, resolve
 
 log = logging.getLogger("mlxflux.serve")
@@ -291,9 +294,11 @@ def _safe_name(filename: str | None) -> str:
     return name[:100]
 
 
-def create_app(studio: Studio):
-    """The Starlette application over `studio`."""
+def create_app(studio: Studio, bind: str = "127.0.0.1", hosts=(), token: str | None = None):
+    """The Starlette application over `studio`, behind `guard.Guard` (the Host names it serves
+    besides the loopback ones and `bind`, the token it requires)."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import (
         FileResponse,
@@ -422,4 +427,5 @@ def create_app(studio: Studio):
         yield
         studio.close()  # the uploads go with the server
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    guard = Middleware(Guard, bind=bind, hosts=list(hosts), token=token)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[guard])

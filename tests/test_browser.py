@@ -165,3 +165,72 @@ def test_a_kontext_model_takes_a_reference_on_the_page(tmp_path, monkeypatch):
     assert (meta["width"], meta["height"], meta["guidance"]) == (64, 48, 2.5)
     assert meta["reference_images"][0]["file"] == "original.png"
     assert meta["reference_scale"] == "none"
+
+
+EVIL = """<!doctype html><title>another site</title>
+<iframe name="sink" id="sink"></iframe>
+<form id="csrf" method="post" enctype="multipart/form-data" target="sink"
+      action="{studio}/api/jobs">
+  <input name="settings" value='{{"prompt": "planted", "width": 32, "height": 32, "steps": 1}}'>
+</form>
+<pre id="read">pending</pre>
+<script>
+  document.getElementById("csrf").submit();
+  fetch("{studio}/api/images").then(r => r.text())
+    .then(t => document.getElementById("read").textContent = "read: " + t)
+    .catch(e => document.getElementById("read").textContent = "blocked: " + e);
+</script>
+"""
+
+
+def test_another_site_can_neither_use_nor_read_the_studio(tmp_path, monkeypatch):
+    """A page of another origin (another port) posts a form to the studio and fetches its
+    gallery: nothing is queued and nothing is read. A name re-pointed at 127.0.0.1 (DNS
+    rebinding, Chromium's host resolver rules) gets 403. The studio's own page works."""
+    import http.server
+    import socketserver
+
+    from playwright.sync_api import expect, sync_playwright
+
+    assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    url, studio, srv, thread = serve(small_model(tmp_path / "model", seed=93), tmp_path)
+    port = url.rsplit(":", 1)[1]
+    (studio.output / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text(EVIL.format(studio=url))
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(site))  # noqa: E731
+    evil = socketserver.TCPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            args = ["--no-sandbox", "--disable-gpu",
+                    "--host-resolver-rules=MAP rebind.test 127.0.0.1"]  # fmt: skip
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
+            expect(page.locator("#read")).to_contain_text("blocked", timeout=30_000)
+            page.wait_for_timeout(1000)  # the form's POST has landed by now
+            assert studio.jobs == {}  # nothing was queued
+            assert "secret.png" not in page.locator("#read").text_content()
+            # DNS rebinding: the attacker's name, now 127.0.0.1, is not a name of the studio
+            for path in ("/", "/api/jobs", "/api/images", "/api/images/secret.png"):
+                r = page.goto(f"http://rebind.test:{port}{path}")
+                assert r.status == 403, (path, r.status)
+                assert "secret.png" not in page.content()
+            # the studio's own page keeps working
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text("FLUX.1 dev")
+            page.fill("#prompt", "its own page")
+            page.fill("#width", "32")
+            page.fill("#height", "32")
+            page.fill("#steps", "1")
+            page.click("#generate")
+            expect(page.locator(".job").first).to_have_class("job done", timeout=120_000)
+            browser.close()
+    finally:
+        evil.shutdown()
+        srv.should_exit = True
+        thread.join(10)
+    assert [j.job.request.prompt for j in studio.jobs.values()] == ["its own page"]

@@ -198,9 +198,9 @@ def test_native_quantized_layers_match_torch(monkeypatch, bits, rows):
 
 
 def test_native_loop_builds_with_a_compiler_only(tmp_path):
-    """The loop is compiled on first use into $TMPDIR/mlxflux (only the library is left);
-    without g++ on PATH, or with one that fails (said in a warning), nothing is built and the
-    MLX ops give the same values."""
+    """The loop is compiled on first use into the user's cache (XDG_CACHE_HOME/mlxflux/native:
+    only the library is left); without a compiler on PATH, or with one that fails (said in a
+    warning), nothing is built and the MLX ops give the same values."""
     code = (
         "import os; os.environ['MLXFLUX_KERNELS'] = 'split'\n"
         "import mlx.core as mx, mlx.nn as nn, numpy as np\n"
@@ -213,13 +213,13 @@ def test_native_loop_builds_with_a_compiler_only(tmp_path):
 
     def run(tmp, path):
         tmp.mkdir()
-        env = {**os.environ, "TMPDIR": str(tmp), "PATH": path}
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp), "PATH": path}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env=env, stdin=subprocess.DEVNULL)  # fmt: skip
         assert r.returncode == 0, r.stderr
         built, err = r.stdout.split()
         assert float(err) <= 1e-4
-        return built, sorted(p.suffix for p in tmp.glob("mlxflux/*")), r.stderr
+        return built, sorted(p.suffix for p in tmp.glob("mlxflux/native/*")), r.stderr
 
     assert run(tmp_path / "with", os.environ["PATH"])[:2] == ("True", [".so"])
     assert run(tmp_path / "without", str(tmp_path))[:2] == ("False", [])

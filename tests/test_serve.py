@@ -33,7 +33,7 @@ def studio(folder, tmp_path):
 
 @pytest.fixture
 def client(studio):
-    with TestClient(create_app(studio)) as c:
+    with TestClient(create_app(studio), base_url="http://127.0.0.1:7860") as c:
         yield c
 
 
