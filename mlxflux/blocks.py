@@ -30,8 +30,13 @@ class BlockWeights:
     bytes_read = 0
     wait_seconds = 0.0  # time a block waited for its weights (the reads the overlap missed)
 
-    def __call__(self, prefix: str):
+    def __call__(self, prefix: str, read_ahead: bool = True):
+        """`read_ahead`: start reading the next block's weights as this one begins (False:
+        the caller decides which block comes next, `read_ahead`)."""
         return contextlib.nullcontext()
+
+    def read_ahead(self, prefix: str) -> None:
+        """Start reading `prefix`'s weights: the block that runs next."""
 
     def done(self) -> None:
         """The stage is over: drop whatever was read ahead."""
@@ -68,13 +73,15 @@ class StreamedBlocks(BlockWeights):
             out.update((k, every[k]) for k in keys)
         return out
 
-    def _read_ahead(self, prefix: str) -> None:
+    def read_ahead(self, prefix: str) -> None:
+        if prefix in self.pending:
+            return
         arrays = self._lazy(prefix)
         mx.async_eval(list(arrays.values()))
         self.pending[prefix] = arrays
 
     @contextlib.contextmanager
-    def __call__(self, prefix: str):
+    def __call__(self, prefix: str, read_ahead: bool = True):
         arrays = self.pending.pop(prefix, None)
         if arrays is None:
             arrays = self._lazy(prefix)
@@ -84,12 +91,16 @@ class StreamedBlocks(BlockWeights):
         self.bytes_read += sum(a.nbytes for a in arrays.values())
         self.model.load_weights(list(arrays.items()), strict=False)
         del arrays
-        i = self.order.index(prefix)
-        self._read_ahead(self.order[(i + 1) % len(self.order)])
+        if read_ahead:
+            self.read_ahead(self.next(prefix))
         try:
             yield
         finally:  # back to unread placeholders: the block's weights are freed
             self.model.load_weights(list(self._lazy(prefix).items()), strict=False)
+
+    def next(self, prefix: str) -> str:
+        """The block after `prefix` in running order (the last one's is the first)."""
+        return self.order[(self.order.index(prefix) + 1) % len(self.order)]
 
     def done(self) -> None:
         self.pending.clear()

@@ -11,7 +11,8 @@ import click
 
 from ._version import __version__
 from .errors import MlxfluxError, SettingsError
-from .request import flag_of, params, resolve
+from .request import flag_of, params
+from .resolve import resolve
 
 
 class Failure(click.ClickException):

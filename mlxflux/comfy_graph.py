@@ -27,6 +27,8 @@ NODES = {
     "VAELoader": ([], ["vae_name"], ["VAE"]),
     "LoraLoaderModelOnly": (["model"], ["lora_name", "strength_model"], ["MODEL"]),
     "ModelSamplingFlux": (["model"], ["max_shift", "base_shift", "width", "height"], ["MODEL"]),
+    "EasyCache": (["model"], ["reuse_threshold", "start_percent", "end_percent", "verbose"],
+                  ["MODEL"]),
     "CLIPTextEncode": (["clip"], ["text"], ["CONDITIONING"]),
     "FluxGuidance": (["conditioning"], ["guidance"], ["CONDITIONING"]),
     "ConditioningZeroOut": (["conditioning"], [], ["CONDITIONING"]),
@@ -108,6 +110,10 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
     elif float(shift) != default:  # a fixed shift: both ends the same
         model = g.add("ModelSamplingFlux", model=[model, 0], max_shift=float(shift),
                       base_shift=float(shift), width=w, height=h)  # fmt: skip
+    if settings.get("cache") == "easycache":  # ComfyUI's own node, with the same settings
+        start, end = settings["cache_range"]
+        model = g.add("EasyCache", model=[model, 0], reuse_threshold=settings["cache_threshold"],
+                      start_percent=start, end_percent=end, verbose=False)  # fmt: skip
     text = g.add("CLIPTextEncode", clip=[clip, 0], text=settings["prompt"])
     positive, negative = [text, 0], [g.add("ConditioningZeroOut", conditioning=[text, 0]), 0]
 
@@ -138,12 +144,20 @@ def comfy_chunks(settings: dict, manifest: dict) -> dict[str, str]:
     import json
 
     prompt = comfy_prompt(settings, manifest)
-    return {"prompt": json.dumps(prompt), "workflow": json.dumps(comfy_workflow(prompt))}
+    note = None
+    if settings.get("cache") == "first-block":
+        note = (f"mlxflux drew this with a first-block cache (threshold "
+                f"{settings['cache_threshold']:g}, as diffusers' FirstBlockCache); ComfyUI core "
+                "has no such node, so this graph samples every step in full: a close picture, "
+                "not the same one. EasyCache (cache easycache) is ComfyUI's own.")  # fmt: skip
+    workflow = comfy_workflow(prompt, note)
+    return {"prompt": json.dumps(prompt), "workflow": json.dumps(workflow)}
 
 
-def comfy_workflow(prompt: dict) -> dict:
+def comfy_workflow(prompt: dict, note: str | None = None) -> dict:
     """The editor graph (ComfyUI's `workflow` chunk) for an API graph: the same nodes, laid out
-    left to right in the order they run, their links and widget values."""
+    left to right in the order they run, their links and widget values; `note`: a Note node
+    (the editor's own, not run) saying what the graph cannot redraw."""
     nodes, links = [], []
     consumers: dict[tuple[str, int], list[int]] = {}
     for node_id, node in prompt.items():
@@ -177,7 +191,14 @@ def comfy_workflow(prompt: dict) -> dict:
                          "slot_index": i} for i, t in enumerate(outputs)],
             "properties": {"Node name for S&R": kind}, "widgets_values": values,
         })  # fmt: skip
+    extra = {"mlxflux": "written by mlxflux"}
+    if note:
+        extra["mlxflux_note"] = note
+        row = 80 + 260 * (len(nodes) // 6 + 1)  # below the graph
+        nodes.append({"id": len(nodes) + 1, "type": "Note", "pos": [60, row], "size": [420, 160],
+                      "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                      "properties": {}, "widgets_values": [note]})  # fmt: skip
     return {
         "last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
-        "groups": [], "config": {}, "extra": {"mlxflux": "written by mlxflux"}, "version": 0.4,
+        "groups": [], "config": {}, "extra": extra, "version": 0.4,
     }  # fmt: skip

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .cache import EasyCache, FirstBlock
 from .errors import SettingsError
 from .lora import LoraSet, layer_shapes, read_loras
 from .memory_plan import Plan, make_plan
@@ -22,7 +23,7 @@ from .noise import comfy_noise
 from .pixels import cover, size_of, unit_pixels
 from .report import Report, Stage
 from .request import DEFAULT_SIZE, GenerationRequest
-from .sampling import img2img_sigmas, noise_scaling
+from .sampling import auto_shift, img2img_sigmas, noise_scaling
 from .variants import Conditioning, Inputs, open_inputs
 
 
@@ -84,13 +85,16 @@ class Job:
                     noise = noise_scaling(self.sigma_list[0], noise, latent)
                 start = time.perf_counter()
                 steps = on_step and (lambda i, n, index=index: on_step(index, i, n))
+                cache = self.new_cache()  # its state is this seed's
                 try:
                     done.append((seed, pipe.denoise(model, cond, txt, noise, self.sigma_list,
-                                                    steps, blocks, extra)))  # fmt: skip
+                                                    steps, blocks, extra, cache)))  # fmt: skip
                 except KeyboardInterrupt as e:  # between steps: keep what is finished
                     interrupted = e
                     break
                 report.images.append({"seed": seed, "denoise_seconds": _since(start)})
+                if cache is not None:
+                    report.record_cache(vars(cache.counts))
             blocks.done()
             stage.bytes_read = pipe.read_bytes(blocks, "transformer", "trunk")
             stage.read_wait_seconds = blocks.wait_seconds
@@ -108,6 +112,16 @@ class Job:
                 del ae, done
         if interrupted is not None:
             raise interrupted
+
+    def new_cache(self):
+        """A fresh step cache for one seed (`mlxflux.cache`), or None."""
+        method, threshold, span = self.request.caching
+        if method == "easycache":
+            shift = self.request.shift
+            if shift == "auto":
+                shift = auto_shift(self.width, self.height)
+            return EasyCache(threshold, *span, shift, self.height, self.width)
+        return FirstBlock(threshold) if method == "first-block" else None
 
     def _encode(self, fallbacks: list) -> tuple[np.ndarray | None, Conditioning]:
         """The encode stage: (the init latent or None, the inputs' conditioning)."""
@@ -182,8 +196,13 @@ def prepare(pipe, request: GenerationRequest) -> Job:
         loras = read_loras(request.loras, shapes, flux["config"]["hidden_size"])
         settings["loras"] = [r.record() for r in loras.reports]
     # the memory plan: which stages stream; refused here when even streaming cannot fit
+    method, threshold, span = request.caching
+    if method != "none":
+        settings.update(cache=method, cache_threshold=threshold,
+                        cache_range=list(span) if span else None)  # fmt: skip
     plan = make_plan(pipe.manifest, width, height, pipe.dtype.size, pipe.memory_budget,
-                     steps=len(sigma_list) - 1, extra_tokens=inputs.extra_tokens)  # fmt: skip
+                     steps=len(sigma_list) - 1, extra_tokens=inputs.extra_tokens,
+                     cache=method)  # fmt: skip
     settings["memory_plan"] = plan.describe()
     report = Report(settings=settings, plan=plan.kind)
     return Job(pipe, request, width, height, sigma_list, inputs, loras, plan, report)

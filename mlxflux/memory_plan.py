@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from .blocks import block_of
+from .cache import EasyCache, FirstBlock
 from .errors import SettingsError
 from .models.autoencoder import AutoencoderConfig, estimate_decode_bytes
 from .models.transformer import FluxConfig, is_modulation_key
@@ -123,10 +124,12 @@ def block_bytes(entry: dict, keys=None) -> tuple[dict[str, int], int]:
 
 
 def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget: int | None,
-              steps: int = 20, text_tokens: int = 512, extra_tokens: int = 0) -> Plan:  # fmt: skip
+              steps: int = 20, text_tokens: int = 512, extra_tokens: int = 0,
+              cache: str = "none") -> Plan:  # fmt: skip
     """The plan for one generation at width x height; SettingsError when even streaming does
     not fit `budget` (bytes; None: the machine's). `extra_tokens`: what a variant appends to
-    the image tokens (Kontext's references)."""
+    the image tokens (Kontext's references); `cache`: the step cache's method, whose state the
+    denoise stage holds too."""
     budget = machine_budget() if budget is None else budget
     comps = manifest["components"]
     flux = comps["transformer"]
@@ -138,8 +141,12 @@ def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget:
     biggest = sorted(blocks.values())[-2:]
     rows = FluxConfig.from_dict(flux["config"]).modulation_vectors  # x hidden, per step
     tables = steps * rows * hidden * 4  # every step's modulation vectors, float32 at most
-    denoise = StageNeed(sum(blocks.values()) + rest + act + tables,
-                        sum(biggest) + rest + act + tables)  # fmt: skip
+    image_tokens = (width // 16) * (height // 16) + extra_tokens
+    held = {"none": 0, "easycache": EasyCache.bytes(image_tokens),
+            "first-block": FirstBlock.bytes(image_tokens, text_tokens, hidden, 4),
+            }[cache]  # fmt: skip
+    denoise = StageNeed(sum(blocks.values()) + rest + act + tables + held,
+                        sum(biggest) + rest + act + tables + held)  # fmt: skip
     t5_blocks, t5_rest = block_bytes(comps["t5"])
     clip = sum(tensor_bytes(comps["clip"]).values())
     kept = t5_rest + clip + TEXT_ACTIVATIONS * comps["t5"]["config"].get("d_model", 4096) // 4096

@@ -23,6 +23,7 @@ from PIL import Image
 
 from . import kernels as kernel_choice
 from .blocks import BlockWeights, StreamedBlocks
+from .cache import EasyCache, FirstBlock
 from .errors import NonFiniteError, SettingsError
 from .kernels import precision_choice
 from .lora import LoraSet
@@ -47,19 +48,28 @@ def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None)
 
 
 def denoise_step(model, x, txt, cond: Modulation, rope, sigma: float, sigma_next: float,
-                 dtype=None, block_weights=None, extra: Conditioning | None = None):  # fmt: skip
+                 dtype=None, block_weights=None, extra: Conditioning | None = None,
+                 cache=None, step: int = 0):  # fmt: skip
     """One evaluated Euler step of the trunk: x (packed, float32) -> x at sigma_next.
 
     The trunk runs in `dtype` (default: txt's) and is evaluated after every block, so only one
     block's activations are alive at a time, whatever a backend's command buffers would
     otherwise keep (CUDA held ~10 GiB of finished intermediates at the DVD size).
     `extra`: what the inputs add (`variants.Conditioning`); `txt` and `rope` must already
-    include its text tokens, and `rope` its image tokens.
+    include its text tokens, and `rope` its image tokens. `cache`: this seed's step cache
+    (`cache.EasyCache` decides whether the trunk runs at all, `cache.FirstBlock` runs inside
+    it), `step` the step's number (1-based) for its counts.
     """
     extra = extra or Conditioning()
-    v = model.trunk(extra.inputs(x), txt, cond, rope, after_block=mx.eval,
-                    dtype=dtype or txt.dtype, block_weights=block_weights)  # fmt: skip
-    v = extra.velocity(v, x.shape[1])
+    first_block = cache if isinstance(cache, FirstBlock) else None
+
+    def velocity() -> mx.array:
+        v = model.trunk(extra.inputs(x), txt, cond, rope, after_block=mx.eval,
+                        dtype=dtype or txt.dtype, block_weights=block_weights,
+                        first_block=first_block, step=step)  # fmt: skip
+        return extra.velocity(v, x.shape[1])
+
+    v = cache.velocity(step, sigma, x, velocity) if isinstance(cache, EasyCache) else velocity()
     x = euler_step(x, v, sigma, sigma_next)
     mx.eval(x)
     return x
@@ -210,10 +220,10 @@ class Pipeline:
     def denoise(self, model, cond: Modulation, txt: mx.array, noise: np.ndarray,
                 sigma_list: list[float], on_step: Callable[[int, int], None] | None = None,
                 block_weights: BlockWeights | None = None,
-                extra: Conditioning | None = None) -> mx.array:  # fmt: skip
+                extra: Conditioning | None = None, cache=None) -> mx.array:  # fmt: skip
         """Euler over the transformer trunk; the latent [1, 16, H/8, W/8] stays float32.
         `extra`: what the inputs add (Kontext's reference tokens, the control or fill
-        channels, text-side tokens)."""
+        channels, text-side tokens); `cache`: this seed's step cache (`mlxflux.cache`)."""
         extra = extra or Conditioning()
         height, width = noise.shape[2] * 8, noise.shape[3] * 8
         steps = len(sigma_list) - 1
@@ -223,7 +233,8 @@ class Pipeline:
         for i in range(steps):
             sigmas = sigma_list[i : i + 2]
             x = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigmas, dtype=self.dtype,
-                             block_weights=block_weights, extra=extra)  # fmt: skip
+                             block_weights=block_weights, extra=extra, cache=cache,
+                             step=i + 1)  # fmt: skip
             check_finite(x, "denoise", self.precision, i + 1, steps)
             if on_step:
                 on_step(i + 1, steps)

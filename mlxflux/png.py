@@ -30,6 +30,11 @@ def parameters_text(s: dict) -> str:
         )
     for family in FAMILIES:  # what each variant's inputs were (Kontext, Canny/Depth, Fill)
         lines[1] += family.parameters(s)
+    if s.get("cache"):
+        span = s.get("cache_range")
+        lines[1] += f", Step cache: {s['cache']} {s['cache_threshold']:g}" + (
+            f" ({span[0]:g}-{span[1]:g})" if span else ""
+        )
     return "\n".join(lines)
 
 

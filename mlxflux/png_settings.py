@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import SettingsError
-from .request import PRESET_KEYS
+from .resolve import PRESET_KEYS
 from .sampling import SCHEDULERS
 
 KEYS = (*PRESET_KEYS, "seed")  # what a PNG carries over: a preset's settings and the seed
@@ -162,6 +162,12 @@ def comfy_prompt_settings(graph: dict) -> tuple[dict, list[str]]:
         out["width"] = int(value(latent["inputs"]["width"]))
         out["height"] = int(value(latent["inputs"]["height"]))
     for n in graph.values():
+        if n.get("class_type") == "EasyCache":
+            inputs = n["inputs"]
+            out["cache"] = "easycache"
+            out["cache_threshold"] = float(value(inputs["reuse_threshold"]))
+            out["cache_range"] = (float(value(inputs["start_percent"])),
+                                  float(value(inputs["end_percent"])))  # fmt: skip
         if n.get("class_type") == "ModelSamplingFlux":
             base = float(value(n["inputs"]["base_shift"]))
             top = float(value(n["inputs"]["max_shift"]))

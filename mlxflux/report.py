@@ -32,6 +32,21 @@ class Report:
     def peak_bytes(self) -> int:
         return max((s.peak_bytes for s in self.stages.values()), default=0)
 
+    def record_cache(self, counts: dict) -> None:
+        """The last image's step cache: which steps it computed and which it skipped."""
+        self.images[-1]["cache"] = {k: list(v) for k, v in counts.items()}
+
+    @property
+    def cache(self) -> dict:
+        """The step cache's method, settings and counts, summed over the images."""
+        s = self.settings
+        out = {"method": s.get("cache", "none"), "threshold": s.get("cache_threshold"),
+               "range": s.get("cache_range")}  # fmt: skip
+        per = [i["cache"] for i in self.images if "cache" in i]
+        out["steps_computed"] = sum(len(c["computed"]) for c in per)
+        out["steps_skipped"] = sum(len(c["skipped"]) for c in per)
+        return out
+
     def to_dict(self) -> dict:
         return {
             "plan": self.plan,
@@ -39,6 +54,7 @@ class Report:
             "peak_bytes": self.peak_bytes,
             "settings": self.settings,
             "images": self.images,
+            "cache": self.cache,
         }
 
 

@@ -3,9 +3,8 @@ check and how the front ends show it.
 
 `GenerationRequest` is frozen and checked when it is made: its input images are opened (once)
 and every value is refused, in one line naming the parameter (`SettingsError.name`), before
-any model loads. `resolve` is the one place where a front end's layers meet: defaults, then a
-preset, then an earlier PNG (`--from-png`), then what was given (flags, the page's fields);
-the model's own defaults come last (`GenerationRequest.for_model`, in `Pipeline.prepare`).
+any model loads. `resolve.resolve` is the one place where a front end's layers meet; the
+model's own defaults come last (`GenerationRequest.for_model`, in `Pipeline.prepare`).
 The CLI shows a refused parameter by its flag (`flag_of`), the page by its label (`label_of`).
 """
 
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import DEFAULTS, METHODS
 from .errors import SettingsError
 from .pixels import Picture
 from .sampling import SCHEDULERS, TABLE_SIZE
@@ -141,6 +141,21 @@ def _pictures(value, name):
     return tuple(Picture.of(v, name) for v in value)
 
 
+def _range(value, name):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.split(",")
+    try:
+        start, end = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{value!r} is not START,END (two numbers from 0 to 1)", name) from None
+    if not 0 <= start < end <= 1:
+        raise SettingsError(f"must be START,END with 0 <= START < END <= 1, got {start:g},{end:g}",
+                            name)  # fmt: skip
+    return (start, end)
+
+
 def _flag(value, name):
     return bool(value)
 
@@ -262,6 +277,25 @@ class GenerationRequest:
         "--height) and paint the rest, e.g. a square vinyl cover into a DVD box.",
         cli={"is_flag": True},
     )  # fmt: skip
+    cache: str = param(
+        "none", _choice(METHODS), label="Step cache",
+        help="Skip transformer passes whose result changes little: easycache (ComfyUI's "
+        "EasyCache node), first-block (diffusers' FirstBlockCache); none draws the exact "
+        "picture [default: none].",
+        cli={"choices": METHODS},
+    )  # fmt: skip
+    cache_threshold: float | None = param(
+        None, _number(0, 100), label="Cache threshold",
+        help="How much change may be skipped: higher is faster and further from the uncached "
+        "picture [default: the method's own: easycache 0.2, first-block 0.05].",
+        cli={"type": float},
+    )  # fmt: skip
+    cache_range: tuple | None = param(
+        None, _range, label="Cache range",
+        help="easycache: START,END, the part of the schedule where steps may be skipped, as "
+        "the node's start_percent and end_percent [default: 0.15,0.95].",
+        cli={"metavar": "START,END"},
+    )  # fmt: skip
     tiled_decode: bool | None = param(
         None, _maybe_flag, flag="--tiled-decode/--no-tiled-decode", label="Tiled decode",
         help="Force the VAE's row-tiled decode (and encode) on or off [default: when it would "
@@ -281,6 +315,21 @@ class GenerationRequest:
             _check_size(self.width or DEFAULT_SIZE, self.height or DEFAULT_SIZE)
         if self.steps is not None:
             self._check_schedule()
+        if self.cache == "none" and (self.cache_threshold is not None or self.cache_range):
+            name = "cache_threshold" if self.cache_threshold is not None else "cache_range"
+            raise SettingsError("needs --cache easycache or first-block", name)
+        if self.cache == "first-block" and self.cache_range is not None:
+            raise SettingsError("first-block runs at every step (diffusers' FirstBlockCache "
+                                "has no range); it is easycache's", "cache_range")  # fmt: skip
+
+    @property
+    def caching(self) -> tuple[str, float | None, tuple | None]:
+        """(method, threshold, range) with the method's defaults filled in."""
+        if self.cache == "none":
+            return "none", None, None
+        threshold, span = DEFAULTS[self.cache]
+        return (self.cache, threshold if self.cache_threshold is None else self.cache_threshold,
+                span if self.cache_range is None else self.cache_range)  # fmt: skip
 
     def given(self, name: str) -> bool:
         """Whether `name` holds something other than its default."""
@@ -348,82 +397,3 @@ def label_of(name: str) -> str:
     names = {f.name: f for f in fields(GenerationRequest)}
     label = names[name].metadata.get("label") if name in names else None
     return label or name.replace("_", " ").capitalize()
-
-
-# ---- the front ends' layers ------------------------------------------------------------------
-
-PRESET_KEYS = ("prompt", "width", "height", "steps", "guidance", "scheduler", "shift",
-               "t5_padding", "denoise")  # fmt: skip
-IMAGE_KEYS = ("init_image", "reference_images", "control_image", "mask", "outpaint")
-
-
-def resolve(given: dict, preset: str | None = None, png: dict | None = None) -> GenerationRequest:
-    """The request of a front end: `given` (the flags or the page's fields, in the request's
-    names; None where not given; "seed", "seeds" and "count" choose the seeds), over an earlier
-    PNG's settings (`png_settings.read_png_settings`), over a preset's, over the defaults.
-
-    The defaults that only a front end has: an init image changes 0.75 of the picture unless a
-    denoise is given (Fill: all of it); a denoise without an init image is refused; the seed
-    is random unless given (or the PNG's, when no seed is given at all)."""
-    from .presets import PresetError, get_preset
-
-    given = {k: v for k, v in given.items() if v is not None and v != () and v != []}
-    png = dict(png or {})
-    values, origins = {}, {}
-    if preset:
-        try:
-            p = get_preset(preset)
-        except PresetError as e:
-            raise SettingsError(str(e), "preset") from None
-        values.update({k: p[k] for k in PRESET_KEYS if k in p})
-        origins.update(dict.fromkeys(values, "preset"))
-    layer = {k: png[k] for k in PRESET_KEYS if k in png}
-    values.update(layer)
-    origins.update(dict.fromkeys(layer, "png"))
-    seeds = seeds_of(given.pop("seeds", None), given.pop("count", None), given.pop("seed", None),
-                     png.get("seed"))  # fmt: skip
-    values.update(given)
-    origins.update(dict.fromkeys(given, "given"))
-    if "guidance" not in values:
-        origins["guidance"] = "default"
-    init = values.get("init_image")
-    if init is None:
-        if "denoise" in given:
-            raise SettingsError("needs an init image (it sets how much of it changes)", "denoise")
-        values["denoise"], origins["denoise"] = 1.0, "default"
-    elif "denoise" not in given and (values.get("mask") or values.get("outpaint")):
-        values["denoise"], origins["denoise"] = 1.0, "default"  # Fill: diffusers' strength 1
-    elif "denoise" not in values:
-        values["denoise"], origins["denoise"] = IMG2IMG_DENOISE, "default"
-    if not values.get("prompt"):
-        raise SettingsError(NO_PROMPT, "prompt")
-    return GenerationRequest(**values, seeds=seeds, preset=preset, origins=origins)
-
-
-def seeds_of(seeds=None, count=None, seed=None, fallback=None) -> tuple[int, ...]:
-    """--seeds a,b,c (each once), or --count N from --seed (random when absent), or the one
-    --seed; `fallback` (an earlier PNG's seed) when none of them is given."""
-    if seeds is not None and (count is not None or seed is not None):
-        other = "--count" if count is not None else "--seed"
-        raise SettingsError(f"give either --seeds or {other}, not both", "seeds")
-    if seeds is not None:
-        parts = seeds.split(",") if isinstance(seeds, str) else list(seeds)
-        out = []
-        for part in parts:
-            try:
-                value = int(str(part).strip())
-            except ValueError:
-                raise SettingsError(f"{str(part).strip()!r} is not a whole number",
-                                    "seeds") from None  # fmt: skip
-            if not 0 <= value <= MAX_SEED:
-                raise SettingsError(f"{value} is outside 0..2**64-1", "seeds")
-            if value not in out:  # every seed is made once
-                out.append(value)
-        return tuple(out)
-    if seed is None and count is None:
-        seed = fallback
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise SettingsError(f"must be at least 1, got {count}", "count")
-    return tuple((seed + i) % (MAX_SEED + 1) for i in range(count or 1))

@@ -43,7 +43,8 @@ from pathlib import Path
 from ._version import __version__
 from .errors import MlxfluxError, SettingsError, one_line
 from .guard import Guard
-from .request import label_of, params, resolve
+from .request import label_of, params
+from .resolve import resolve
 
 log = logging.getLogger("mlxflux.serve")
 

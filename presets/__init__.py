@@ -16,7 +16,8 @@ class PresetError(MlxfluxError, ValueError):
 REQUIRED = {"name": str, "title": str, "prompt": str, "width": int, "height": int, "steps": int,
             "guidance": (int, float), "scheduler": str}  # fmt: skip
 OPTIONAL = {"aliases": list, "sampler": str, "cfg": (int, float), "denoise": (int, float),
-            "shift": (int, float, str), "seed": int, "notes": str, "t5_padding": str}  # fmt: skip
+            "shift": (int, float, str), "seed": int, "notes": str, "t5_padding": str,
+            "cache": str, "cache_threshold": (int, float), "cache_range": list}  # fmt: skip
 
 
 def parse_preset(text: str, source: str) -> dict:

@@ -71,6 +71,7 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
         page.goto(url)
         expect(page.locator("#model")).to_contain_text("FLUX.1 dev")
         expect(page.locator("#preset option")).to_have_count(4)  # none + book, vinyl, dvd
+        expect(page.locator("#cache option")).to_have_count(3)  # none, EasyCache, first block
         # a Kontext reference needs a Kontext model: the page does not offer it for dev
         expect(page.locator("#drop-reference")).to_be_hidden()
 

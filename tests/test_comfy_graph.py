@@ -46,6 +46,8 @@ CASES = {
     "fill": ("fill", {"guidance": 30.0, "init_image": "cover.jpg", "mask": {"file": "m.png"}}),
     "outpaint": ("fill", {"guidance": 30.0, "init_image": "vinyl.jpg", "outpaint": True,
                           "init_image_size": [1000, 1000]}),
+    "easycache": ("dev", {"cache": "easycache", "cache_threshold": 0.3,
+                          "cache_range": [0.2, 0.9]}),
 }  # fmt: skip
 
 
@@ -94,6 +96,12 @@ def test_graphs_are_wellformed_and_carry_the_settings(case):
         assert kinds.count("ReferenceLatent") == 2
     if case == "depth":
         assert "Canny" not in kinds
+    if case == "easycache":  # ComfyUI's own node, its settings read back by --from-png
+        node = next(n for n in graph.values() if n["class_type"] == "EasyCache")["inputs"]
+        assert (node["reuse_threshold"], node["start_percent"], node["end_percent"]) == (
+            0.3, 0.2, 0.9)  # fmt: skip
+        assert (back["cache"], back["cache_threshold"], back["cache_range"]) == (
+            "easycache", 0.3, (0.2, 0.9))  # fmt: skip
     if case == "outpaint":  # the square fitted into 832 x 832, padded 192 above and below
         pad = next(n for n in graph.values() if n["class_type"] == "ImagePadForOutpaint")
         assert [pad["inputs"][k] for k in ("left", "top", "right", "bottom")] == [0, 192, 0, 192]
@@ -115,6 +123,19 @@ def test_workflow_links_match_the_prompt():
                 assert by_id[link_id][1] == node["id"] and by_id[link_id][2] == out["slot_index"]
     ks = next(n for n in wf["nodes"] if n["type"] == "KSampler")
     assert ks["widgets_values"] == [42, "fixed", 20, 1.0, "euler", "simple", 1.0]
+
+
+def test_a_first_block_cache_is_said_in_a_note_not_drawn():
+    """ComfyUI core has no first-block node: the graph samples in full, and says so."""
+    from mlxflux.comfy_graph import comfy_chunks
+
+    settings = {**BASE, "cache": "first-block", "cache_threshold": 0.1, "cache_range": None}
+    chunks = comfy_chunks(settings, manifest())
+    prompt, workflow = json.loads(chunks["prompt"]), json.loads(chunks["workflow"])
+    assert "EasyCache" not in {n["class_type"] for n in prompt.values()}
+    (note,) = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert "no such node" in note["widgets_values"][0] and str(note["id"]) not in prompt
+    assert "first-block" in workflow["extra"]["mlxflux_note"]
 
 
 def test_files_from_a_diffusers_folder_get_bfls_names():

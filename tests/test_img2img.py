@@ -7,33 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import mlxflux
 
 from .helpers import HEIGHT, WIDTH, cover_image, generate, run_cli
-from .reference import FP32_MAX, FP32_MEAN, PROMPT, comfy_reference, compare
+from .reference import FP32_MAX, FP32_MEAN, PROMPT, comfy_img2img_reference, compare
 
 pytestmark = pytest.mark.reference
-
-
-def comfy_img2img_reference(torch_models, image, scheduler, steps, denoise, seed) -> np.ndarray:
-    """ComfyUI's img2img, computed independently: LoadImage (/255), VAEEncode (the posterior's
-    mode), the Flux latent format (z - 0.1159) * 0.3611, KSampler.set_steps (the schedule of
-    int(steps / denoise) steps, the last steps + 1 sigmas), CONST noise_scaling
-    (sigma0 * noise + (1 - sigma0) * latent), then Euler: FluxPipeline from that latent."""
-    vae = torch_models["vae"]
-    pixels = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        z = vae.encode(2 * pixels - 1).latent_dist.mode()
-    latent = (z - vae.config.shift_factor) * vae.config.scaling_factor
-    full = mlxflux.sigmas(scheduler, int(steps / denoise), width=WIDTH, height=HEIGHT, shift=1.15)
-    sigmas = full[-(steps + 1) :]
-    noise = torch.from_numpy(mlxflux.comfy_noise(seed, (1, 16, HEIGHT // 8, WIDTH // 8)))
-    sigma0 = torch.tensor(sigmas[0], dtype=torch.float32)
-    start = sigma0 * noise + (1.0 - sigma0) * latent
-    return comfy_reference(torch_models, scheduler, steps, start.numpy(), sigmas=sigmas)
 
 
 @pytest.mark.parametrize("scheduler,denoise", [("simple", 0.5), ("simple", 0.8), ("beta", 0.6)])

@@ -15,14 +15,8 @@ from PIL import Image
 import mlxflux
 from mlxflux.errors import SettingsError
 from mlxflux.presets import get_preset
-from mlxflux.request import (
-    IMG2IMG_DENOISE,
-    GenerationRequest,
-    flag_of,
-    label_of,
-    params,
-    resolve,
-)
+from mlxflux.request import IMG2IMG_DENOISE, GenerationRequest, flag_of, label_of, params
+from mlxflux.resolve import resolve
 from mlxflux.variants import VARIANTS
 
 from .helpers import cover_image, small_model, write_lora

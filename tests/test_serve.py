@@ -213,3 +213,17 @@ def test_each_job_is_prepared_once_on_the_request_thread(client, studio, monkeyp
     assert job["status"] == "done", job
     assert len(calls) == 1 and calls[0][0] == "once"
     assert calls[0][1] != "mlxflux-jobs"  # not on the worker
+
+
+def test_a_job_can_cache_steps(client, studio):
+    r = post(client, {"prompt": "c", "width": 32, "height": 32, "steps": 20, "seed": 2,
+                      "cache": "easycache", "cache_threshold": 1.0})  # fmt: skip
+    assert r.status_code == 201, r.text
+    job = wait(client, r.json()["id"])
+    assert job["status"] == "done", job
+    served = Image.open(io.BytesIO(client.get(job["images"][0]).content))
+    meta = json.loads(served.text["mlxflux"])
+    assert (meta["cache"], meta["cache_threshold"], meta["cache_range"]) == (
+        "easycache", 1.0, [0.15, 0.95])  # fmt: skip
+    r = post(client, {"prompt": "c", "width": 32, "height": 32, "cache_threshold": 0.3})
+    assert r.status_code == 400 and r.json()["field"] == "cache_threshold"

@@ -331,39 +331,49 @@ class FluxTransformer(nn.Module):
         after_block: Callable[..., None] | None = None,
         dtype: mx.Dtype | None = None,
         block_weights=None,
+        first_block=None,
+        step: int = 0,
     ) -> mx.array:
         """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, out_channels]
         in the residual streams' dtype.
 
         `dtype` (default: txt's) is the dtype of the matmuls and attention. In float16 the
-        residual streams stay float32 (every add into them is a float32 add) and each block
-        is checked: a block whose output is not finite (a matmul, attention or modulated input
-        left float16's range) runs again in float32, and so does that block for the rest of
-        this model's life (`float32_blocks`). docs/numerics.md, "float16".
+        residual streams stay float32 and a block whose output is not finite runs again in
+        float32, for the rest of this model's life (`float32_blocks`; docs/numerics.md).
         `after_block(*streams)` is called with the residual streams after every block (the
         pipeline evaluates them there, which bounds the memory a lazy graph holds).
-        `block_weights` (a `weights.BlockWeights`): each block runs inside
+        `block_weights` (a `blocks.BlockWeights`): each block runs inside
         `with block_weights("double_blocks.3")`, which may read its weights just before and
         release them after (the memory plan's streamed denoise).
+        `first_block` (a `cache.FirstBlock`, diffusers' FirstBlockCache): after the first
+        block, the other blocks run or their cached residual is added (step `step`).
         """
         weights = block_weights or BlockWeights()
         dt = dtype or txt.dtype
         stream = mx.float32 if dt == mx.float16 and self.float16_guards else dt
 
         def embed(d):
-            return self.img_in(img.astype(d)).astype(stream), self.txt_in(txt.astype(d)).astype(
-                stream
-            )
+            return (self.img_in(img.astype(d)).astype(stream),
+                    self.txt_in(txt.astype(d)).astype(stream))  # fmt: skip
 
         img, txt = self._checked("input", embed, dt)
+        n_txt, names = txt.shape[1], self.block_names()
         for i, (block, (img_mod, txt_mod)) in enumerate(
             zip(self.double_blocks, cond.double, strict=True)
         ):
-            run = functools.partial(block, img, txt, img_mod, txt_mod, rope)
-            with weights(f"double_blocks.{i}"):
-                img, txt = self._checked(f"double_blocks.{i}", lambda d, run=run: run(dtype=d), dt)
+            run, before = functools.partial(block, img, txt, img_mod, txt_mod, rope), img
+            with weights(names[i], read_ahead=first_block is None or i > 0):
+                img, txt = self._checked(names[i], lambda d, run=run: run(dtype=d), dt)
                 if after_block:
                     after_block(img, txt)
+            if first_block is not None and i == 0:  # the first block decides for the rest
+                go = first_block.keep_going(img - before)
+                weights.read_ahead(names[1 % len(names)] if go else names[0])
+                if not go:
+                    first_block.skipped(step)
+                    tail_img, tail_txt = first_block.tail
+                    return self._final(img + tail_img, cond, dt, stream)
+                first_block.computed(step, img - before, (img, txt))
         x = mx.concatenate([txt, img], axis=1)
         for i, (block, mod) in enumerate(zip(self.single_blocks, cond.single, strict=True)):
             run = functools.partial(block, x, mod, rope)
@@ -371,8 +381,12 @@ class FluxTransformer(nn.Module):
                 (x,) = self._checked(f"single_blocks.{i}", lambda d, run=run: (run(dtype=d),), dt)
                 if after_block:
                     after_block(x)
-        n_txt = txt.shape[1]
-        final = functools.partial(self.final_layer, x[:, n_txt:], cond.final)
+        if first_block is not None:
+            first_block.remember_tail(x[:, n_txt:], x[:, :n_txt])
+        return self._final(x[:, n_txt:], cond, dt, stream)
+
+    def _final(self, img: mx.array, cond: Conditioning, dt, stream) -> mx.array:
+        final = functools.partial(self.final_layer, img, cond.final)
         (v,) = self._checked("final_layer", lambda d: (final(dtype=d).astype(stream),), dt)
         return v
 
