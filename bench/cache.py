@@ -79,7 +79,7 @@ def main():
     )
     p.add_argument("--out", default="bench/results/cache")
     a = p.parse_args()
-    h, w = SIZES[a.size]
+    w, h = SIZES[a.size]
     m = model(a.depth, a.single)
     sigma_list = sigmas("simple", a.steps, width=w, height=h, shift=1.15)
     pooled = mx.repeat(mx.random.normal((1, 768), key=mx.random.key(7)), a.steps, axis=0)
