@@ -105,3 +105,17 @@ def test_no_test_module_imports_another():
             if isinstance(node, ast.ImportFrom) and node.level:
                 names = [node.module or ""] + [a.name for a in node.names]
                 assert not any(n.startswith("test_") for n in names), (path.name, names)
+
+
+def test_the_wheel_lists_every_package():
+    """setuptools installs only the packages pyproject.toml names: a folder with an __init__.py
+    left out is missing from a plain `pip install .` (the editable install hides it)."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = {name for name, (_, is_package) in modules().items() if is_package}
+    assert found == listed
+    assert {k: ROOT / v for k, v in tool["package-dir"].items()} == {
+        k: v for k, v in PACKAGES.items() if k != "mlxflux"
+    }
