@@ -16,7 +16,9 @@ from mlxflux.models.registry import COMPONENTS, build_model, check_weights
 from mlxflux.variants import VARIANTS, check_variant, infer_variant
 
 from .detect import NAMES, Part, SourceError, check_component, detect_path
+from .errors import ConvertError
 from .gguf_io import GGUFFile
+from .hub import snapshot
 from .infer import (
     clip_config,
     flux_config_from_diffusers,
@@ -24,13 +26,10 @@ from .infer import (
     t5_config,
     vae_config,
 )
+from .taef1 import find_taef1, locate, read_taef1, source_record
 from .tokenizer_files import TokenizerFiles, find_tokenizers
 
 FLUX_DEV_REPO = "black-forest-labs/FLUX.1-dev"
-
-
-class ConvertError(MlxfluxError, ValueError):
-    """A conversion that cannot go ahead; the message names the file and the problem."""
 
 
 def default_model_dir(bits: int | None = 8, model: str = "flux1-dev") -> Path:
@@ -194,6 +193,7 @@ def convert(
     progress: bool = False,
     axes_dim=None,
     variant: str = "auto",
+    taef1=None,
     log=print,
 ) -> Path:
     """Convert checkpoints into an MLX model folder; returns the folder's path.
@@ -205,6 +205,8 @@ def convert(
     `variant`: "auto" (from the shapes: schnell has no guidance embedding; Kontext's shapes
     are dev's, so a source or repo name containing "kontext" suggests it) or a name of
     `mlxflux.variants.VARIANTS`, checked against the shapes; the manifest records it.
+    `taef1`: the preview decoder's file, folder or repo id (`convert.taef1`), added as the
+    folder's optional `taef1` component.
     """
     if bits not in (None, 4, 6, 8):
         raise ConvertError(f"bits must be 4, 6, 8 or none, got {bits!r}")
@@ -233,6 +235,7 @@ def convert(
         check_agreement(plans)
         variant, note = choose_variant(variant, plans, sources, hf_repo)
         tok = find_tokenizers(tokenizers, sources, parts, log)
+        taef1_path, preview = _preview_decoder(taef1, sources, log)
     except MlxfluxError as e:  # the sources' own errors, each naming its file
         raise ConvertError(str(e)) from None
     if note:
@@ -254,10 +257,15 @@ def convert(
         for comp in COMPONENTS
         for f in plans[comp].part.files
     ]
+    if preview is not None:
+        sources_info.append(source_record(taef1_path))
     with _progress(total, progress) as bar, _verification_failures():
+        components = {c: (plans[c].config, _tracked(plans[c].part, bar)) for c in COMPONENTS}
+        if preview is not None:
+            components["taef1"] = (preview[0], preview[1].items())
         manifest = write_model_folder(
             out,
-            {c: (plans[c].config, _tracked(plans[c].part, bar)) for c in COMPONENTS},
+            components,
             bits=bits,
             dtype=dtype,
             tokenizers=tok,
@@ -268,6 +276,24 @@ def convert(
     if progress:
         log(summary(out, manifest, total, time.perf_counter() - start))
     return out
+
+
+def _preview_decoder(taef1, sources, log) -> tuple[Path | None, tuple | None]:
+    """(file, (config, weights)) of the preview decoder asked for, or found beside the sources
+    (ComfyUI's vae_approx/); one found and unreadable is skipped with a warning."""
+    if taef1 is not None:
+        path = locate(taef1, log)
+        return path, read_taef1(path)
+    path = find_taef1(sources)
+    if path is None:
+        return None, None
+    try:
+        read = read_taef1(path)
+    except ConvertError as e:
+        log(f"warning: the preview decoder found is skipped: {e}")
+        return None, None
+    log(f"adding the preview decoder found at {path} (mlxflux gen --preview taef1)")
+    return path, read
 
 
 def choose_variant(asked: str, plans: dict, sources, hf_repo) -> tuple[str, str | None]:
@@ -319,34 +345,15 @@ def summary(out: Path, manifest: dict, source_bytes: int, seconds: float) -> str
 
 def download_repo(repo: str, log=print) -> Path:
     """Download a diffusers-layout repo (weights, configs, tokenizers) into the HF cache."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
-
+    folders = ("transformer", "vae", "text_encoder", "text_encoder_2")
     patterns = [
         "model_index.json",
-        *(f"{d}/*.json" for d in ("transformer", "vae", "text_encoder", "text_encoder_2")),
-        *(f"{d}/*.safetensors" for d in ("transformer", "vae", "text_encoder", "text_encoder_2")),
         "tokenizer/*",
         "tokenizer_2/*",
+        *(f"{d}/*.json" for d in folders),
+        *(f"{d}/*.safetensors" for d in folders),
     ]
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except GatedRepoError:
-        raise ConvertError(gated_message(repo)) from None
-    except LocalEntryNotFoundError:
-        raise ConvertError(
-            f"{repo}: not in the Hugging Face cache and the network is unavailable or "
-            "HF_HUB_OFFLINE is set; connect, or pass local files with --from"
-        ) from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ConvertError(f"{repo}: download failed: {e}") from None
-
-
-def gated_message(repo: str) -> str:
-    return (
-        f"{repo} is a gated repository: accept its license at https://huggingface.co/{repo} "
-        "while logged in, then run `hf auth login` (or set HF_TOKEN) and try again"
-    )
+    return snapshot(repo, patterns)
 
 
 __all__ = ["ConvertError", "TokenizerFiles", "convert", "default_model_dir"]

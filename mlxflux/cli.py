@@ -89,18 +89,35 @@ def main():
     "embedding; Kontext dev has dev's shapes, so a file, folder or repo name containing "
     "'kontext' suggests it (said in the output), else dev. The manifest records it.",
 )
-def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, force, variant):
+@click.option(
+    "--taef1",
+    metavar="PATH_OR_REPO",
+    help="Add the tiny preview decoder (gen --preview taef1): ComfyUI's taef1_decoder.pth or "
+    ".safetensors, a folder holding it, or the repo madebyollin/taef1. With no other source, "
+    "it is added to the existing --out folder. Found by itself in a ComfyUI models/vae_approx.",
+)
+def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, force, variant,
+            taef1):  # fmt: skip
     """Convert checkpoints into an MLX model folder (streaming; the folder appears only when
     complete and verified).
 
     Every layout is detected from the file's header: Black Forest Labs single files, ComfyUI
     fp8 (also scaled fp8 and all-in-one checkpoints), diffusers folders, GGUF files (FLUX
     transformers, T5 encoders), FLUX.1 dev, schnell and Kontext dev.
-    """
-    from .convert import ConvertError
-    from .convert import convert as run
 
+    \b
+    Add the preview decoder to a folder converted before:
+      mlxflux convert --taef1 madebyollin/taef1 --out FOLDER
+    """
+    from .convert import ConvertError, default_model_dir
+    from .convert import convert as run
+    from .convert.taef1 import add_taef1
+
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
+        if taef1 and not (sources or flux or t5 or clip or ae or hf_repo):
+            add_taef1(out or default_model_dir(_bits(bits)), taef1, log)
+            return
         run(
             list(sources),
             out,
@@ -114,8 +131,9 @@ def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, 
             hf_repo=hf_repo,
             force=force,
             variant=variant,
+            taef1=taef1,
             progress=True,
-            log=lambda m: click.echo(m, err=True),
+            log=log,
         )
     except ConvertError as e:
         raise Failure(str(e)) from None
@@ -186,13 +204,14 @@ def check_model_folder(folder: Path, manifest: dict) -> None:
     from tqdm.auto import tqdm
 
     from .errors import ModelFolderError
-    from .model_folder import COMPONENTS, check_folder, component_files, verify_checksums
+    from .model_folder import check_folder, component_files, verify_checksums
+    from .models.registry import components_of
 
     try:
         check_folder(folder, manifest)
     except ModelFolderError as e:
         raise Failure(str(e)) from None
-    files = [folder / c / f for c in COMPONENTS for f in component_files(manifest, c)]
+    files = [folder / c / f for c in components_of(manifest) for f in component_files(manifest, c)]
     total = sum(p.stat().st_size for p in files)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checking") as bar:
         problems = verify_checksums(folder, manifest, progress=bar.update)

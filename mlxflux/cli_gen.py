@@ -124,6 +124,11 @@ def request_options(command):
     "an existing name gets -1, -2, ...",
 )
 @path_option("--report", help="Write per-stage time and memory as JSON to this file.")
+@click.option(
+    "--preview-file",
+    help="Rewrite this PNG with the cover forming after every step (macOS Preview and Quick "
+    "Look show it as it changes); {seed} in the name: one file per seed. See --preview.",
+)
 @path_option(
     "--from-png",
     help="Start from the settings of an earlier PNG: mlxflux's own, an A1111/Forge "
@@ -158,8 +163,8 @@ def request_options(command):
     "read them from the model folder a block at a time (the same pixels, slower where the disk "
     "is slow); a budget below what even that needs is refused before anything runs.",
 )
-def gen(preset, seed, seeds, count, model, output, report, from_png, sources, hf_repo,
-        precision, memory_budget, **given):  # fmt: skip
+def gen(preset, seed, seeds, count, model, output, report, preview_file, from_png, sources,
+        hf_repo, precision, memory_budget, **given):  # fmt: skip
     """Generate images, staged: text encoders, then the transformer, then the VAE.
 
     \b
@@ -197,7 +202,7 @@ def gen(preset, seed, seeds, count, model, output, report, from_png, sources, hf
     click.echo(f"{header(job)}{where}, model {folder}, {pipe.precision} ({pipe.precision_why}), "
                f"memory: {job.report.settings['memory_plan']}", err=True)  # fmt: skip
     indexes = {s: list(request.seeds).index(s) for s in mine}
-    written = run_job(job, indexes, preset, output)
+    written = run_job(job, indexes, preset, output, preview_file)
     if report:
         data = job.report.to_dict()
         data["outputs"] = [str(p) for p in written]
@@ -242,13 +247,15 @@ def header(job) -> str:
             f"{r.steps} steps ({r.scheduler}), guidance {r.guidance:g}{inputs}")  # fmt: skip
 
 
-def run_job(job, indexes: dict, preset: str | None, output: str | None) -> list[Path]:
-    """The job with a bar per image; each PNG written as soon as it is decoded. Expected
-    failures and Ctrl-C become one line; the images already written stay."""
+def run_job(job, indexes: dict, preset: str | None, output: str | None,
+            preview_file: str | None = None) -> list[Path]:  # fmt: skip
+    """The job with a bar per image; each PNG written as soon as it is decoded; with
+    `preview_file`, the cover forming rewritten there after every step. Expected failures and
+    Ctrl-C become one line; the images already written stay."""
     from tqdm.auto import tqdm
 
     from .comfy_graph import comfy_chunks
-    from .png import save_png
+    from .png import replace_png, save_png
     from .runs import output_path
 
     seeds, settings = job.request.seeds, job.report.settings
@@ -278,7 +285,12 @@ def run_job(job, indexes: dict, preset: str | None, output: str | None) -> list[
 
     written: list[Path] = []
     try:
-        for seed, image in job.run(on_step=step_done):
+
+        def preview(index: int, step: int, steps: int, picture) -> None:
+            replace_png(picture, preview_file.format(seed=seeds[index], index=index))
+
+        on_preview = preview if preview_file and job.preview != "none" else None
+        for seed, image in job.run(on_step=step_done, on_preview=on_preview):
             meta = dict(settings, seed=seed, version=__version__, preset=preset)
             path = output_path(output, seed=seed, index=indexes[seed], preset=preset,
                                prompt=job.request.prompt)  # fmt: skip

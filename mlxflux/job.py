@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 from PIL import Image
 
@@ -21,6 +22,7 @@ from .memory_plan import Plan, make_plan
 from .models.transformer import is_modulation_key
 from .noise import comfy_noise
 from .pixels import cover, size_of, unit_pixels
+from .preview import Previewer
 from .report import Report, Stage
 from .request import DEFAULT_SIZE, GenerationRequest
 from .sampling import auto_shift, img2img_sigmas, noise_scaling
@@ -40,6 +42,7 @@ class Job:
     loras: LoraSet
     plan: Plan
     report: Report
+    preview: str = "none"  # the previewer on_preview gets: latent2rgb, taef1 or none
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -49,15 +52,17 @@ class Job:
     def seeds(self) -> tuple[int, ...]:
         return self.request.seeds
 
-    def run(self, on_step: Callable[[int, int, int], None] | None = None
-            ) -> Iterator[tuple[int, Image.Image]]:  # fmt: skip
+    def run(self, on_step: Callable[[int, int, int], None] | None = None,
+            on_preview: Callable | None = None) -> Iterator[tuple[int, Image.Image]]:  # fmt: skip
         """An iterator of (seed, image), each yielded once decoded.
 
         The prompt is encoded once and each stage's weights load once: every seed is denoised
         (latents are small), then the VAE decodes them in turn, so the peak stays the
-        single-image peak. `on_step(index, step, steps)`. Ctrl-C while denoising stops after
-        the current step; the seeds already denoised are still decoded and yielded, then
-        KeyboardInterrupt is raised again. The report gains `images`: per-seed seconds."""
+        single-image peak. `on_step(index, step, steps)`; `on_preview(index, step, steps,
+        picture)` with the picture forming (`mlxflux.preview`; the result is the same with or
+        without it). Ctrl-C while denoising stops after the current step; the seeds already
+        denoised are still decoded and yielded, then KeyboardInterrupt is raised again. The
+        report gains `images`: per-seed seconds."""
         pipe, request, report, plan = self.pipe, self.request, self.report, self.plan
         # float16: the blocks and VAE stages that overflowed it and ran again in float32
         fallbacks = report.settings.setdefault("float32_fallbacks", [])
@@ -77,6 +82,7 @@ class Job:
             model = _load_trunk(pipe, model)
             blocks = pipe.blocks(model, "transformer", model.block_names(),
                                  "denoise" in plan.streamed, _trunk_key)  # fmt: skip
+            previewer = self._previewer() if on_preview is not None else None
             for index, seed in enumerate(request.seeds):
                 noise = request.noise
                 if noise is None:
@@ -86,9 +92,12 @@ class Job:
                 start = time.perf_counter()
                 steps = on_step and (lambda i, n, index=index: on_step(index, i, n))
                 cache = self.new_cache()  # its state is this seed's
+                on_x0 = previewer and (lambda i, n, x0, index=index, p=previewer: on_preview(
+                    index, i, n, p(x0)))  # fmt: skip
                 try:
-                    done.append((seed, pipe.denoise(model, cond, txt, noise, self.sigma_list,
-                                                    steps, blocks, extra, cache)))  # fmt: skip
+                    latent_out = pipe.denoise(model, cond, txt, noise, self.sigma_list, steps,
+                                              blocks, extra, cache, on_x0)  # fmt: skip
+                    done.append((seed, latent_out))
                 except KeyboardInterrupt as e:  # between steps: keep what is finished
                     interrupted = e
                     break
@@ -99,7 +108,7 @@ class Job:
             stage.bytes_read = pipe.read_bytes(blocks, "transformer", "trunk")
             stage.read_wait_seconds = blocks.wait_seconds
             fallbacks.extend(sorted(model.float32_blocks))
-            del model, cond, txt, blocks, extra
+            del model, cond, txt, blocks, extra, previewer
         if done:
             with Stage(report, "decode") as stage:
                 ae = pipe.load("vae")
@@ -112,6 +121,16 @@ class Job:
                 del ae, done
         if interrupted is not None:
             raise interrupted
+
+    def _previewer(self) -> Previewer | None:
+        """The previewer of `preview` (its tiny decoder loaded now, in the denoise stage)."""
+        if self.preview == "none":
+            return None
+        decoder = None
+        if self.preview == "taef1":
+            decoder = self.pipe.load("taef1")
+            mx.eval(decoder.parameters())
+        return Previewer(self.preview, decoder)
 
     def new_cache(self):
         """A fresh step cache for one seed (`mlxflux.cache`), or None."""
@@ -196,16 +215,26 @@ def prepare(pipe, request: GenerationRequest) -> Job:
         loras = read_loras(request.loras, shapes, flux["config"]["hidden_size"])
         settings["loras"] = [r.record() for r in loras.reports]
     # the memory plan: which stages stream; refused here when even streaming cannot fit
+    preview = request.preview
+    has_taef1 = "taef1" in pipe.manifest["components"]
+    if preview == "auto":
+        preview = "taef1" if has_taef1 else "latent2rgb"
+    if preview == "taef1" and not has_taef1:
+        raise SettingsError(
+            "taef1: this model folder has no tiny decoder; add it with `mlxflux convert "
+            "--taef1 madebyollin/taef1 --out FOLDER` (or ComfyUI's taef1_decoder file)",
+            "preview",
+        )
     method, threshold, span = request.caching
     if method != "none":
         settings.update(cache=method, cache_threshold=threshold,
                         cache_range=list(span) if span else None)  # fmt: skip
     plan = make_plan(pipe.manifest, width, height, pipe.dtype.size, pipe.memory_budget,
                      steps=len(sigma_list) - 1, extra_tokens=inputs.extra_tokens,
-                     cache=method)  # fmt: skip
+                     cache=method, preview=preview)  # fmt: skip
     settings["memory_plan"] = plan.describe()
     report = Report(settings=settings, plan=plan.kind)
-    return Job(pipe, request, width, height, sigma_list, inputs, loras, plan, report)
+    return Job(pipe, request, width, height, sigma_list, inputs, loras, plan, report, preview)
 
 
 def _default_size(request: GenerationRequest, inputs: Inputs) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ from .cache import EasyCache, FirstBlock
 from .errors import SettingsError
 from .models.autoencoder import AutoencoderConfig, estimate_decode_bytes
 from .models.transformer import FluxConfig, is_modulation_key
+from .preview import decoder_activation_bytes as taef1_bytes
 
 GIB = 1 << 30
 # what `auto` leaves to everything else: a tenth of the machine's budget, at least 1 GiB
@@ -125,11 +126,11 @@ def block_bytes(entry: dict, keys=None) -> tuple[dict[str, int], int]:
 
 def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget: int | None,
               steps: int = 20, text_tokens: int = 512, extra_tokens: int = 0,
-              cache: str = "none") -> Plan:  # fmt: skip
+              cache: str = "none", preview: str = "none") -> Plan:  # fmt: skip
     """The plan for one generation at width x height; SettingsError when even streaming does
     not fit `budget` (bytes; None: the machine's). `extra_tokens`: what a variant appends to
     the image tokens (Kontext's references); `cache`: the step cache's method, whose state the
-    denoise stage holds too."""
+    denoise stage holds too, as it does the preview's tiny decoder (`preview` taef1)."""
     budget = machine_budget() if budget is None else budget
     comps = manifest["components"]
     flux = comps["transformer"]
@@ -145,6 +146,8 @@ def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget:
     held = {"none": 0, "easycache": EasyCache.bytes(image_tokens),
             "first-block": FirstBlock.bytes(image_tokens, text_tokens, hidden, 4),
             }[cache]  # fmt: skip
+    if preview == "taef1":  # its weights, and its activations at the preview's size
+        held += sum(tensor_bytes(comps["taef1"]).values()) + taef1_bytes(height, width)
     denoise = StageNeed(sum(blocks.values()) + rest + act + tables + held,
                         sum(biggest) + rest + act + tables + held)  # fmt: skip
     t5_blocks, t5_rest = block_bytes(comps["t5"])

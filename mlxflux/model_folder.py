@@ -14,7 +14,7 @@ import mlx.core as mx
 from ._version import __version__
 from .atomic import private_name, replace_folder, restore_folder
 from .errors import ModelFolderError, listing
-from .models.registry import CLASSES, COMPONENTS
+from .models.registry import CLASSES, COMPONENTS, OPTIONAL, components_of
 from .models.transformer import is_modulation_key
 from .quant import BITS, GROUP_SIZE, GROUP_SIZES
 from .safetensors_io import ShardWriter
@@ -58,7 +58,8 @@ SELF_SHA = "manifest_sha256"
 def small_files(folder: Path) -> list[str]:
     """The folder's files other than weight shards and the manifest: the components' config
     files and every tokenizer file, as paths relative to the folder."""
-    found = [f"{c}/config.json" for c in COMPONENTS if (folder / c / "config.json").is_file()]
+    found = [f"{c}/config.json" for c in (*COMPONENTS, *OPTIONAL)
+             if (folder / c / "config.json").is_file()]  # fmt: skip
     tok = folder / "tokenizers"
     found += sorted(p.relative_to(folder).as_posix() for p in tok.rglob("*") if p.is_file())
     return found
@@ -98,7 +99,11 @@ def _check_folder(folder: Path, manifest: dict) -> None:
         path = folder / "tokenizers" / rel
         if not path.is_file() or path.stat().st_size == 0:
             raise ModelFolderError(f"{path}: missing or empty tokenizer file; {REDO}")
-    for name in COMPONENTS:
+    unknown = set(manifest["components"]) - set(COMPONENTS) - set(OPTIONAL)
+    if unknown:
+        raise ModelFolderError(f"{folder / MANIFEST}: unknown components {listing(unknown)}; a "
+                               "newer mlxflux may read them")  # fmt: skip
+    for name in components_of(manifest):
         entry = manifest["components"][name]
         try:
             CLASSES[name][0].from_dict(entry["config"])
@@ -232,13 +237,13 @@ def verify_checksums(folder: str | os.PathLike, manifest: dict, progress=None) -
     if SELF_SHA in manifest and manifest_sha256(manifest) != manifest[SELF_SHA]:
         problems.append(f"{folder / MANIFEST}: edited since conversion; {REDO}")
     known = {MANIFEST, *(small or {}), *small_files(folder)}
-    known |= {f"{c}/{f}" for c in COMPONENTS for f in component_files(manifest, c)}
+    known |= {f"{c}/{f}" for c in components_of(manifest) for f in component_files(manifest, c)}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
         if path.is_file() and not hidden and rel not in known:
             problems.append(f"{path}: not part of the model folder as converted")
-    for name in COMPONENTS:
+    for name in components_of(manifest):
         sums = manifest["components"][name].get("sha256", {})
         for file in component_files(manifest, name):
             path = folder / name / file
@@ -343,11 +348,10 @@ def write_model_folder(
         if variant is not None:  # older folders have none: dev or schnell by their config
             manifest["variant"] = variant
         manifest.update(extra or {})
-        for comp in COMPONENTS:
+        for comp in [c for c in (*COMPONENTS, *OPTIONAL) if c in components]:
             config, items = components[comp]
-            manifest["components"][comp] = write_component(
-                comp, config, items, tmp, bits, DTYPES[dtype]
-            )
+            kept = DTYPES[dtype] if comp in COMPONENTS else mx.float32  # the tiny preview decoder
+            manifest["components"][comp] = write_component(comp, config, items, tmp, bits, kept)
         tokenizers.copy_to(tmp / "tokenizers")
         manifest["id"] = _manifest_id(manifest)
         manifest[SMALL_FILES] = {rel: file_sha256(tmp / rel) for rel in small_files(tmp)}
@@ -362,7 +366,10 @@ def write_model_folder(
 
 
 def _manifest_id(manifest: dict) -> str:
-    fields = [manifest["sources"], manifest["quantization"], manifest["dtype"]]
+    """The pictures' identity: the sources of what draws them (not an optional preview
+    decoder's), the quantization, the dtype, a variant the sources do not imply."""
+    sources = [s for s in manifest["sources"] if s["component"] in COMPONENTS]
+    fields = [sources, manifest["quantization"], manifest["dtype"]]
     if manifest.get("variant") not in (None, "dev", "schnell"):  # one the sources do not imply
         fields.append(manifest["variant"])
     if "random" in manifest:  # no sources: the random weights' size and seed tell them apart

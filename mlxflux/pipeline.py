@@ -49,7 +49,7 @@ def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None)
 
 def denoise_step(model, x, txt, cond: Modulation, rope, sigma: float, sigma_next: float,
                  dtype=None, block_weights=None, extra: Conditioning | None = None,
-                 cache=None, step: int = 0):  # fmt: skip
+                 cache=None, step: int = 0, with_velocity: bool = False):  # fmt: skip
     """One evaluated Euler step of the trunk: x (packed, float32) -> x at sigma_next.
 
     The trunk runs in `dtype` (default: txt's) and is evaluated after every block, so only one
@@ -58,7 +58,8 @@ def denoise_step(model, x, txt, cond: Modulation, rope, sigma: float, sigma_next
     `extra`: what the inputs add (`variants.Conditioning`); `txt` and `rope` must already
     include its text tokens, and `rope` its image tokens. `cache`: this seed's step cache
     (`cache.EasyCache` decides whether the trunk runs at all, `cache.FirstBlock` runs inside
-    it), `step` the step's number (1-based) for its counts.
+    it), `step` the step's number (1-based) for its counts. `with_velocity`: return
+    (x, velocity) (a preview's x0 is x - sigma * velocity).
     """
     extra = extra or Conditioning()
     first_block = cache if isinstance(cache, FirstBlock) else None
@@ -70,9 +71,9 @@ def denoise_step(model, x, txt, cond: Modulation, rope, sigma: float, sigma_next
         return extra.velocity(v, x.shape[1])
 
     v = cache.velocity(step, sigma, x, velocity) if isinstance(cache, EasyCache) else velocity()
-    x = euler_step(x, v, sigma, sigma_next)
-    mx.eval(x)
-    return x
+    x_next = euler_step(x, v, sigma, sigma_next)
+    mx.eval(x_next)
+    return (x_next, v) if with_velocity else x_next
 
 
 class Pipeline:
@@ -117,30 +118,36 @@ class Pipeline:
 
         return prepare(self, request)
 
-    def generate(
-        self, prompt: str, *, seed: int = 0, noise=None, on_step: Callable | None = None, **settings
-    ) -> Image.Image:
+    def generate(self, prompt: str, *, seed: int = 0, noise=None, on_step: Callable | None = None,
+                 on_preview: Callable | None = None, **settings) -> Image.Image:  # fmt: skip
         """Text to image (or image to image, Kontext, Canny/Depth, Fill), staged: one image.
 
         `settings`: any field of `GenerationRequest` (width, height, steps, guidance, scheduler,
         shift, t5_padding, init_image, denoise, loras, reference_images, reference_scale,
         control_image, preprocess, mask, outpaint, tiled_decode); their defaults and meaning
         are documented there. `noise` [1, 16, H/8, W/8] replaces the seeded ComfyUI noise.
-        `on_step(step, steps)` is called after every denoising step. For the report, use `prepare`:
-        `job = pipe.prepare(GenerationRequest(...)); ...job.run()...; job.report`.
+        `on_step(step, steps)` is called after every denoising step, `on_preview(step, steps,
+        picture)` with a PIL picture of the cover forming (`preview`). For the report, use
+        `prepare`: `job = pipe.prepare(GenerationRequest(...)); ...job.run()...; job.report`.
         """
         request = GenerationRequest(prompt, seeds=(seed,), noise=noise, **settings)
         job = self.prepare(request)
-        ((_, image),) = job.run(on_step=on_step and (lambda _, i, n: on_step(i, n)))
+        ((_, image),) = job.run(
+            on_step=on_step and (lambda _, i, n: on_step(i, n)),
+            on_preview=on_preview and (lambda _, i, n, p: on_preview(i, n, p)),
+        )
         return image
 
-    def generate_many(self, prompt: str, seeds, *, on_step: Callable | None = None, **settings):
+    def generate_many(self, prompt: str, seeds, *, on_step: Callable | None = None,
+                      on_preview: Callable | None = None, **settings):  # fmt: skip
         """An iterator of (seed, image), each image as `generate` makes it, yielded once decoded.
 
         The prompt is encoded once and each stage's weights load once (`job.Job.run`);
-        `on_step(index, step, steps)` after every step.
-        Checked here, at the call, before any stage: the iterator runs the stages."""
-        return self.prepare(GenerationRequest(prompt, seeds=tuple(seeds), **settings)).run(on_step)
+        `on_step(index, step, steps)` after every step, `on_preview(index, step, steps,
+        picture)` with the picture forming. Checked here, at the call, before any stage: the
+        iterator runs the stages."""
+        job = self.prepare(GenerationRequest(prompt, seeds=tuple(seeds), **settings))
+        return job.run(on_step, on_preview)
 
     # ---- stages ---------------------------------------------------------------------------
 
@@ -220,10 +227,13 @@ class Pipeline:
     def denoise(self, model, cond: Modulation, txt: mx.array, noise: np.ndarray,
                 sigma_list: list[float], on_step: Callable[[int, int], None] | None = None,
                 block_weights: BlockWeights | None = None,
-                extra: Conditioning | None = None, cache=None) -> mx.array:  # fmt: skip
+                extra: Conditioning | None = None, cache=None, on_x0=None) -> mx.array:  # fmt: skip
         """Euler over the transformer trunk; the latent [1, 16, H/8, W/8] stays float32.
         `extra`: what the inputs add (Kontext's reference tokens, the control or fill
-        channels, text-side tokens); `cache`: this seed's step cache (`mlxflux.cache`)."""
+        channels, text-side tokens); `cache`: this seed's step cache (`mlxflux.cache`);
+        `on_x0(step, steps, x0)` after every step with the estimate of the clean latent,
+        x0 = x - sigma * v [1, 16, H/8, W/8] (ComfyUI's `calculate_denoised`: what previews
+        show); it reads x0 only."""
         extra = extra or Conditioning()
         height, width = noise.shape[2] * 8, noise.shape[3] * 8
         steps = len(sigma_list) - 1
@@ -231,11 +241,15 @@ class Pipeline:
         rope = model.rope(extra.ids_for(image_ids(height, width)), txt.shape[1])
         x = pack_latents(mx.array(noise, dtype=mx.float32))
         for i in range(steps):
-            sigmas = sigma_list[i : i + 2]
-            x = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigmas, dtype=self.dtype,
-                             block_weights=block_weights, extra=extra, cache=cache,
-                             step=i + 1)  # fmt: skip
+            sigmas, before = sigma_list[i : i + 2], x
+            x, v = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigmas,
+                                dtype=self.dtype, block_weights=block_weights, extra=extra,
+                                cache=cache, step=i + 1, with_velocity=True)  # fmt: skip
             check_finite(x, "denoise", self.precision, i + 1, steps)
+            if on_x0 is not None:
+                x0 = before - v.astype(mx.float32) * sigmas[0]
+                on_x0(i + 1, steps, unpack_latents(x0, height, width))
+            del v
             if on_step:
                 on_step(i + 1, steps)
         return unpack_latents(x, height, width)

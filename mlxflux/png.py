@@ -56,6 +56,23 @@ def save_png(
     return write_png(image, path, chunks)
 
 
+def replace_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write `image` at `path`, replacing what is there in one step (a viewer watching the
+    file never sees half of it): a preview rewritten after every step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{os.getpid()}-", suffix=".png",
+                               dir=path.parent)  # fmt: skip
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_png(image: Image.Image, path: str | os.PathLike, chunks: dict[str, str]) -> Path:
     """`save_png`'s atomic, never-overwriting write, with these text chunks."""
     path = Path(path)

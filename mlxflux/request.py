@@ -18,6 +18,7 @@ import numpy as np
 from .cache import DEFAULTS, METHODS
 from .errors import SettingsError
 from .pixels import Picture
+from .preview import METHODS as PREVIEW_METHODS
 from .sampling import SCHEDULERS, TABLE_SIZE
 from .tokenizers import T5_PADDING
 from .variants.control import PREPROCESS
@@ -295,6 +296,13 @@ class GenerationRequest:
         help="easycache: START,END, the part of the schedule where steps may be skipped, as "
         "the node's start_percent and end_percent [default: 0.15,0.95].",
         cli={"metavar": "START,END"},
+    )  # fmt: skip
+    preview: str = param(
+        "auto", _choice(PREVIEW_METHODS), label="Preview",
+        help="How the picture forming is previewed (with --preview-file, on the studio's page): "
+        "latent2rgb (ComfyUI's, nearly free), taef1 (the tiny decoder, when the model folder "
+        "has it: convert --taef1), none [default: auto, taef1 when there, else latent2rgb].",
+        cli={"choices": PREVIEW_METHODS},
     )  # fmt: skip
     tiled_decode: bool | None = param(
         None, _maybe_flag, flag="--tiled-decode/--no-tiled-decode", label="Tiled decode",

@@ -191,3 +191,21 @@ def write_lora(path: Path, layers: dict[str, tuple[int, int]], seed: int, rank: 
         tensors[f"{name}.alpha"] = np.array(2.0, np.float32)
     save_file(tensors, str(path))
     return path
+
+
+def write_taef1(path: Path, seed: int, scale: float = 0.05) -> Path:
+    """A random TAEF1 decoder as ComfyUI ships it (`taef1_decoder.safetensors`: keys `<i>.*`
+    of its Decoder sequence, PyTorch's [out, in, kh, kw] convolutions)."""
+    from safetensors.numpy import save_file
+
+    g = np.random.default_rng(seed)
+    shapes = {"1.weight": (64, 16, 3, 3), "1.bias": (64,), "19.weight": (3, 64, 3, 3),
+              "19.bias": (3,)}  # fmt: skip
+    for i in (3, 4, 5, 8, 9, 10, 13, 14, 15, 18):  # the blocks
+        for c in (0, 2, 4):
+            shapes[f"{i}.conv.{c}.weight"], shapes[f"{i}.conv.{c}.bias"] = (64, 64, 3, 3), (64,)
+    for i in (7, 12, 17):  # the convolutions after each upsampling, without bias
+        shapes[f"{i}.weight"] = (64, 64, 3, 3)
+    tensors = {k: (g.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
+    save_file(tensors, str(path))
+    return path

@@ -16,16 +16,24 @@ from ..quant import quantize
 from .autoencoder import AutoEncoder, AutoencoderConfig
 from .clip import CLIPConfig, CLIPTextModel
 from .t5 import T5Config, T5Encoder
+from .taef1 import TAEF1Config, TAEF1Decoder
 from .transformer import FluxConfig, FluxTransformer, is_modulation_key
 
-COMPONENTS = ("transformer", "t5", "clip", "vae")
+COMPONENTS = ("transformer", "t5", "clip", "vae")  # every model folder has them
+OPTIONAL = ("taef1",)  # added when asked for (`convert --taef1`): the preview decoder
 # name -> (config class, module class); the transformer's module takes the kernels
 CLASSES = {
     "transformer": (FluxConfig, FluxTransformer),
     "vae": (AutoencoderConfig, AutoEncoder),
     "t5": (T5Config, T5Encoder),
     "clip": (CLIPConfig, CLIPTextModel),
+    "taef1": (TAEF1Config, TAEF1Decoder),
 }
+
+
+def components_of(manifest: dict) -> list[str]:
+    """The components a folder holds: the four, then the optional ones it has."""
+    return [*COMPONENTS, *(c for c in OPTIONAL if c in manifest["components"])]
 
 
 def check_weights(expected: dict[str, mx.array], weights: dict[str, mx.array], source: str) -> None:

@@ -1,0 +1,191 @@
+"""The preview decoder (`mlxflux convert --taef1`): madebyollin's TAEF1 decoder, from any of the
+files it ships as, into a model folder's optional `taef1` component.
+
+    ComfyUI     models/vae_approx/taef1_decoder.pth or .safetensors: keys `<i>.*`, where
+                `<i>` indexes ComfyUI's `Decoder` sequence (0 is the clamp)
+    diffusers   the repo madebyollin/taef1 (`AutoencoderTiny`): `decoder.layers.<i - 1>.*`,
+                the encoder's keys ignored
+    full TAESD  `decoder.<i>.*` or `taesd_decoder.<i>.*` beside the encoder's
+
+`.pth` files are read by `pth_io`, which never runs their pickle. Convolutions are turned from
+PyTorch's [out, in, kh, kw] to MLX's [out, kh, kw, in]; the weights are checked against the
+decoder's shapes and for finite values here, so a bad file is refused before anything is
+written, never in the middle of a run. The decoder is tiny (1.2 M parameters) and kept in
+float32, in which previews run.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlxflux.atomic import private_name, replace_folder, restore_folder
+from mlxflux.errors import MlxfluxError
+from mlxflux.model_folder import (
+    MANIFEST,
+    SELF_SHA,
+    SMALL_FILES,
+    check_folder,
+    file_sha256,
+    manifest_sha256,
+    read_manifest,
+    small_files,
+    write_component,
+)
+from mlxflux.models.registry import build_model, check_weights
+from mlxflux.models.taef1 import TAEF1Config
+
+from .errors import ConvertError
+from .hub import snapshot
+from .pth_io import read_pth
+
+DIFFUSERS_REPO = "madebyollin/taef1"
+# what a folder may hold, in the order looked for (a ComfyUI models/ folder: under vae_approx/)
+FILES = ("taef1_decoder.safetensors", "taef1_decoder.pth", "diffusion_pytorch_model.safetensors")
+_LAYER = re.compile(r"^(?:taesd_decoder\.|decoder\.)?(layers\.)?(\d+)\.(.+)$")
+
+
+def locate(source: str | os.PathLike, log=print) -> Path:
+    """The decoder's file: `source` itself, the file in a folder (ComfyUI's models/ or
+    vae_approx/, a diffusers download), or downloaded when `source` is a repo id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for where in (path, path / "vae_approx"):
+            for name in FILES:
+                if (where / name).is_file():
+                    return where / name
+        raise ConvertError(f"{path}: holds none of {', '.join(FILES)} (nor vae_approx/ with one)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        log(f"downloading {source} from the Hugging Face Hub")
+        folder = snapshot(str(source), ["config.json", *FILES])
+        return locate(folder)
+    raise ConvertError(f"{path}: no such file or folder (nor a Hugging Face repo id)")
+
+
+def find_taef1(sources) -> Path | None:
+    """ComfyUI's preview decoder among the `--from` folders (models/vae_approx/), if any."""
+    for source in sources:
+        folder = Path(source).expanduser()
+        for where in (folder / "vae_approx", folder):
+            for name in FILES[:2]:
+                if folder.is_dir() and (where / name).is_file():
+                    return where / name
+    return None
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".pth":
+        return read_pth(path)
+    try:
+        return {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(path)).items()}
+    except (RuntimeError, ValueError) as e:
+        raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_taef1(path: Path) -> tuple[dict, dict[str, mx.array]]:
+    """(config, weights named as `models.taef1.TAEF1Decoder`'s, float32 in MLX's layout) from
+    one of the layouts above; ConvertError naming the file unless it is a TAEF1 decoder."""
+    try:
+        raw = _tensors(path)
+    except MlxfluxError as e:
+        raise ConvertError(str(e)) from None
+    diffusers = any(k.startswith("decoder.layers.") for k in raw)
+    weights = {}
+    for key, value in raw.items():
+        if key.startswith(("encoder.", "taesd_encoder.")) or key in ("vae_scale", "vae_shift"):
+            continue
+        m = _LAYER.match(key)
+        if m is None:
+            raise ConvertError(f"{path}: not a TAEF1 decoder (a key {key!r})")
+        index = int(m.group(2)) + (1 if diffusers else 0)
+        if value.ndim == 4:  # PyTorch's [out, in, kh, kw] -> MLX's [out, kh, kw, in]
+            value = value.transpose(0, 2, 3, 1)
+        weights[f"layers.{index}.{m.group(3)}"] = mx.array(value.astype(np.float32))
+    first = weights.get("layers.1.weight")
+    channels = first.shape[-1] if first is not None and first.ndim == 4 else None
+    if channels is not None and channels != 16:
+        raise ConvertError(
+            f"{path}: a tiny decoder for {channels}-channel latents (TAESD for SD 1.x/SDXL/SD3); "
+            "FLUX needs TAEF1's 16 (taef1_decoder from madebyollin/taesd, or madebyollin/taef1)"
+        )
+    config = TAEF1Config().to_dict()
+    expected = dict(tree_flatten(build_model("taef1", config).parameters()))
+    try:
+        check_weights(expected, weights, str(path))
+    except MlxfluxError as e:
+        raise ConvertError(f"not a TAEF1 decoder: {e}") from None
+    bad = sorted(k for k, v in weights.items() if not mx.isfinite(v).all().item())
+    if bad:
+        raise ConvertError(f"{path}: non-finite values in {', '.join(bad)}")
+    return config, weights
+
+
+def source_record(path: Path) -> dict:
+    """What the manifest records of the file the decoder came from."""
+    layout = "comfyui" if path.name.startswith("taef1_decoder") else "diffusers"
+    return {"component": "taef1", "layout": layout, "name": path.name,
+            "size": path.stat().st_size, "sha256": file_sha256(path)}  # fmt: skip
+
+
+def add_taef1(folder: str | os.PathLike, source, log=print) -> Path:
+    """Add (or replace) the preview decoder in an existing model folder, atomically: the new
+    folder is built beside it from hard links to the same files (no weights copied where the
+    file system has them), the decoder and a new manifest written, checked, then renamed into
+    place; on any failure the folder is as it was."""
+    folder = Path(folder).expanduser()
+    try:
+        manifest = read_manifest(folder)
+        check_folder(folder, manifest)
+    except MlxfluxError as e:
+        raise ConvertError(str(e)) from None
+    path = locate(source, log)
+    config, weights = read_taef1(path)
+    restore_folder(folder)
+    tmp = private_name(folder.parent, f".{folder.name}.partial-")
+    try:
+        copied = _link_tree(folder, tmp, skip={"taef1", MANIFEST})
+        if copied:
+            log(f"note: hard links are not supported there: {copied} files copied")
+        manifest["components"]["taef1"] = write_component(
+            "taef1", config, weights.items(), tmp, None, mx.float32
+        )
+        manifest["sources"] = [s for s in manifest["sources"] if s["component"] != "taef1"]
+        manifest["sources"].append(source_record(path))
+        manifest[SMALL_FILES] = {rel: file_sha256(tmp / rel) for rel in small_files(tmp)}
+        manifest[SELF_SHA] = manifest_sha256(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        check_folder(tmp, manifest)
+        replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"added the preview decoder (taef1, {path.name}) to {folder}")
+    return folder
+
+
+def _link_tree(src: Path, dst: Path, skip) -> int:
+    """Mirror `src` into a new `dst` with hard links (copies where links fail); top-level names
+    in `skip` are left out. Returns how many files had to be copied."""
+    copied = 0
+    dst.mkdir()
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.parts[0] in skip:
+            continue
+        if path.is_dir():
+            (dst / rel).mkdir(exist_ok=True)
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dst / rel)
+        except OSError:
+            shutil.copy2(path, dst / rel)
+            copied += 1
+    return copied
