@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxflux.kernels import precision_choice
 from mlxflux.models.latents import image_ids, pack_latents
 from mlxflux.models.transformer import FLUX_DEV, FluxTransformer
 from mlxflux.pipeline import PRECISIONS, denoise_step
+from mlxflux.precision import precision_choice
 from mlxflux.quant import quantize
 
 SIZES = {"256": (256, 256), "book": (896, 1152), "vinyl": (1024, 1024), "dvd": (832, 1216)}

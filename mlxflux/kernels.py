@@ -1,5 +1,5 @@
 """The backend-specific kernels of the Flux trunk, in one place: attention, GELU and the matmuls
-of (quantized) linear layers.
+of (quantized) linear layers; and the 3x3 convolutions of the preview's tiny decoder.
 
 A `Kernels` object is chosen once, when a model is loaded (`choose`, which reads
 `MLXFLUX_KERNELS` once), and the model holds it; its layers call it and never ask which
@@ -24,7 +24,6 @@ and `Kernels.profiling()` times each kind of kernel for `bench/speed.py --breakd
 
 import contextlib
 import os
-import re
 import threading
 import time
 from collections import Counter
@@ -157,6 +156,15 @@ class Kernels:
                 parts.append(_gelu_rational(x[..., start : start + step, :].astype(mx.float32)))
         return mx.concatenate(parts, axis=-2).astype(x.dtype)
 
+    def conv3x3(self, conv: nn.Conv2d, x: mx.array) -> mx.array:
+        """`conv(x)` for a 3x3 convolution of stride 1 and padding 1, NHWC: MLX's on the fused
+        path; on the split path nine BLAS matmuls accumulated in place (`_shifted_conv`), 2.6-2.8x
+        faster than MLX's CPU convolution (64 channels at 400x272: 0.10 s against 0.27)."""
+        if self.mode == "fused":
+            return conv(x)
+        self.calls["shifted_conv"] += 1
+        return _shifted_conv(x, conv.weight, conv.get("bias"))
+
     def linear_rows(self, layer: nn.Module, start: int = 0, stop: int | None = None):
         """A function applying output rows [start, stop) of a Linear or QuantizedLinear layer.
 
@@ -258,35 +266,29 @@ class Kernels:
         return quantized
 
 
-# ---- choosing a precision ---------------------------------------------------------------------
+# ---- convolution on the CPU ------------------------------------------------------------------
 
 
-def apple_gpu_generation(architecture: str) -> int | None:
-    """13 for M1 (`applegpu_g13g`, `g13s`, ...), 14 for M2, 15 for M3, 16 for M4; None when
-    the string is not an Apple GPU architecture."""
-    match = re.fullmatch(r"applegpu_g(\d+)[a-z]*", architecture.strip().lower())
-    return int(match.group(1)) if match else None
-
-
-def precision_choice(device_info: dict | None = None) -> tuple[str, str]:
-    """(precision, why) for `precision=None`.
-
-    float32 on the CPU backend (no fast 16-bit matmul there). On Metal, float16 where the GPU
-    has no bfloat16 (M1 and M2: MLX emulates it, ~50% slower), with float32 residual streams
-    and a float32 re-run of any block that overflows (docs/numerics.md); bfloat16 on M3 and
-    later, and on CUDA. `device_info`: `mx.metal.device_info()`'s dict (tests pass a mock).
-    """
-    kind = backend()
-    if kind == "cpu":
-        return "float32", "MLX's CPU backend has no fast 16-bit matmul"
-    if kind == "cuda":
-        return "bfloat16", "CUDA GPU: native bfloat16"
-    info = device_info if device_info is not None else mx.metal.device_info()
-    arch = str(info.get("architecture", ""))
-    gen = apple_gpu_generation(arch)
-    if gen is not None and gen < 15:
-        return "float16", f"{arch} (M1/M2 class): no native bfloat16, float16 with guards"
-    return "bfloat16", f"{arch or 'Apple GPU'}: native bfloat16"
+def _shifted_conv(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """A 3x3 convolution (padding 1) as nine matmuls, without im2col's copies: with the picture
+    padded and flattened to rows of W + 2 pixels, the tap (i, j) of every output is the
+    contiguous run of rows starting at i * (W + 2) + j, so each tap is one BLAS call on a view,
+    accumulated by `mx.addmm`. Each output row carries two pixels of padding, cut at the end.
+    x [B, H, W, C], weight [O, 3, 3, C] -> [B, H, W, O]."""
+    b, h, w, c = x.shape
+    out_c, wide = weight.shape[0], w + 2
+    outs = []
+    for image in x:
+        # one padding row more at the bottom: the last taps read two pixels past the picture
+        flat = mx.pad(image, [(1, 2), (1, 1), (0, 0)]).reshape(-1, c)
+        n = h * wide
+        acc = mx.broadcast_to(bias if bias is not None else mx.zeros((out_c,), x.dtype), (n, out_c))
+        for i in range(3):
+            for j in range(3):
+                start = i * wide + j
+                acc = mx.addmm(acc, flat[start : start + n], weight[:, i, j, :].T)
+        outs.append(acc.reshape(h, wide, out_c)[:, :w])
+    return mx.stack(outs)
 
 
 # ---- attention on the CPU --------------------------------------------------------------------

@@ -25,7 +25,6 @@ from . import kernels as kernel_choice
 from .blocks import BlockWeights, StreamedBlocks
 from .cache import EasyCache, FirstBlock
 from .errors import NonFiniteError, SettingsError
-from .kernels import precision_choice
 from .lora import LoraSet
 from .memory_plan import DECODE_BUDGET, parse_budget, tensor_bytes
 from .model_folder import DTYPES, check_folder, read_manifest
@@ -33,6 +32,7 @@ from .models.autoencoder import estimate_decode_bytes
 from .models.latents import image_ids, pack_latents, unpack_latents
 from .models.registry import load_component
 from .models.transformer import Conditioning as Modulation
+from .precision import precision_choice
 from .request import GenerationRequest
 from .sampling import euler_step
 from .tokenizers import CLIPTokenizer, T5Tokenizer

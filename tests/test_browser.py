@@ -129,6 +129,89 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
     assert shot.stat().st_size > 10_000
 
 
+# in the page: each picture the job card's "forming" image loads, as (src, a sum of its pixels)
+WATCH = """() => {
+  window.seen = [];
+  const canvas = document.createElement("canvas");
+  new MutationObserver(() => {
+    const img = document.querySelector(".job .forming img");
+    if (img && !img.dataset.watched) {
+      img.dataset.watched = "1";
+      img.addEventListener("load", () => {
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        const ctx = canvas.getContext("2d");
+        ctx.drawImage(img, 0, 0);
+        const px = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+        let sum = 0;
+        for (let i = 0; i < px.length; i++) sum = (sum * 31 + px[i]) % 1000000007;
+        window.seen.push({ src: img.getAttribute("src"), sum, w: img.naturalWidth,
+                           caption: img.nextSibling.textContent });
+      });
+    }
+  }).observe(document.body, { childList: true, subtree: true });
+}"""
+
+
+def test_the_job_card_shows_the_cover_forming_then_the_result(tmp_path, monkeypatch):
+    """With the tiny decoder in the folder (auto: taef1), the card of a running job shows a
+    preview that changes from step to step, beside the original, and then the result."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from mlxflux.convert.taef1 import add_taef1
+
+    from .helpers import write_taef1
+
+    assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    folder = small_model(tmp_path / "model", seed=94)
+    add_taef1(folder, write_taef1(tmp_path / "taef1_decoder.safetensors", seed=5), log=print)
+    url, studio, srv, thread = serve(folder, tmp_path)
+    original = tmp_path / "original.png"
+    cover_image(8, 192, 128).save(original)
+    try:
+        with sync_playwright() as p:
+            browser, page = browser_page(p)
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            expect(page.locator("#preview option")).to_have_count(
+                4
+            )  # auto, latent2rgb, taef1, none
+            page.evaluate(WATCH)
+            page.fill("#prompt", "an album cover forming")
+            page.fill("#width", "192")
+            page.fill("#height", "128")
+            page.fill("#steps", "12")
+            page.fill("#seeds", "11")
+            page.fill("#denoise", "0.9")
+            page.set_input_files("#init_image", str(original))
+            page.click("#generate")
+            job = page.locator(".job").first
+            caption = job.locator(".forming figcaption")
+            expect(caption).to_have_text("step 5/12", timeout=120_000)
+            expect(job.locator(".original img")).to_have_js_property("naturalWidth", 192)
+            shot = tmp_path / "forming.png"
+            job.screenshot(path=str(shot))
+            expect(job).to_have_class("job done", timeout=120_000)
+            expect(caption).to_have_text("seed 11")
+            page.wait_for_function("() => window.seen.some(s => s.src.startsWith('/api/images/'))")
+            seen = page.evaluate("window.seen")
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    previews = [s for s in seen if "/preview?" in s["src"]]
+    print(f"{len(previews)} previews seen, then {seen[-1]['src']}")
+    assert len(previews) >= 3 and all(s["w"] == 192 for s in previews)  # taef1: full size
+    assert len({s["sum"] for s in previews}) >= 3  # the picture changes between steps
+    assert seen[-1]["src"].startswith("/api/images/") and seen[-1]["caption"] == "seed 11"
+    assert seen[-1]["sum"] not in {s["sum"] for s in previews}
+    assert errors == []
+    keep = os.environ.get("MLXFLUX_PREVIEW_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+
+
 def test_a_kontext_model_takes_a_reference_on_the_page(tmp_path, monkeypatch):
     import json
 

@@ -13,6 +13,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from mlxflux import kernels
+from mlxflux.precision import precision_choice
 
 from .reference import (
     BF16_BOUND,
@@ -51,7 +52,7 @@ def test_default_precision_by_chip(monkeypatch, backend, arch, want):
     info = None if arch is None else {"architecture": arch, "device_name": "mocked"}
     if backend == "metal":  # the real call must not run here: the info is mocked
         monkeypatch.setattr(mx.metal, "device_info", lambda: info)
-    precision, why = kernels.precision_choice()
+    precision, why = precision_choice()
     assert precision == want
     assert why and (arch is None or arch in why or not arch)
 

@@ -263,6 +263,29 @@ def test_rational_gelu_matches_torch(monkeypatch):
     assert np.all(np.abs(got[finite] - want[finite]) <= 2e-6 * np.maximum(1, np.abs(x[finite])))
 
 
+@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize("shape, bias", [((2, 7, 5, 3), True), ((1, 4, 9, 16), False)])
+def test_conv3x3_matches_torch(monkeypatch, mode, shape, bias):
+    monkeypatch.setenv("MLXFLUX_KERNELS", mode)
+    b, h, w, c = shape
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    conv = nn.Conv2d(c, 6, 3, padding=1, bias=bias)
+    chosen = kernels.choose()
+    got = np.array(chosen.conv3x3(conv, mx.array(x)))
+    assert chosen.calls["shifted_conv"] == (mode == "split")
+    weight = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)  # OHWI -> OIHW
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x).permute(0, 3, 1, 2),
+        weight,
+        torch.from_numpy(np.array(conv.bias)) if bias else None,
+        padding=1,
+    )
+    want = want.permute(0, 2, 3, 1).numpy()
+    assert got.shape == want.shape == (b, h, w, 6)
+    assert np.abs(got - want).max() < 1e-5
+
+
 def test_the_cpu_kernels_are_really_compiled(tmp_path):
     """MLX compiles `mx.compile`d functions on the CPU with the system's C++ compiler, caches the
     library under $TMPDIR/mlx, and silently runs them uncompiled without a compiler. The CPU

@@ -13,6 +13,7 @@ import mlxflux
 from mlxflux import kernels
 from mlxflux.convert import convert
 from mlxflux.models.latents import pack_latents
+from mlxflux.precision import precision_choice
 
 from . import reference
 from .helpers import HEIGHT, WIDTH, generate, interrupted_gen, run_cli
@@ -261,7 +262,7 @@ def test_float16_reruns_the_overflowing_layer_in_float32(overflowing_folder):
 def test_png_and_header_say_which_precision_ran_and_why(tmp_path, overflowing_folder):
     """The default on this backend, and float16 asked for, with the blocks that re-ran."""
     size = ["--width", "32", "--height", "32", "--steps", "2", "--seed", "1"]
-    for flags, want, why in [([], kernels.precision_choice()[0], "MLX's CPU backend"),
+    for flags, want, why in [([], precision_choice()[0], "MLX's CPU backend"),
                              (["--precision", "float16"], "float16", "asked for")]:  # fmt: skip
         out = tmp_path / f"{want}.png"
         r = run_cli("gen", "--prompt", "a", *size, *flags, "--model", overflowing_folder,

@@ -11,7 +11,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 import mlxflux
-from mlxflux import serve
+from mlxflux import studio as studio_module
 from mlxflux.serve import Studio, create_app
 
 from .helpers import cover_image, run_cli
@@ -128,9 +128,28 @@ def test_events_stream_progress_with_stage_names_then_the_end(client):
                 if kind == "end":
                     break
     assert events[-1][0] == "end" and events[-1][1]["status"] == "done"
-    stages = {e["stage"] for _, e in events}
+    states = [e for kind, e in events if kind != "preview"]
+    stages = {e["stage"] for e in states}
     assert {"text", "modulation", "denoise", "decode"} <= stages
-    assert {e["step"] for _, e in events if e["stage"] == "denoise"} >= {1, 2, 3}
+    assert {e["step"] for e in states if e["stage"] == "denoise"} >= {1, 2, 3}
+    # a preview after every step, each one a picture at its URL while the job ran
+    previews = [e for kind, e in events if kind == "preview"]
+    assert [(e["step"], e["steps"]) for e in previews] == [(1, 3), (2, 3), (3, 3)]
+    assert len({e["url"] for e in previews}) == 3
+    assert events[-1][1]["preview"] is None  # the result replaces it
+    last = client.get(previews[-1]["url"])
+    assert last.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(last.content)).size == (4, 4)  # latent2rgb: 32 / 8
+
+
+def test_a_job_without_previews_sends_none(client):
+    job = post(client, {"prompt": "x", "width": 32, "height": 32, "steps": 2, "seed": 1,
+                        "preview": "none"}).json()  # fmt: skip
+    wait(client, job["id"])
+    assert client.get(f"/api/jobs/{job['id']}/preview").status_code == 404
+    r = post(client, {"prompt": "x", "width": 32, "height": 32, "preview": "taef1"})
+    assert r.status_code == 400 and r.json()["field"] == "preview"
+    assert r.json()["error"].startswith("Preview: taef1: this model folder has no tiny decoder")
 
 
 def test_bad_requests_get_400_and_one_line(client, monkeypatch, tmp_path):
@@ -158,7 +177,7 @@ def test_bad_requests_get_400_and_one_line(client, monkeypatch, tmp_path):
         error = r.json()["error"]
         assert said in error and "\n" not in error and not error.startswith("--"), error
         assert r.json()["field"] == field, (said, r.json())
-    monkeypatch.setattr(serve, "MAX_UPLOAD_BYTES", 100)
+    monkeypatch.setattr(studio_module, "MAX_UPLOAD_BYTES", 100)
     r = post(client, ok, [("init_image", image)])
     assert r.status_code == 400 and "over the" in r.json()["error"]
     r = client.post("/api/jobs", data={"other": "1"})

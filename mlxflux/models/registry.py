@@ -55,7 +55,7 @@ def check_weights(expected: dict[str, mx.array], weights: dict[str, mx.array], s
 def build_model(name: str, config: dict, kernels: Kernels | None = None) -> nn.Module:
     """An un-loaded module (lazy random parameters, nothing allocated) for a component."""
     config_class, module_class = CLASSES[name]
-    if name == "transformer":
+    if name in ("transformer", "taef1"):  # the modules whose layers run through the kernels
         return module_class(config_class.from_dict(config), kernels)
     return module_class(config_class.from_dict(config))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels import Kernels, choose
 from .config import strict_from_dict
 
 
@@ -34,6 +35,12 @@ def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
 
 
+def _apply(layers: list, x: mx.array, kernels: Kernels) -> mx.array:
+    for layer in layers:
+        x = kernels.conv3x3(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
+    return x
+
+
 class Clamp(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         return mx.tanh(x / 3) * 3
@@ -44,18 +51,16 @@ class Block(nn.Module):
         super().__init__()
         self.conv = [_conv(n, n), nn.ReLU(), _conv(n, n), nn.ReLU(), _conv(n, n)]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = x
-        for layer in self.conv:
-            y = layer(y)
-        return nn.relu(y + x)
+    def __call__(self, x: mx.array, kernels: Kernels) -> mx.array:
+        return nn.relu(_apply(self.conv, x, kernels) + x)
 
 
 class TAEF1Decoder(nn.Module):
-    def __init__(self, cfg: TAEF1Config | None = None):
+    def __init__(self, cfg: TAEF1Config | None = None, kernels: Kernels | None = None):
         super().__init__()
         cfg = cfg or TAEF1Config()
         self.config = cfg
+        self.kernels = kernels or choose()  # its convolutions' code path
         n = cfg.channels
         layers = [Clamp(), _conv(cfg.latent_channels, n), nn.ReLU()]
         for _ in range(3):
@@ -68,5 +73,9 @@ class TAEF1Decoder(nn.Module):
         image [B, 8h, 8w, 3], about [0, 1]."""
         x = latent.transpose(0, 2, 3, 1)
         for layer in self.layers:
-            x = layer(x)
+            if isinstance(layer, Block):
+                x = layer(x, self.kernels)
+            else:
+                x = _apply([layer], x, self.kernels)
+            mx.eval(x)  # layer by layer: the activations at full size are the big ones
         return x
