@@ -284,7 +284,34 @@ def compare(original, images, output, height, middle):
     help="Compute dtype [default: by chip, as gen].",
 )
 @click.option("--memory-budget", default="auto", show_default=True, help="As gen's.")
-def serve(model, host, port, allow_hosts, token, output_dir, precision, memory_budget):
+@path_option(
+    "--lora-dir",
+    help="A folder of LoRA .safetensors files the page may pick from (e.g. ComfyUI's "
+    "models/loras). Without it, only LoRAs uploaded from the page; no other path is ever read.",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Images one job may ask for: a job holds the queue until all are made.",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(1),
+    default=150,
+    show_default=True,
+    help="Steps one job may ask for (FLUX.1 dev draws in 20-50).",
+)
+@click.option(
+    "--max-megapixels",
+    type=click.FloatRange(0.01),
+    default=4.2,
+    show_default=True,
+    help="Picture size one job may ask for (4.2: 2048x2048, twice FLUX.1's ~2 MP).",
+)
+def serve(model, host, port, allow_hosts, token, output_dir, precision, memory_budget,
+          lora_dir, max_images, max_steps, max_megapixels):  # fmt: skip
     """A local web page over the library: presets, prompt, seeds, the original cover for
     image to image / Kontext / control / fill, live progress, the result beside the original,
     a gallery of earlier PNGs. Jobs run one at a time on one loaded model. Pages of other
@@ -295,19 +322,26 @@ def serve(model, host, port, allow_hosts, token, output_dir, precision, memory_b
     try:
         import uvicorn
 
-        from .serve import Studio, create_app
+        from .serve import Limits, Studio, create_app
     except ImportError as e:
         raise Failure(f'{e.name} is missing: pip install ".[serve]" (from a clone)') from None
     from .errors import MlxfluxError
     from .guard import is_loopback
     from .pipeline import load
+    from .precision import blas_advice
 
     folder = ensure_model(model, (), None)
     try:
         pipe = load(folder, precision, memory_budget)
     except MlxfluxError as e:
         raise Failure(str(e)) from None
-    studio = Studio(pipe, output_dir or Path("mlxflux-output"))
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise Failure(f"--lora-dir: {lora_dir} is not a folder")
+    limits = Limits(max_images, max_steps, max_megapixels)
+    studio = Studio(pipe, output_dir or Path("mlxflux-output"), lora_dir, limits)
+    advice = blas_advice()
+    if advice:
+        click.echo(f"warning: {advice}", err=True)
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(24)
     shown = f"[{host}]" if ":" in host else host

@@ -179,6 +179,7 @@ def gen(preset, seed, seeds, count, model, output, report, preview_file, from_pn
     Several Macs:    mlx.launch --hostfile hosts.json -- mlxflux gen --preset dvd --count 8
     """
     from .pipeline import load
+    from .precision import blas_advice
     from .runs import check_template, share
 
     png = read_from_png(from_png) if from_png else {}
@@ -198,6 +199,9 @@ def gen(preset, seed, seeds, count, model, output, report, preview_file, from_pn
         raise Failure(str(e)) from None
     if not pipe.variant_info.guided and given.get("guidance") is not None:
         click.echo("note: FLUX.1 schnell has no guidance input; --guidance is ignored", err=True)
+    advice = blas_advice()
+    if advice:
+        click.echo(f"warning: {advice}", err=True)
     where = f" (process {group.rank() + 1} of {group.size()})" if group.size() > 1 else ""
     click.echo(f"{header(job)}{where}, model {folder}, {pipe.precision} ({pipe.precision_why}), "
                f"memory: {job.report.settings['memory_plan']}", err=True)  # fmt: skip
@@ -274,14 +278,29 @@ def run_job(job, indexes: dict, preset: str | None, output: str | None,
         label = f"image {index + 1}/{len(seeds)}" if len(seeds) > 1 else "denoise"
         return tqdm(total=job.request.steps, desc=label, unit="step", dynamic_ncols=True)
 
-    bars = {0: new_bar(0)}  # one per image, each opened as the previous one closes
+    bars: dict = {}  # one per image, each opened at its first step (after the text's bar)
+    units = {"text": "layer", "encode": "block", "decode": "block"}
+    stage_bars: dict = {}  # the text, encode and decode stages' bars, by stage
+
+    def stage_progress(stage: str, done: int, total: int) -> None:
+        bar = stage_bars.get(stage)
+        if bar is None or (done == 0 and bar.n):  # a new run: the next image's decode
+            if bar is not None:
+                bar.close()
+            bar = stage_bars[stage] = tqdm(total=total, desc=stage, dynamic_ncols=True,
+                                           unit=units.get(stage, "unit"))  # fmt: skip
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    job.report.on_progress = stage_progress
 
     def step_done(index: int, i: int, n: int) -> None:
+        if index not in bars:
+            bars[index] = new_bar(index)
         bars[index].update(1)
         if i == n:  # close now, so the bar's time is the denoising alone
             bars[index].close()
-            if index + 1 < len(seeds):
-                bars[index + 1] = new_bar(index + 1)
 
     written: list[Path] = []
     try:
@@ -303,7 +322,7 @@ def run_job(job, indexes: dict, preset: str | None, output: str | None,
     except MlxfluxError as e:  # NonFiniteError, a tensor that does not load, ...
         raise Failure(f"{e}; no image was written" if not written else str(e)) from None
     finally:
-        for bar in bars.values():
+        for bar in [*bars.values(), *stage_bars.values()]:
             bar.close()
     for entry, path in zip(job.report.images, written, strict=False):
         entry["output"] = str(path)

@@ -114,7 +114,10 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
         start, end = settings["cache_range"]
         model = g.add("EasyCache", model=[model, 0], reuse_threshold=settings["cache_threshold"],
                       start_percent=start, end_percent=end, verbose=False)  # fmt: skip
-    text = g.add("CLIPTextEncode", clip=[clip, 0], text=settings["prompt"])
+    prompt = settings["prompt"]
+    if settings.get("prompt_syntax") == "plain":  # brackets that were text: ComfyUI's escapes
+        prompt = prompt.replace("(", "\\(").replace(")", "\\)")
+    text = g.add("CLIPTextEncode", clip=[clip, 0], text=prompt)
     positive, negative = [text, 0], [g.add("ConditioningZeroOut", conditioning=[text, 0]), 0]
 
     def scaled(name: str) -> list:

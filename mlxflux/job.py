@@ -68,7 +68,8 @@ class Job:
         fallbacks = report.settings.setdefault("float32_fallbacks", [])
         with Stage(report, "text") as stage:
             txt, pooled = pipe.encode_text(request.prompt, request.t5_padding,
-                                           "text" in plan.streamed, stage)  # fmt: skip
+                                           "text" in plan.streamed, stage,
+                                           request.prompt_syntax)  # fmt: skip
         latent, extra = None, Conditioning()
         if request.init_image is not None or self.inputs.encodes:
             with Stage(report, "encode"):
@@ -195,8 +196,9 @@ def prepare(pipe, request: GenerationRequest) -> Job:
     settings = dict(
         prompt=request.prompt, width=width, height=height, steps=request.steps,
         guidance=request.guidance, shift=request.shift, scheduler=request.scheduler,
-        t5_padding=request.t5_padding, sampler="euler", cfg=1.0, precision=pipe.precision,
-        precision_why=pipe.precision_why, model=pipe.model_name, model_id=pipe.model_id,
+        t5_padding=request.t5_padding, prompt_syntax=request.prompt_syntax, sampler="euler",
+        cfg=1.0, precision=pipe.precision, precision_why=pipe.precision_why,
+        model=pipe.model_name, model_id=pipe.model_id,
         noise="given" if request.noise is not None else "comfy",
     )  # fmt: skip
     if len(request.seeds) == 1:

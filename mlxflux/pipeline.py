@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import kernels as kernel_choice
+from . import progress
 from .blocks import BlockWeights, StreamedBlocks
 from .cache import EasyCache, FirstBlock
 from .errors import NonFiniteError, SettingsError
@@ -33,6 +34,7 @@ from .models.latents import image_ids, pack_latents, unpack_latents
 from .models.registry import load_component
 from .models.transformer import Conditioning as Modulation
 from .precision import precision_choice
+from .prompt_syntax import segments, weigh
 from .request import GenerationRequest
 from .sampling import euler_step
 from .tokenizers import CLIPTokenizer, T5Tokenizer
@@ -151,14 +153,25 @@ class Pipeline:
 
     # ---- stages ---------------------------------------------------------------------------
 
-    def encode_text(self, prompt: str, t5_padding: str, streamed: bool = False, stage=None):
-        """(txt [1, T, 4096], pooled [1, 768]) of the prompt: T5, then CLIP."""
+    def encode_text(self, prompt: str, t5_padding: str, streamed: bool = False, stage=None,
+                    syntax: str = "comfy"):  # fmt: skip
+        """(txt [1, T, 4096], pooled [1, 768]) of the prompt: T5, then CLIP. `syntax`: how the
+        prompt is read (`prompt_syntax`): with weights, the empty prompt runs through T5 in
+        the same batch and each weighted token moves from it by its weight."""
         tok = self.folder / "tokenizers"
-        t5_ids = T5Tokenizer(tok / "t5" / "spiece.model")(prompt, t5_padding)
-        clip_ids = CLIPTokenizer(tok / "clip" / "vocab.json", tok / "clip" / "merges.txt")(prompt)
+        parts = segments(prompt, syntax)
+        t5_tok = T5Tokenizer(tok / "t5" / "spiece.model")
+        t5_ids, weights = t5_tok.weighted(parts, t5_padding)
+        clip_tok = CLIPTokenizer(tok / "clip" / "vocab.json", tok / "clip" / "merges.txt")
+        clip_ids = clip_tok.weighted(parts)
+        has_weights = any(w != 1.0 for w in weights)
+        batch = [t5_ids, t5_tok.empty(len(t5_ids))] if has_weights else [t5_ids]
         t5 = self.load("t5")
         blocks = self.blocks(t5, "t5", t5.block_names(), streamed)
-        txt = t5(mx.array([t5_ids]), block_weights=blocks)
+        with progress.units(len(t5.block_names())):
+            txt = t5(mx.array(batch), block_weights=blocks)
+        if has_weights:
+            txt = weigh(txt[:1], txt[1:], weights)
         mx.eval(txt)
         check_finite(txt, "text (T5)", self.precision)
         del t5
@@ -275,7 +288,12 @@ class Pipeline:
     def decode(self, ae, latent: mx.array, tiled: bool | None, fallbacks: list) -> Image.Image:
         h, w = latent.shape[2] * 8, latent.shape[3] * 8
         tiled = self.tiled(h, w, ae.config, tiled)
-        img = self._vae(lambda d: ae.decode(latent.astype(d), tiled=tiled), "decode", fallbacks)
+
+        def run(dtype: mx.Dtype) -> mx.array:
+            with progress.units(ae.decoder.units):
+                return ae.decode(latent.astype(dtype), tiled=tiled)
+
+        img = self._vae(run, "decode", fallbacks)
         # ComfyUI's SaveImage truncates: uint8(clip(255 * x))
         return Image.fromarray(np.array((img[0].astype(mx.float32) * 255).astype(mx.uint8)))
 
@@ -288,8 +306,12 @@ class Pipeline:
             ae = self.load("vae")  # only the encoder is read
         x = mx.array(np.asarray(pixels, dtype=np.float32)[None])
         tiled = self.tiled(x.shape[1], x.shape[2], ae.config, tiled)
-        z = self._vae(lambda d: ae.encode(x.astype(d), tiled=tiled), "encode",
-                      [] if fallbacks is None else fallbacks)  # fmt: skip
+
+        def run(dtype: mx.Dtype) -> mx.array:
+            with progress.units(ae.encoder.units):
+                return ae.encode(x.astype(dtype), tiled=tiled)
+
+        z = self._vae(run, "encode", [] if fallbacks is None else fallbacks)
         return np.array(z.astype(mx.float32))
 
 

@@ -3,6 +3,7 @@ hashed, and scaled or cropped to a generation's size."""
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,9 @@ def open_image(source, setting: str = "init_image") -> tuple[Image.Image, str, s
         raise
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "UnidentifiedImageError" in type(e).__name__:  # its message holds the file's repr
+            first = "not a format Pillow knows"
+        first = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "the file", first)  # no object reprs
         raise SettingsError(f"{path}: not a readable image ({first})", setting) from None
     return rgb, path.name, hashlib.sha256(data).hexdigest()
 

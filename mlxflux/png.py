@@ -19,6 +19,7 @@ def parameters_text(s: dict) -> str:
         f"Steps: {s['steps']}, Sampler: {s['sampler']}, Schedule type: {s['scheduler']}, "
         f"CFG scale: {s['cfg']}, Distilled CFG Scale: {s['guidance']}, Seed: {s['seed']}, "
         f"Size: {s['width']}x{s['height']}, Shift: {s['shift']}, T5 padding: {s['t5_padding']}, "
+        f"Prompt syntax: {s.get('prompt_syntax', 'comfy')}, "
         f"Model: {s.get('model', 'flux1-dev')} ({s.get('model_id', '')}), "
         f"Precision: {s.get('precision', '')}, "
         f"Version: mlxflux {s.get('version', '')}",

@@ -34,6 +34,7 @@ def read_png_settings(path) -> tuple[dict, str, list[str]]:
         if "mlxflux" in text:
             meta = json.loads(text["mlxflux"])
             settings = {k: meta[k] for k in KEYS if meta.get(k) is not None}
+            settings.setdefault("prompt_syntax", "plain")  # mlxflux read no weights before 0.2
             return settings, "mlxflux", _ours_notes(meta)
         if "prompt" in text:
             settings, notes = comfy_prompt_settings(json.loads(text["prompt"]))
@@ -92,6 +93,8 @@ def a1111_settings(text: str) -> tuple[dict, list[str]]:
         out["shift"] = pairs["Shift"] if pairs["Shift"] == "auto" else float(pairs["Shift"])
     if "T5 padding" in pairs:
         out["t5_padding"] = pairs["T5 padding"]
+    if pairs.get("Prompt syntax") in ("comfy", "plain"):
+        out["prompt_syntax"] = pairs["Prompt syntax"]
     schedule = pairs.get("Schedule type", "").lower()
     if schedule in SCHEDULERS:
         out["scheduler"] = schedule

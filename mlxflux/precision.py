@@ -33,3 +33,32 @@ def precision_choice(device_info: dict | None = None) -> tuple[str, str]:
     if gen is not None and gen < 15:
         return "float16", f"{arch} (M1/M2 class): no native bfloat16, float16 with guards"
     return "bfloat16", f"{arch or 'Apple GPU'}: native bfloat16"
+
+
+# where Debian and Ubuntu put the threaded OpenBLAS (apt-get install libopenblas0-pthread)
+OPENBLAS_PATHS = tuple(
+    f"/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0" for arch in ("x86_64", "aarch64")
+)
+
+
+def blas_advice(maps: str | None = None, paths=OPENBLAS_PATHS) -> str | None:
+    """One line when MLX's CPU backend runs on the reference BLAS its Linux wheel ships (fp32
+    matmuls ~25x slower) while OpenBLAS is installed: how to use it. None otherwise, and on
+    Metal and CUDA. `maps`: /proc/self/maps's text (tests pass their own)."""
+    import os
+
+    if kernels.backend() != "cpu":
+        return None
+    installed = next((p for p in paths if os.path.exists(p)), None)
+    if installed is None:
+        return None
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as f:
+                maps = f.read()
+        except OSError:
+            return None
+    if "libopenblas" in maps:
+        return None
+    return (f"MLX's CPU backend is on its reference BLAS (~25x slower matmuls) while OpenBLAS "
+            f"is installed: run with LD_PRELOAD={installed}")  # fmt: skip

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from . import native
+from . import native, progress
 
 
 @dataclass
@@ -27,6 +27,11 @@ class Report:
     plan: str = "resident"  # the memory plan: "resident" or "streamed" (some stage streams)
     # called with each stage's name as it starts (the web page shows it); not reported
     on_stage: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    # called as a stage that is not counted in steps goes on: on_progress(stage, done, total)
+    # (T5's layers, the VAE's blocks; `mlxflux.progress`); not reported
+    on_progress: Callable[[str, int, int], None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def peak_bytes(self) -> int:
@@ -68,12 +73,17 @@ class Stage:
     def __enter__(self):
         if self.report.on_stage is not None:
             self.report.on_stage(self.name)
+        on_progress, name = self.report.on_progress, self.name
+        listener = on_progress and (lambda done, total: on_progress(name, done, total))
+        self.listening = progress.listening(listener)
+        self.listening.__enter__()
         mx.synchronize()
         mx.reset_peak_memory()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        self.listening.__exit__(*exc)
         mx.synchronize()
         stats = StageStats(time.perf_counter() - self.start, mx.get_peak_memory())
         stats.bytes_read, stats.read_wait_seconds = self.bytes_read, self.read_wait_seconds

@@ -19,6 +19,7 @@ from .cache import DEFAULTS, METHODS
 from .errors import SettingsError
 from .pixels import Picture
 from .preview import METHODS as PREVIEW_METHODS
+from .prompt_syntax import SYNTAXES as PROMPT_SYNTAXES
 from .sampling import SCHEDULERS, TABLE_SIZE
 from .tokenizers import T5_PADDING
 from .variants.control import PREPROCESS
@@ -221,6 +222,12 @@ class GenerationRequest:
         help="comfy: pad T5 tokens to >=256; max: pad/truncate to 512 [default: comfy].",
         cli={"choices": tuple(T5_PADDING)},
     )  # fmt: skip
+    prompt_syntax: str = param(
+        "comfy", _choice(PROMPT_SYNTAXES), label="Prompt syntax",
+        help="comfy: ComfyUI's weights, (words) x1.1, (words:1.3), \\( \\) for brackets; "
+        "plain: the prompt as written, as diffusers reads it [default: comfy].",
+        cli={"choices": PROMPT_SYNTAXES},
+    )  # fmt: skip
     denoise: float = param(
         1.0, _number(0, 1, low_open=True, optional=False), label="Denoise",
         help=f"With --init-image: how much to change, 0 < D <= 1 (1 ignores the image) "
@@ -381,6 +388,9 @@ def _field(name: str):
     return next(f for f in fields(GenerationRequest) if f.name == name)
 
 
+MAX_SIDE = 16384  # ComfyUI's nodes.MAX_RESOLUTION: no node takes a larger side
+
+
 def _check_size(width, height) -> None:
     for value, name in ((width, "width"), (height, "height")):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -391,6 +401,10 @@ def _check_size(width, height) -> None:
             f"(nearest: {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)})",
             "width" if width % 16 or width < 16 else "height",
         )
+    if max(width, height) > MAX_SIDE:
+        name = "width" if width > MAX_SIDE else "height"
+        raise SettingsError(f"{max(width, height)} is over {MAX_SIDE} pixels (ComfyUI's "
+                            "MAX_RESOLUTION)", name)  # fmt: skip
 
 
 def flag_of(name: str) -> str:

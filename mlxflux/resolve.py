@@ -9,7 +9,8 @@ from .errors import SettingsError
 from .request import IMG2IMG_DENOISE, MAX_SEED, NO_PROMPT, GenerationRequest
 
 PRESET_KEYS = ("prompt", "width", "height", "steps", "guidance", "scheduler", "shift",
-               "t5_padding", "denoise", "cache", "cache_threshold", "cache_range")  # fmt: skip
+               "t5_padding", "prompt_syntax", "denoise", "cache", "cache_threshold",
+               "cache_range")  # fmt: skip
 IMAGE_KEYS = ("init_image", "reference_images", "control_image", "mask", "outpaint")
 
 

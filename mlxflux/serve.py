@@ -16,6 +16,8 @@ PNG. A cancelled job stops after the step it is on and writes nothing more.
     GET    /api/jobs/{id}/events     server-sent events: progress and preview, then the end state
     GET    /api/jobs/{id}/preview    the latest preview of the picture forming (JPEG)
     DELETE /api/jobs/{id}            cancel
+    GET    /api/loras                the LoRAs a job may name: serve --lora-dir's and uploaded ones
+    POST   /api/loras                multipart: file "lora" (.safetensors), kept for the session
     GET    /api/images               the output folder's PNGs, newest first, with their settings
     GET    /api/images/{name}        one PNG of the output folder (no other path is served)
 
@@ -35,9 +37,10 @@ from importlib import resources
 from ._version import __version__
 from .errors import one_line
 from .guard import Guard
-from .studio import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, BadRequest, Entry, Studio
+from .studio import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, Entry, Studio
+from .studio_inputs import MAX_LORA_BYTES, BadRequest, Limits
 
-__all__ = ["Studio", "create_app"]
+__all__ = ["Limits", "Studio", "create_app"]
 
 
 def create_app(studio: Studio, bind: str = "127.0.0.1", hosts=(), token: str | None = None):
@@ -72,6 +75,9 @@ def create_app(studio: Studio, bind: str = "127.0.0.1", hosts=(), token: str | N
             "accepts": {"init_image": True, "reference": "reference_images" in takes,
                         "control_image": "control_image" in takes, "mask": "mask" in takes},
             "presets": all_presets(), "output_dir": str(studio.output),
+            "limits": {"images": studio.limits.images, "steps": studio.limits.steps,
+                       "megapixels": studio.limits.megapixels,
+                       "upload_mib": MAX_UPLOAD_BYTES >> 20},
             "previews": ["auto", "latent2rgb",
                          *(["taef1"] if "taef1" in studio.pipe.manifest["components"] else []),
                          "none"],
@@ -107,6 +113,32 @@ def create_app(studio: Studio, bind: str = "127.0.0.1", hosts=(), token: str | N
         except BadRequest as e:
             return bad(str(e), field=e.field)
         return JSONResponse({"id": job.id, **job.public()}, status_code=201)
+
+    async def list_loras(request: Request):
+        return JSONResponse({"loras": list(await asyncio.to_thread(studio.loras.names)),
+                             "folder": studio.loras.folder is not None})  # fmt: skip
+
+    async def post_lora(request: Request):
+        size = int(request.headers.get("content-length") or 0)
+        if size > MAX_LORA_BYTES + (1 << 20):
+            return bad(f"LoRA: over the {MAX_LORA_BYTES >> 30} GiB limit", 413, "lora")
+        try:
+            form = await request.form(max_files=1, max_fields=1)
+        except Exception as e:  # noqa: BLE001 - a malformed multipart body
+            return bad(f"not a multipart form ({e})")
+        upload = form.get("lora")
+        if not hasattr(upload, "read"):
+            return bad("LoRA: send the file in the form field 'lora'", field="lora")
+
+        def chunks():
+            while chunk := upload.file.read(1 << 20):
+                yield chunk
+
+        try:
+            name = await asyncio.to_thread(studio.loras.add, upload.filename, chunks())
+        except BadRequest as e:
+            return bad(str(e), field=e.field)
+        return JSONResponse({"name": name}, status_code=201)
 
     async def list_jobs(request: Request):
         jobs = sorted(studio.jobs.values(), key=lambda j: j.created)
@@ -174,6 +206,8 @@ def create_app(studio: Studio, bind: str = "127.0.0.1", hosts=(), token: str | N
         Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/api/jobs/{job_id}/events", events),
         Route("/api/jobs/{job_id}/preview", get_preview),
+        Route("/api/loras", list_loras, methods=["GET"]),
+        Route("/api/loras", post_lora, methods=["POST"]),
         Route("/api/images", list_images),
         Route("/api/images/{name:path}", get_image),
         Route("/api/uploads/{job_id}/{part}/{name}", get_upload),

@@ -25,11 +25,14 @@ from ._version import __version__
 from .errors import MlxfluxError, SettingsError, one_line
 from .request import label_of, params
 from .resolve import resolve
+from .studio_inputs import BadRequest, Limits, LoraLibrary, safe_name
 
 log = logging.getLogger("mlxflux.serve")
 
 MAX_UPLOAD_BYTES = 64 << 20  # per file; a cover scan is a few MB
 MAX_REQUEST_BYTES = 5 * MAX_UPLOAD_BYTES
+
+
 UPLOADS = {"init_image": "init_image", "reference": "reference_images",
            "control_image": "control_image", "mask": "mask"}  # fmt: skip
 # what "settings" may hold: the request's fields (but its pictures, which come as files, and
@@ -43,19 +46,6 @@ NUMBERS = {
 } | {"seed": int, "count": int}
 END = ("done", "failed", "cancelled")
 PNG_NAME = re.compile(r"^[^/\\\x00]+\.png$")
-
-
-class BadRequest(Exception):
-    """A request that cannot run: 400 with its one-line message and the field it is about."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-    @classmethod
-    def of(cls, e: SettingsError) -> "BadRequest":
-        """A refused setting in the page's words: its field's label."""
-        return cls(f"{label_of(e.name)}: {e.reason}", e.name)
 
 
 class Cancelled(Exception):
@@ -85,11 +75,60 @@ class Entry:
     history: list[tuple[str, dict]] = field(default_factory=list)
     preview: bytes | None = None  # the latest preview, JPEG
     previews: int = 0  # how many there have been: the preview URL's version
+    stage_done: int = 0  # the text, encode and decode stages' progress (`mlxflux.progress`)
+    stage_total: int = 0
+    started: float | None = None  # when it began to run, and when it ended
+    ended: float | None = None
+    step_seconds: list[float] = field(default_factory=list)  # each step's, as measured
+    decode_seconds: list[float] = field(default_factory=list)
+    _tick: float = 0.0  # when the last step (or the denoise stage) ended
 
     def changed(self, **kw) -> None:
         for k, v in kw.items():
             setattr(self, k, v)
+        if self.status in END and self.ended is None:
+            self.ended = time.time()
         self.history.append(("end" if self.status in END else "progress", self.public()))
+
+    def staged(self, name: str) -> None:
+        """A stage begins: its own progress starts at nothing."""
+        if name in ("denoise", "decode"):
+            self._tick = time.perf_counter()
+        self.changed(stage=name, stage_done=0, stage_total=0)
+
+    def stepped(self, index: int, step: int, steps: int) -> None:
+        now = time.perf_counter()
+        self.step_seconds.append(now - self._tick)
+        self._tick = now
+        self.changed(image=index, step=step, steps=steps)
+
+    def stage_progress(self, stage: str, done: int, total: int) -> None:
+        if stage == "decode" and done == total:  # one image decoded
+            now = time.perf_counter()
+            self.decode_seconds.append(now - self._tick)
+            self._tick = now
+        self.changed(stage_done=done, stage_total=total)
+
+    def eta(self) -> float | None:
+        """Seconds left, from the steps (and decodes) measured so far; None before the first
+        step. The first step is left out once there are others: it carries one-off work."""
+        if self.status != "running" or not self.step_seconds:
+            return None
+        times = self.step_seconds[1:] or self.step_seconds
+        per_step = sorted(times)[len(times) // 2]
+        count, steps = len(self.job.request.seeds), self.steps or self.job.request.steps or 0
+        if self.stage in ("denoise", "modulation", "text", "encode", ""):
+            left = steps - self.step + steps * (count - 1 - self.image)
+            decodes = count
+        else:  # decoding: every step is done
+            left, decodes = 0, count - len(self.decode_seconds)
+        decode = sum(self.decode_seconds) / len(self.decode_seconds) if self.decode_seconds else 0
+        if self.stage == "decode" and self.stage_done and self.stage_total:
+            # this image's decode, from its blocks so far (the first decode has no other measure)
+            per_block = (time.perf_counter() - self._tick) / self.stage_done
+            this = per_block * (self.stage_total - self.stage_done)
+            return this + (decodes - 1) * (decode or per_block * self.stage_total)
+        return left * per_step + decodes * decode
 
     def previewed(self, index: int, step: int, steps: int, picture) -> None:
         """A new preview of seed `index` after `step` of `steps` (a PIL picture)."""
@@ -112,23 +151,33 @@ class Entry:
             "steps": self.steps, "image": self.image, "count": len(request.seeds),
             "seeds": list(request.seeds), "images": self.images, "error": self.error,
             "prompt": request.prompt, "inputs": self.inputs, "created": self.created,
-            "preview": self.preview_url(),
+            "preview": self.preview_url(), "width": self.job.width, "height": self.job.height,
+            "preset": self.preset, "stage_done": self.stage_done, "stage_total": self.stage_total,
+            "elapsed": None if self.started is None else (self.ended or time.time()) - self.started,
+            "eta": self.eta(),
         }  # fmt: skip
 
 
 class Studio:
     """The jobs of one server: checked on arrival, run in order by one worker thread."""
 
-    def __init__(self, pipe, output_dir: str | Path):
+    def __init__(self, pipe, output_dir: str | Path, lora_dir: str | Path | None = None,
+                 limits: Limits | None = None):  # fmt: skip
         self.pipe = pipe
         self.output = Path(output_dir).expanduser().resolve()
         self.output.mkdir(parents=True, exist_ok=True)
+        self.limits = limits or Limits()
         self.uploads = Path(tempfile.mkdtemp(prefix="mlxflux-uploads-"))
+        self.loras = LoraLibrary(lora_dir, self.uploads / "loras")
         self.jobs: dict[str, Entry] = {}
         self.queue: queue.Queue[Entry] = queue.Queue()
         threading.Thread(target=self._work, name="mlxflux-jobs", daemon=True).start()
 
     def close(self) -> None:
+        """The server stops: every job still to end is cancelled, the uploads removed."""
+        for entry in list(self.jobs.values()):
+            if entry.status not in END:
+                self.cancel(entry.id)
         shutil.rmtree(self.uploads, ignore_errors=True)
 
     # ---- arrival -------------------------------------------------------------------------
@@ -144,14 +193,25 @@ class Studio:
         given = {k: _number(v, NUMBERS[k], k) if k in NUMBERS else v for k, v in raw.items()}
         given = {k: v for k, v in given.items() if v is not None and v != ""}
         preset = given.pop("preset", None) or None
+        if "loras" in given:
+            given["loras"] = self.loras.find(given["loras"])
+        if "count" in given and given["count"] > self.limits.images:  # before any seed is made
+            raise BadRequest(f"{label_of('count')}: {given['count']} images is over this "
+                             f"server's {self.limits.images} per job (serve --max-images)",
+                             "count")  # fmt: skip
+        if isinstance(given.get("width"), int) and isinstance(given.get("height"), int):
+            self.limits.check_size(given["width"], given["height"])
         job_id = uuid.uuid4().hex[:12]
         images, inputs = self._save_uploads(job_id, files)
         try:
-            job = self.pipe.prepare(resolve({**given, **images}, preset))
+            request = resolve({**given, **images}, preset)
+            self.limits.check(request, "seeds" if "seeds" in given else "count")
+            job = self.pipe.prepare(request)
+            self.limits.check_size(job.width, job.height)
         except SettingsError as e:
             raise BadRequest.of(e) from None
         except MlxfluxError as e:
-            raise BadRequest(str(e)) from None
+            raise BadRequest(str(e).replace(str(self.uploads), "uploads")) from None
         entry = Entry(job_id, job, preset, inputs)
         self.jobs[entry.id] = entry
         self.queue.put(entry)
@@ -168,10 +228,11 @@ class Studio:
             if field_name != "reference" and len(parts) > 1:
                 raise BadRequest(f"{field_name}: one file, got {len(parts)}")
             for i, (filename, data) in enumerate(parts):
-                if len(data) > MAX_UPLOAD_BYTES:
-                    raise BadRequest(f"{field_name}: {len(data) >> 20} MiB is over the "
-                                     f"{MAX_UPLOAD_BYTES >> 20} MiB limit")  # fmt: skip
-                name = _safe_name(filename) or f"{field_name}.png"
+                name = safe_name(filename) or f"{field_name}.png"
+                if len(data) > MAX_UPLOAD_BYTES:  # read only to one byte past the limit
+                    raise BadRequest(f"{label_of(UPLOADS[field_name])}: {name} is over the "
+                                     f"{MAX_UPLOAD_BYTES >> 20} MiB limit",
+                                     UPLOADS[field_name])  # fmt: skip
                 folder = self.uploads / job_id / f"{field_name}-{i}"
                 folder.mkdir(parents=True)
                 path = folder / name
@@ -220,13 +281,14 @@ class Studio:
         from .runs import output_path
 
         def on_step(index: int, step: int, steps: int) -> None:
-            entry.changed(image=index, step=step, steps=steps)
+            entry.stepped(index, step, steps)
             if entry.cancel.is_set():
                 raise Cancelled
 
         job = entry.job
-        job.report.on_stage = lambda name: entry.changed(stage=name)
-        entry.changed(status="running")
+        job.report.on_stage = entry.staged
+        job.report.on_progress = entry.stage_progress
+        entry.changed(status="running", started=time.time())
         try:
             on_preview = entry.previewed if job.preview != "none" else None
             for index, (seed, image) in enumerate(job.run(on_step, on_preview)):
@@ -285,10 +347,3 @@ def _number(value, kind, name):
     if kind is int and isinstance(value, float) and value != number:
         raise BadRequest(f"{label_of(name)}: {value!r} is not a whole number", name)
     return number
-
-
-def _safe_name(filename: str | None) -> str:
-    """An upload's own file name reduced to its last part and harmless characters."""
-    name = Path((filename or "").replace("\\", "/")).name
-    name = re.sub(r"[^\w.\- ]", "_", name).strip(" .")
-    return name[:100]

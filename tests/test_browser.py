@@ -85,7 +85,7 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
         page.click("#generate")
         job = page.locator(".job").first
         expect(job).to_have_class("job done", timeout=120_000)
-        expect(job.locator(".state")).to_have_text("done")
+        expect(job.locator(".state")).to_contain_text("done in ")
         # the result beside the original, both loaded
         images = page.locator("#result img")
         expect(images).to_have_count(2)
@@ -105,7 +105,9 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
         expect(page.locator("#steps")).to_have_value("3")
 
         # a long job: its progress shows, then cancel stops it and writes nothing
-        page.fill("#steps", "400")
+        page.fill("#steps", "150")
+        page.fill("#width", "512")
+        page.fill("#height", "512")
         page.set_input_files("#init_image", [])
         page.fill("#denoise", "")
         page.click("#generate")
@@ -121,6 +123,7 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
         # a bad setting is said on the page in one line, and nothing is queued
         jobs = page.locator(".job").count()
         page.fill("#width", "50")
+        page.fill("#height", "64")
         page.click("#generate")
         expect(page.locator("#error")).to_contain_text("Width: width and height must be")
         assert page.locator(".job").count() == jobs
@@ -318,3 +321,112 @@ def test_another_site_can_neither_use_nor_read_the_studio(tmp_path, monkeypatch)
         srv.should_exit = True
         thread.join(10)
     assert [j.job.request.prompt for j in studio.jobs.values()] == ["its own page"]
+
+
+# in the page: every text a job card's state line shows, in order
+WATCH_STATES = """() => {
+  window.states = [];
+  new MutationObserver(() => {
+    const el = document.querySelector(".job .state");
+    if (el && window.states[window.states.length - 1] !== el.textContent) {
+      window.states.push(el.textContent);
+    }
+  }).observe(document.body, { childList: true, subtree: true, characterData: true });
+}"""
+
+
+def test_the_studio_a_comfyui_designer_expects(server, tmp_path, monkeypatch):
+    """Presets fill the form (still editable); the original shows when chosen; a refused
+    seed and a refused size sit on their fields; a running job shows elapsed time, an ETA and
+    the decode's progress; after a reload the running job and then the last result come
+    back; a result opens large beside its original and downloads."""
+    from playwright.sync_api import expect, sync_playwright
+
+    assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    url, studio, _ = server
+    from mlxflux.presets import all_presets
+
+    dvd = all_presets()["dvd"]
+    original = tmp_path / "vinyl-original.png"
+    cover_image(6, 320, 320).save(original)
+    with sync_playwright() as p:
+        browser, page = browser_page(p)
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        expect(page.locator("#preset option")).to_have_count(4)
+        page.select_option("#preset", "dvd")
+        expect(page.locator("#prompt")).to_have_value(dvd["prompt"])
+        for field in ("width", "height", "steps", "guidance"):
+            expect(page.locator(f"#{field}")).to_have_value(str(dvd[field]))
+        page.select_option("#preset", "")  # untouched values go with their preset
+        expect(page.locator("#prompt")).to_have_value("")
+        page.select_option("#preset", "dvd")
+        page.fill("#width", "320")  # and stay editable
+        page.fill("#height", "320")
+        page.fill("#steps", "4")
+
+        page.set_input_files("#init_image", str(original))
+        thumb = page.locator("#thumbs-init_image img")
+        expect(thumb).to_have_count(1)
+        expect(thumb).to_have_js_property("naturalWidth", 320)
+
+        jobs = page.locator(".job").count()
+        page.fill("#seeds", "abc")
+        page.click("#generate")
+        expect(page.locator("#seeds")).to_have_class("invalid")
+        expect(page.locator(".ferr")).to_have_text(
+            'Seed(s): "abc" is not a whole number (or numbers, like 3,17,42)'
+        )
+        page.fill("#seeds", "8")
+        page.fill("#height", "328")
+        page.click("#generate")
+        expect(page.locator("#height")).to_have_class("invalid")
+        expect(page.locator(".ferr")).to_contain_text("Height: width and height must be")
+        assert page.locator(".ferr").count() == 1  # the seed's note went with its fix
+        assert page.locator(".job").count() == jobs  # nothing was queued
+
+        page.fill("#height", "320")
+        page.evaluate(WATCH_STATES)
+        page.click("#generate")
+        job = page.locator(".job").first
+        expect(job.locator(".meta")).to_have_text("seed 8 · 320x320 · dvd")
+        expect(job.locator(".state")).to_contain_text("denoise · step", timeout=60_000)
+        page.reload()  # the running job comes back, and is followed to its end
+        page.evaluate(WATCH_STATES)
+        job = page.locator(".job").first
+        expect(job.locator(".meta")).to_have_text("seed 8 · 320x320 · dvd")
+        expect(job).to_have_class("job done", timeout=120_000)
+        states = page.evaluate("window.states")
+        shot = tmp_path / "studio.png"
+        page.screenshot(path=str(shot), full_page=True)
+
+        page.reload()  # the last result comes back
+        result = page.locator("#result img")
+        expect(result).to_have_count(2)
+        expect(page.locator("#result figcaption").nth(1)).to_have_text("seed 8")
+        result.nth(1).click()
+        expect(page.locator("#lightbox")).to_be_visible()
+        expect(page.locator("#lb-image")).to_have_js_property("naturalWidth", 320)
+        expect(page.locator("#lb-original img")).to_have_js_property("naturalWidth", 320)
+        href = page.locator("#lb-download").get_attribute("href")
+        assert page.locator("#lb-download").get_attribute("download").endswith(".png")
+        page.screenshot(path=str(tmp_path / "large.png"))
+        page.keyboard.press("Escape")
+        expect(page.locator("#lightbox")).to_be_hidden()
+        data = page.evaluate(
+            "async (u) => Array.from(new Uint8Array(await (await fetch(u)).arrayBuffer()))"
+            ".slice(0, 8)",
+            href,
+        )
+        assert errors == []
+        browser.close()
+    print("\n".join(states))
+    assert bytes(data) == b"\x89PNG\r\n\x1a\n"
+    (png,) = [p for p in studio.output.glob("*.png") if p.name == href.split("/")[-1]]
+    decoding = [s for s in states if s.startswith("decode · ")]
+    assert decoding, states  # the decode's own progress, in blocks
+    assert any(" elapsed · about " in s and s.endswith(" left") for s in states), states
+    assert states[-1].startswith("done in "), states
+    assert shot.stat().st_size > 10_000

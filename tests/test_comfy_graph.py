@@ -201,3 +201,20 @@ def test_every_node_and_input_is_comfyuis(case, comfy_nodes):
             assert name in known or name == "upload", (node["class_type"], name)
         for name in spec.get("required", {}):
             assert name in node["inputs"], (node["class_type"], name)
+
+
+def test_a_plain_prompts_brackets_reach_comfyui_as_text():
+    """A prompt read as plain text: its brackets go to ComfyUI escaped, so ComfyUI's parse (the
+    one `prompt_syntax` ports, checked against ComfyUI's own) reads them as the same text at
+    weight 1; a prompt read with ComfyUI's syntax goes as written."""
+    from mlxflux.prompt_syntax import segments
+
+    prompt = "a (novel) cover, (gold:1.3), \\(c\\)"
+    for syntax in ("plain", "comfy"):
+        graph = comfy_prompt({**BASE, "prompt": prompt, "prompt_syntax": syntax}, manifest())
+        (text,) = [n["inputs"]["text"] for n in graph.values()
+                   if n["class_type"] == "CLIPTextEncode"]  # fmt: skip
+        if syntax == "plain":
+            assert segments(text) == [(prompt, 1.0)]
+        else:
+            assert text == prompt

@@ -52,8 +52,8 @@ def call(c, method, path, **headers):
 
 
 def queued_job(c) -> str:
-    r = c.post("/api/jobs", data={"settings": '{"prompt": "x", "width": 32, "height": 32, '
-                                               '"steps": 400, "seed": 1}'})  # fmt: skip
+    r = c.post("/api/jobs", data={"settings": '{"prompt": "x", "width": 256, "height": 256, '
+                                               '"steps": 150, "seed": 1}'})  # fmt: skip
     assert r.status_code == 201, r.text
     return r.json()["id"]
 

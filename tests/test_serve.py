@@ -98,7 +98,7 @@ def test_jobs_run_one_at_a_time_in_order(client, studio):
 
 
 def test_cancel_stops_after_the_step_and_writes_nothing(client, studio):
-    running = post(client, {"prompt": "long", "width": 64, "height": 64, "steps": 400, "seed": 1})
+    running = post(client, {"prompt": "long", "width": 256, "height": 256, "steps": 150, "seed": 1})
     queued = post(client, {"prompt": "next", "width": 32, "height": 32, "steps": 1, "seed": 2})
     a, b = running.json()["id"], queued.json()["id"]
     start = time.time()
@@ -246,3 +246,137 @@ def test_a_job_can_cache_steps(client, studio):
         "easycache", 1.0, [0.15, 0.95])  # fmt: skip
     r = post(client, {"prompt": "c", "width": 32, "height": 32, "cache_threshold": 0.3})
     assert r.status_code == 400 and r.json()["field"] == "cache_threshold"
+
+
+@pytest.fixture
+def limited(folder, tmp_path):
+    from mlxflux.serve import Limits
+
+    loras = tmp_path / "loras"
+    (loras / "styles").mkdir(parents=True)
+    s = Studio(
+        mlxflux.load(folder), tmp_path / "out", loras, Limits(images=3, steps=4, megapixels=0.01)
+    )
+    with TestClient(create_app(s), base_url="http://127.0.0.1:7860") as c:
+        yield c, s, loras
+    s.close()
+
+
+def test_each_bound_is_stated_with_its_flag(limited):
+    client, studio, _ = limited
+    ok = {"prompt": "x", "width": 32, "height": 32, "steps": 1}
+    cases = [
+        ({**ok, "count": 4}, "Count: 4 images is over this server's 3 per job (serve --max-images)",
+         "count"),
+        ({**ok, "count": 100000}, "over this server's 3 per job", "count"),
+        ({**ok, "seeds": "1,2,3,4"}, "Seed: 4 images is over this server's 3", "seeds"),
+        ({**ok, "steps": 5}, "Steps: 5 is over this server's 4 (serve --max-steps)", "steps"),
+        ({**ok, "width": 128, "height": 96},
+         "Width: 128x96 is 0.0 megapixels, over this server's 0.01 (serve --max-megapixels)",
+         "width"),
+    ]  # fmt: skip
+    for settings, said, field in cases:
+        r = post(client, settings)
+        assert r.status_code == 400, (settings, r.text)
+        assert said in r.json()["error"] and r.json()["field"] == field, r.json()
+    assert client.get("/api/info").json()["limits"] == {
+        "images": 3,
+        "steps": 4,
+        "megapixels": 0.01,
+        "upload_mib": 64,
+    }
+    r = post(client, {**ok, "count": 3, "steps": 4})  # at the bounds: taken
+    assert r.status_code == 201, r.text
+    client.delete(f"/api/jobs/{r.json()['id']}")
+
+
+def test_the_default_bounds(client):
+    ok = {"prompt": "x", "width": 32, "height": 32}
+    assert "per job (serve --max-images)" in post(client, {**ok, "count": 65}).json()["error"]
+    assert "(serve --max-steps)" in post(client, {**ok, "steps": 151}).json()["error"]
+    r = post(client, {**ok, "width": 2064, "height": 2048})
+    assert "over this server's 4.2 (serve --max-megapixels)" in r.json()["error"]
+    r = post(client, {**ok, "width": 16400})  # ComfyUI's largest side, for the CLI as well
+    assert r.json() == {"error": "Width: 16400 is over 16384 pixels (ComfyUI's MAX_RESOLUTION)",
+                        "field": "width"}  # fmt: skip
+
+
+def test_loras_come_from_the_lora_dir_or_an_upload_and_nowhere_else(limited, folder, tmp_path):
+    from .helpers import write_lora
+
+    client, studio, loras = limited
+    layers = {"double_blocks.0.img_attn.qkv": (768, 256)}
+    write_lora(loras / "styles" / "chrome.safetensors", layers, seed=1)
+    outside = write_lora(tmp_path / "outside.safetensors", layers, seed=2)
+    (loras / "link.safetensors").symlink_to(outside)  # a link out of the folder: not listed
+    (tmp_path / "secret.txt").write_text("x" * 1294)
+    assert client.get("/api/loras").json() == {"loras": ["styles/chrome.safetensors"],
+                                               "folder": True}  # fmt: skip
+    settings = {"prompt": "chrome", "width": 32, "height": 32, "steps": 2, "seed": 4}
+    r = post(client, {**settings, "loras": ["styles/chrome.safetensors:0.8"]})
+    assert r.status_code == 201, r.text
+    job = wait(client, r.json()["id"])
+    assert job["status"] == "done", job
+    served = np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]).content)))
+    want = mlxflux.load(folder).generate(
+        "chrome",
+        seed=4,
+        width=32,
+        height=32,
+        steps=2,
+        loras=[(loras / "styles/chrome.safetensors", 0.8)],
+    )
+    assert np.array_equal(served, np.asarray(want))  # the same LoRA, read from the folder
+
+    # any other name gets the same one line, whether or not such a file exists
+    said = {}
+    for name in (str(outside), "../outside.safetensors", "link.safetensors", "../secret.txt",
+                 "/etc/passwd", "/no/such.safetensors", "styles/../../secret.txt"):  # fmt: skip
+        r = post(client, {**settings, "loras": [[name, 1.0]]})
+        assert r.status_code == 400 and r.json()["field"] == "loras", r.text
+        head, sep, said[name] = r.json()["error"].partition(" is not one of this server's")
+        assert head.startswith("LoRAs: '") and sep, r.json()  # the name as sent, then:
+        for leak in ("bytes", "no such file", "header", "1294", str(tmp_path)):
+            assert leak not in said[name], r.json()
+    assert len(set(said.values())) == 1, said
+
+    # an upload: read as safetensors, kept for the session, named "uploaded/..."
+    data = (tmp_path / "outside.safetensors").read_bytes()
+    r = client.post("/api/loras", files=[("lora", ("mine.safetensors", data, "x/y"))])
+    assert r.status_code == 201 and r.json() == {"name": "uploaded/mine.safetensors"}, r.text
+    assert "uploaded/mine.safetensors" in client.get("/api/loras").json()["loras"]
+    r = post(client, {**settings, "loras": [["uploaded/mine.safetensors", 0.5]]})
+    assert r.status_code == 201, r.text
+    assert wait(client, r.json()["id"])["status"] == "done"
+    for body, said_ in (
+        (b"not a lora", "LoRA: bad.safetensors is not a safetensors file"),
+        (data[:100], "LoRA: bad.safetensors is not a safetensors file"),
+    ):
+        r = client.post("/api/loras", files=[("lora", ("bad.safetensors", body, "x/y"))])
+        assert r.status_code == 400 and r.json()["field"] == "lora", r.text
+        assert said_ in r.json()["error"] and str(studio.uploads) not in r.json()["error"]
+    r = client.post("/api/loras", files=[("lora", ("notes.txt", data, "x/y"))])
+    assert r.json()["error"] == "LoRA: a .safetensors file"
+    assert "uploaded/bad.safetensors" not in client.get("/api/loras").json()["loras"]
+
+
+def test_a_server_without_a_lora_dir_reads_no_path(client, tmp_path):
+    from .helpers import write_lora
+
+    lora = write_lora(tmp_path / "style.safetensors", {"double_blocks.0.img_attn.qkv":
+                                                       (768, 256)}, seed=1)  # fmt: skip
+    r = post(client, {"prompt": "x", "width": 32, "height": 32, "loras": [[str(lora), 1]]})
+    assert r.status_code == 400, r.text
+    assert "serve --lora-dir" in r.json()["error"] and "bytes" not in r.json()["error"]
+
+
+def test_messages_hold_no_object_reprs_and_true_limits(client, monkeypatch):
+    ok = {"prompt": "x", "width": 32, "height": 32}
+    r = post(client, ok, [("init_image", ("a.png", b"hello", "image/png"))])
+    error = r.json()["error"]
+    assert error == "Original: a.png: not a readable image (not a format Pillow knows)", error
+    monkeypatch.setattr(studio_module, "MAX_UPLOAD_BYTES", 1 << 20)
+    big = ("big.png", b"x" * (3 << 19), "image/png")  # 1.5 MiB
+    r = post(client, ok, [("init_image", big)])
+    assert r.json() == {"error": "Original: big.png is over the 1 MiB limit",
+                        "field": "init_image"}  # fmt: skip

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import progress
 from .config import strict_from_dict
 
 
@@ -150,10 +151,19 @@ class Encoder(nn.Module):
         for level in self.down:
             for block in level.block:
                 h = block(h)
+                progress.advance(h)
             if "downsample" in level:
                 h = level.downsample(h)
+                progress.advance(h)
         h = self.mid(h)
-        return self.conv_out(nn.silu(norm_fp32(self.norm_out, h)))
+        out = self.conv_out(nn.silu(norm_fp32(self.norm_out, h)))
+        progress.advance(out)
+        return out
+
+    @property
+    def units(self) -> int:
+        """What `progress.advance` counts in a pass: each block and downsample, then the rest."""
+        return sum(len(level.block) + ("downsample" in level) for level in self.down) + 1
 
 
 class Decoder(nn.Module):
@@ -179,16 +189,28 @@ class Decoder(nn.Module):
 
     def head(self, z: mx.array) -> mx.array:
         """conv_in and the mid block, at latent resolution (global attention)."""
-        return self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(z))
+        progress.advance(h)
+        return h
 
     def tail(self, h: mx.array) -> mx.array:
         """The up path: convolutions only, so it can run tile by tile."""
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h)
+                progress.advance(h)
             if "upsample" in level:
                 h = level.upsample(h)
-        return self.conv_out(nn.silu(norm_fp32(self.norm_out, h)))
+                progress.advance(h)
+        out = self.conv_out(nn.silu(norm_fp32(self.norm_out, h)))
+        progress.advance(out)
+        return out
+
+    @property
+    def units(self) -> int:
+        """What `progress.advance` counts in a pass: the head, each block and upsample, the
+        output."""
+        return sum(len(level.block) + ("upsample" in level) for level in self.up) + 2
 
     def __call__(self, z: mx.array) -> mx.array:
         return self.tail(self.head(z))
@@ -341,9 +363,13 @@ class TiledConvs:
         for level in reversed(decoder.up):
             for block in level.block:
                 h = self.resnet(block, h)
+                progress.advance(h)
             if "upsample" in level:
                 h = self.conv(level.upsample.conv, h, upsample=True)
-        return self.conv(decoder.conv_out, h, self.norm_silu(decoder.norm_out, h))
+                progress.advance(h)
+        out = self.conv(decoder.conv_out, h, self.norm_silu(decoder.norm_out, h))
+        progress.advance(out)
+        return out
 
     def encoder(self, encoder: Encoder, x: mx.array) -> mx.array:
         """`Encoder.__call__`, tile by tile but for the mid block (1/8 resolution, attention)."""
@@ -351,10 +377,14 @@ class TiledConvs:
         for level in encoder.down:
             for block in level.block:
                 h = self.resnet(block, h)
+                progress.advance(h)
             if "downsample" in level:
                 h = self.downsample(level.downsample.conv, h)
+                progress.advance(h)
         h = encoder.mid(h)
-        return self.conv(encoder.conv_out, h, self.norm_silu(encoder.norm_out, h))
+        out = self.conv(encoder.conv_out, h, self.norm_silu(encoder.norm_out, h))
+        progress.advance(out)
+        return out
 
 
 def estimate_decode_bytes(height: int, width: int, cfg: AutoencoderConfig, itemsize: int) -> int:

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import progress
 from ..blocks import BlockWeights
 from .config import known_keys, strict_from_dict
 
@@ -174,6 +175,7 @@ class T5Encoder(nn.Module):
                 x = block(x, bias)
                 if weights.streamed:
                     mx.eval(x, bias)
+                progress.advance(x, bias)
         return self.encoder.final_layer_norm(x)
 
     def block_names(self) -> list[str]:
