@@ -264,7 +264,12 @@ def run_job(job, indexes: dict, preset: str | None, output: str | None,
 
     seeds, settings = job.request.seeds, job.report.settings
     for lora in settings.get("loras", []):
-        click.echo(f"lora {lora['file']} x {lora['scale']:g}: {lora['layers']} layers", err=True)
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(lora.get("adapters", {}).items()))
+        click.echo(f"lora {lora['file']} x {lora['scale']:g}: {lora['layers']} layers ({kinds})",
+                   err=True)  # fmt: skip
+        for kind, n in lora.get("unsupported", {}).items():
+            click.echo(f"  warning: {n} {kind} adapters not applied (mlxflux applies LoRA, LoHa, "
+                       "LoKr, DoRA and full differences)", err=True)  # fmt: skip
         if lora["not_applied"]:
             n = len(lora["not_applied"])
             click.echo(f"  warning: {n} text-encoder LoRA layers not applied "

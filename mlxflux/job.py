@@ -233,7 +233,7 @@ def prepare(pipe, request: GenerationRequest) -> Job:
                         cache_range=list(span) if span else None)  # fmt: skip
     plan = make_plan(pipe.manifest, width, height, pipe.dtype.size, pipe.memory_budget,
                      steps=len(sigma_list) - 1, extra_tokens=inputs.extra_tokens,
-                     cache=method, preview=preview)  # fmt: skip
+                     cache=method, preview=preview, lora_bytes=loras.resident_bytes)  # fmt: skip
     settings["memory_plan"] = plan.describe()
     report = Report(settings=settings, plan=plan.kind)
     return Job(pipe, request, width, height, sigma_list, inputs, loras, plan, report, preview)

@@ -170,18 +170,17 @@ class Kernels:
 
         The weight is prepared once (dequantized once on the split path) and shared by every
         call of the returned function, so a layer applied to token chunks costs one
-        dequantization. A LoRA on the layer (`layer.lora`, `mlxflux.lora.LowRank`) runs as
-        its side path.
+        dequantization. The LoRAs on the layer (`layer.lora`, `mlxflux.lora_adapters.SidePath`)
+        run as its side path.
         """
         stop = layer.weight.shape[0] if stop is None else stop
         base = self._rows(layer, start, stop)
         side = getattr(layer, "lora", None)
         if side is None:
             return lambda x: self.run("matmul", base, x)
-        down, up = side.down, side.up[start:stop]
 
         def with_lora(x: mx.array) -> mx.array:
-            return base(x) + (x @ down.astype(x.dtype).T) @ up.astype(x.dtype).T
+            return side.apply(layer, x, base(x), start, stop)
 
         return lambda x: self.run("matmul", with_lora, x)
 

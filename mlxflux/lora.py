@@ -29,6 +29,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import MlxfluxError
+from .lora_adapters import NOT_APPLIED, AdapterError, Dora, SidePath, Term, kind_of, read_term
+from .lora_adapters import split_key as _split
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
 
@@ -46,54 +48,86 @@ class LoraReport:
     layers: int = 0
     skipped: list[str] = field(default_factory=list)  # text-encoder LoRAs: not applied
     unmatched: list[str] = field(default_factory=list)  # keys that name no layer
+    adapters: dict[str, int] = field(default_factory=dict)  # kind -> layers it changed
+    unsupported: dict[str, int] = field(default_factory=dict)  # OFT/BOFT, GLoRA: named, not run
 
     def record(self) -> dict:
         """What the PNG and the report say of it."""
         return {"file": self.file, "sha256": self.sha256, "scale": self.scale,
-                "layers": self.layers, "not_applied": self.skipped,
+                "layers": self.layers, "adapters": self.adapters,
+                "not_applied": self.skipped, "unsupported": self.unsupported,
                 "unmatched": self.unmatched}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """A layer's LoRA side path: y += (x @ down.T) @ up.T (`kernels.Kernels.linear_rows`)."""
-
-    down: mx.array  # [rank, in]
-    up: mx.array  # [out, rank], scaled
 
 
 @dataclass
 class LoraSet:
-    """Every LoRA of a job, read and matched: per layer, the pieces (down, up) in host memory."""
+    """Every LoRA of a job, read and matched: per layer, its terms (`lora_adapters.Term`) and
+    where they sit (row offset, halves swapped), in host memory."""
 
     reports: list[LoraReport] = field(default_factory=list)
-    pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    pieces: dict[str, list[tuple[int, Term]]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def side_path(self, path: str) -> SidePath:
+        out, inp = self.shapes[path]
+        side = SidePath(out, inp)
+        downs, ups, dense, bias = [], [], None, None
+        for offset, term in self.pieces[path]:
+            full = offset == 0 and term.rows == out
+            if term.dora is not None:
+                scale, strength = term.dora
+                side.doras.append(Dora(offset, term.rows, term.delta(), scale, strength))
+            elif term.low_rank is not None:
+                down, up = term.low_rank
+                downs.append(down)
+                ups.append(np.pad(up, [(offset, out - offset - term.rows), (0, 0)]))
+            elif term.kron is not None and full:
+                side.krons.append(tuple(mx.array(w) for w in term.kron))
+            elif term.delta() is not None:
+                part = np.zeros((out, inp), np.float32) if dense is None else dense
+                part[offset : offset + term.rows] += term.delta()
+                dense = part
+            if term.bias is not None:
+                bias = np.zeros(out, np.float32) if bias is None else bias
+                bias[offset : offset + term.rows] += term.bias
+        if downs:
+            side.down = mx.array(np.concatenate(downs, axis=0))  # [rank_total, in]
+            side.up = mx.array(np.concatenate(ups, axis=1))  # [out, rank_total]
+        side.dense = None if dense is None else mx.array(dense)
+        side.bias = None if bias is None else mx.array(bias)
+        return side
+
+    @property
+    def dense_bytes(self) -> int:
+        """What the dense terms and DoRA rows hold (float32): the memory plan counts it."""
+        total = 0
+        for path, parts in self.pieces.items():
+            out, inp = self.shapes[path]
+            dense = any(t.dora is None and t.low_rank is None
+                        and (t.kron is None or o or t.rows != out) and t.delta() is not None
+                        for o, t in parts)  # fmt: skip
+            total += out * inp * 4 * dense + sum(t.rows * inp * 4 for _, t in parts if t.dora)
+        return total
+
+    @property
+    def resident_bytes(self) -> int:
+        """All that the side paths hold while the trunk runs (float32)."""
+        factors = sum(
+            sum(a.size for a in (t.low_rank or t.kron or ())) * 4
+            for parts in self.pieces.values() for _, t in parts
+        )  # fmt: skip
+        return factors + self.dense_bytes
 
     def attach(self, model: nn.Module) -> None:
         """Give `model`'s layers their side paths (`layer.lora`), the LoRAs summed."""
         layers = dict(model.named_modules())
-        for path, parts in self.pieces.items():
-            down = mx.concatenate([mx.array(d) for d, _ in parts], axis=0)  # [rank_total, in]
-            up = mx.concatenate([mx.array(u) for _, u in parts], axis=1)  # [out, rank_total]
-            mx.eval(down, up)
-            layers[path].lora = LowRank(down, up)
+        for path in self.pieces:
+            side = self.side_path(path)
+            mx.eval([a for a in (side.down, side.up, side.dense, side.bias) if a is not None])
+            layers[path].lora = side
 
 
-_SUFFIXES = {
-    "lora_down.weight": "down",
-    "lora_A.weight": "down",
-    "lora_up.weight": "up",
-    "lora_B.weight": "up",
-    "alpha": "alpha",
-}
-_TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder|lora_te_text_model)")
-
-
-def _split(key: str) -> tuple[str, str] | None:
-    for suffix, kind in _SUFFIXES.items():
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], kind
-    return None
+_TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoders?[._]|lora_te_text_model|t5xxl\.)")
 
 
 def layer_shapes(entry: dict, bits: int | None) -> dict[str, tuple[int, int]]:
@@ -117,23 +151,55 @@ def _swap_halves(x: np.ndarray) -> np.ndarray:
     return np.concatenate([b, a], axis=0)
 
 
-def _target(base: str, layers: dict, kohya: dict, hidden: int):
-    """(BFL layer path, row offset, row transform) for a LoRA's base name, or None."""
+def _diffusers_names(layers: dict) -> dict[str, str]:
+    """diffusers' Linear names of this transformer, underscored -> dotted: what OneTrainer
+    (`lora_transformer_`) and SimpleTuner's LyCORIS (`lycoris_`) files spell with underscores."""
+    double = {int(p.split(".")[1]) for p in layers if p.startswith("double_blocks.")}
+    single = {int(p.split(".")[1]) for p in layers if p.startswith("single_blocks.")}
+    names = ["x_embedder", "context_embedder", "norm_out.linear", "proj_out",
+             *(f"time_text_embed.{e}.linear_{i}" for e in ("timestep_embedder",
+               "guidance_embedder", "text_embedder") for i in (1, 2))]  # fmt: skip
+    for b in sorted(double):
+        names += [f"transformer_blocks.{b}.{n}" for n in (
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+            "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "norm1.linear",
+            "norm1_context.linear", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+            "ff_context.net.2")]  # fmt: skip
+    for b in sorted(single):
+        names += [
+            f"single_transformer_blocks.{b}.{n}"
+            for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")
+        ]
+    return {n.replace(".", "_"): n for n in names}
+
+
+def _target(base: str, layers: dict, kohya: dict, hidden: int, dotted: dict):
+    """(BFL layer path, row offset, rows, row transform) for a LoRA's base name, or None."""
     from .convert.keymaps import diffusers_transformer, swap_halves
 
-    if base.startswith("lora_unet_"):
-        path = kohya.get(base[len("lora_unet_") :])
-        return (path, 0, None) if path else None
+    for prefix in ("lora_unet_", "lora_transformer_", "lycoris_"):
+        if base.startswith(prefix):
+            rest = base[len(prefix) :]
+            if rest in kohya:
+                return kohya[rest], 0, layers[kohya[rest]][0], None
+            if rest not in dotted:
+                return None
+            base = dotted[rest]  # a diffusers name: mapped below
+            break
     for prefix in ("diffusion_model.", "model.diffusion_model.", "base_model.model.", ""):
         if base.startswith(prefix) and base[len(prefix) :] in layers:
-            return base[len(prefix) :], 0, None
+            return base[len(prefix) :], 0, layers[base[len(prefix) :]][0], None
     for prefix in ("transformer.", "base_model.model.", ""):
         if base.startswith(prefix):
             t = diffusers_transformer(base[len(prefix) :] + ".weight")
             if t is not None and t.key.endswith(".weight") and t.key[:-7] in layers:
                 # fused parts: q, k, v (hidden rows each), then a single block's MLP input
                 swap = _swap_halves if t.fn is swap_halves else None
-                return t.key[:-7], t.part * hidden, swap
+                out_rows = layers[t.key[:-7]][0]
+                rows = out_rows if t.parts in (None, 1) else hidden
+                if t.parts == 4 and t.part == 3:
+                    rows = out_rows - 3 * hidden
+                return t.key[:-7], (t.part or 0) * hidden, rows, swap
     return None
 
 
@@ -142,17 +208,18 @@ def read_loras(loras, layers: dict[str, tuple[int, int]], hidden: int) -> LoraSe
     (outputs, inputs), `layer_shapes`); LoraError for a file that is unreadable, has wrong
     shapes, or matches no layer."""
     kohya = {p.replace(".", "_"): p for p in layers}
-    out = LoraSet()
+    dotted = _diffusers_names(layers)
+    out = LoraSet(shapes=layers)
     for path, scale in loras:
         path = Path(path).expanduser()
-        report, pieces = _read(path, float(scale), layers, kohya, hidden)
-        for layer_path, down, up in pieces:
-            out.pieces.setdefault(layer_path, []).append((down, up))
+        report, pieces = _read(path, float(scale), layers, kohya, hidden, dotted)
+        for layer_path, offset, term in pieces:
+            out.pieces.setdefault(layer_path, []).append((offset, term))
         out.reports.append(report)
     return out
 
 
-def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int):
+def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dotted: dict):
     if not path.is_file():
         raise LoraError(f"{path}: no such file")
     try:  # read once: hashed, and every tensor taken from these bytes
@@ -181,41 +248,57 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int):
         if _TEXT_ENCODER.match(base):
             report.skipped.append(base)
             continue
-        target = _target(base, layers, kohya, hidden)
-        if target is None or "down" not in g or "up" not in g:
+        kind = kind_of(g)
+        if kind in NOT_APPLIED:
+            name = NOT_APPLIED[kind]
+            report.unsupported[name] = report.unsupported.get(name, 0) + 1
+            continue
+        target = _target(base, layers, kohya, hidden, dotted)
+        if target is None or kind is None:
             report.unmatched.append(base)
             continue
-        layer_path, offset, swap = target
-        down, up = g["down"], g["up"]
+        layer_path, offset, rows, swap = target
         out_rows, in_cols = layers[layer_path]
-        rank = down.shape[0] if down.ndim == 2 else -1
-        if (down.ndim != 2 or up.ndim != 2 or up.shape[1] != rank or down.shape[1] != in_cols
-                or rank == 0):  # fmt: skip
+        try:
+            term = read_term(kind, g, scale, rows, in_cols)
+        except AdapterError as e:
             raise LoraError(
-                f"{path}: {base}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit "
-                f"{layer_path} ({in_cols} inputs, {out_rows} outputs)"
-            )
-        if offset + up.shape[0] > out_rows:
-            raise LoraError(f"{path}: {base}: {up.shape[0]} rows do not fit in {layer_path}")
-        if "alpha" in g and g["alpha"].size != 1:
-            raise LoraError(f"{path}: {base}: alpha has shape {tuple(g['alpha'].shape)}, not 1")
-        alpha = float(g["alpha"].item()) if "alpha" in g else float(rank)
-        with np.errstate(over="ignore", invalid="ignore"):
-            up = up * np.float32(scale * alpha / rank)
-        if not np.isfinite(up).all():
-            raise LoraError(f"{path}: {base}: scale {scale:g} x alpha {alpha:g} overflows")
+                f"{path}: {base}: {e} (layer {layer_path}, {out_rows} x {in_cols})"
+            ) from None
+        if offset + term.rows > out_rows:
+            raise LoraError(f"{path}: {base}: {term.rows} rows do not fit in {layer_path}")
         if swap is not None:
-            up = swap(up)
-        if up.shape[0] != out_rows:  # one part of a fused layer: zero rows elsewhere
-            up = np.pad(up, [(offset, out_rows - offset - up.shape[0]), (0, 0)])
-        pieces.append((layer_path, down, up))
+            term = _swapped(term)
+        pieces.append((layer_path, offset, term))
+        report.adapters[kind + ("+dora" if term.dora else "")] = (
+            report.adapters.get(kind + ("+dora" if term.dora else ""), 0) + 1
+        )
     report.layers = len({p for p, _, _ in pieces})
     if not pieces:
+        if report.unsupported:
+            kinds = ", ".join(report.unsupported)
+            raise LoraError(f"{path}: holds {kinds} adapters, which mlxflux does not apply; "
+                            "applied to 0 layers")  # fmt: skip
         raise LoraError(
             f"{path}: matches no layer of this FLUX transformer (keys like "
             f"{next(iter(groups), next(iter(tensors), '?'))!r}); applied to 0 layers"
         )
     return report, pieces
+
+
+def _swapped(term: Term) -> Term:
+    """The term with its output halves swapped (diffusers' norm_out holds (scale, shift), BFL's
+    final adaLN (shift, scale))."""
+    delta = term.delta()
+    bias = None if term.bias is None else _swap_halves(term.bias)
+    if term.low_rank is not None and term.dora is None:
+        down, up = term.low_rank
+        return Term(term.rows, low_rank=(down, _swap_halves(up)), bias=bias)
+    dora = term.dora
+    if dora is not None and dora[0].size == term.rows:
+        dora = (_swap_halves(dora[0].reshape(-1)), dora[1])
+    return Term(term.rows, dense=None if delta is None else _swap_halves(delta), bias=bias,
+                dora=dora)  # fmt: skip
 
 
 # BFL's flux1-canny-dev-lora / flux1-depth-dev-lora carry a wider input projection (128 inputs:

@@ -126,11 +126,13 @@ def block_bytes(entry: dict, keys=None) -> tuple[dict[str, int], int]:
 
 def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget: int | None,
               steps: int = 20, text_tokens: int = 512, extra_tokens: int = 0,
-              cache: str = "none", preview: str = "none") -> Plan:  # fmt: skip
+              cache: str = "none", preview: str = "none",
+              lora_bytes: int = 0) -> Plan:  # fmt: skip
     """The plan for one generation at width x height; SettingsError when even streaming does
     not fit `budget` (bytes; None: the machine's). `extra_tokens`: what a variant appends to
     the image tokens (Kontext's references); `cache`: the step cache's method, whose state the
-    denoise stage holds too, as it does the preview's tiny decoder (`preview` taef1)."""
+    denoise stage holds too, as it does the preview's tiny decoder (`preview` taef1) and the
+    LoRAs' side paths (`lora_bytes`: low-rank factors, dense terms, DoRA's dense rows)."""
     budget = machine_budget() if budget is None else budget
     comps = manifest["components"]
     flux = comps["transformer"]
@@ -146,6 +148,7 @@ def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget:
     held = {"none": 0, "easycache": EasyCache.bytes(image_tokens),
             "first-block": FirstBlock.bytes(image_tokens, text_tokens, hidden, 4),
             }[cache]  # fmt: skip
+    held += lora_bytes
     if preview == "taef1":  # its weights, and its activations at the preview's size
         held += sum(tensor_bytes(comps["taef1"]).values()) + taef1_bytes(height, width)
     denoise = StageNeed(sum(blocks.values()) + rest + act + tables + held,

@@ -63,9 +63,9 @@ def test_auto_budget_is_the_working_set_less_a_margin():
             parse_budget(bad)
 
 
-@pytest.mark.parametrize("case", ["txt2img", "8-bit", "img2img", "lora"])
+@pytest.mark.parametrize("case", ["txt2img", "8-bit", "img2img", "lora", "dora"])
 def test_streamed_images_equal_resident_ones(folders, tmp_path, case):
-    folder = folders[8 if case == "8-bit" else None]
+    folder = folders[8 if case in ("8-bit", "dora") else None]
     kw = dict(KW)
     if case == "img2img":
         rng = np.random.default_rng(0)
@@ -76,10 +76,29 @@ def test_streamed_images_equal_resident_ones(folders, tmp_path, case):
                   "single_blocks.1.linear1": (1792, 256),
                   "double_blocks.1.img_mod.lin": (1536, 256)}  # fmt: skip
         kw["loras"] = [(write_lora(tmp_path / "l.safetensors", layers, 2), 0.8)]
+    if case == "dora":  # DoRA's rows are made from the layer's own weights, read as it streams
+        from safetensors.numpy import load_file, save_file
+
+        layers = {
+            "double_blocks.0.img_attn.qkv": (768, 256),
+            "single_blocks.1.linear2": (256, 1280),
+        }
+        path = write_lora(tmp_path / "d.safetensors", layers, 3)
+        tensors = load_file(str(path))
+        for layer, (rows, cols) in layers.items():
+            scale = np.random.default_rng(rows).uniform(0.5, 1.5, (1, cols)).astype(np.float32)
+            tensors["lora_unet_" + layer.replace(".", "_") + ".dora_scale"] = scale
+        save_file(tensors, str(path))
+        kw["loras"] = [(path, 0.7)]
     resident = mlxflux.load(folder)
     want, resident_report = generate(resident, "a red cube", **kw)
     assert resident_report.plan == "resident"
-    streamed = mlxflux.load(folder, memory_budget=streaming_budget(folder))
+    budget = streaming_budget(folder)
+    if case in ("lora", "dora"):  # the plan counts the side paths: rank 4 x (in + out) float32
+        budget += sum(4 * (rows + cols) * 4 for rows, cols in layers.values()) / GIB
+    if case == "dora":  # and DoRA's dense rows
+        budget += sum(rows * cols * 4 for rows, cols in layers.values()) / GIB
+    streamed = mlxflux.load(folder, memory_budget=budget)
     got, rep = generate(streamed, "a red cube", **kw)
     want, got = np.asarray(want), np.asarray(got)
     assert rep.plan == "streamed" and "streaming denoise" in rep.settings["memory_plan"]

@@ -62,7 +62,7 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 class Linear(nn.Linear, UsesKernels):
     """nn.Linear run through its model's kernels, in the input's dtype. `lora`: a LoRA's
-    low-rank side path (`mlxflux.lora.LowRank`) that the kernels add, or None."""
+    side path (`mlxflux.lora_adapters.SidePath`) that the kernels add, or None."""
 
     lora = None
 

@@ -1,0 +1,304 @@
+"""The LoRA formats people download besides plain LoRAs, against ComfyUI's merge: LyCORIS LoKr
+and LoHa, DoRA (`dora_scale` on either axis), full differences (`.diff`, `.diff_b`), and the
+names of OneTrainer, SimpleTuner's LyCORIS and AI-Toolkit files. The reference merges each
+file into a copy of the transformer by ComfyUI's formulas (`comfy/weight_adapter/`: lora, loha,
+lokr, `weight_decompose`; `comfy/lora.py`: diff), ported here, or by ComfyUI's own adapter
+classes when COMFYUI_PATH is set; FluxPipeline then draws with ComfyUI's sigmas. mlxflux never
+merges: low-rank and Kronecker side paths, dense side terms, DoRA's rows made dense."""
+
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mlxflux
+from mlxflux.lora import LoraError
+
+from .helpers import HEIGHT, WIDTH, generate
+from .reference import (
+    PROMPT,
+    comfy_reference,
+    compare,
+    diffusers_single_file_convert,
+    flux_to_bfl,
+    quantize_dequantize_,
+)
+
+pytestmark = pytest.mark.reference
+
+# layers each synthetic file touches (BFL names), fused and plain, modulation and MLP
+LAYERS = ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "single_blocks.1.linear1",
+          "single_blocks.0.linear2", "double_blocks.0.img_mod.lin", "txt_in"]  # fmt: skip
+MEAN, MAX = 0.75, 4
+
+
+def _factor(n: int) -> int:
+    return next(f for f in (4, 2, 1) if n % f == 0)
+
+
+def make_adapter(kind: str, rows: int, cols: int, g: torch.Generator, dora: str | None = None):
+    """The pieces of one layer's adapter, in LyCORIS / kohya names, with a visible effect."""
+    r = 4
+    if kind == "lora":
+        p = {
+            "lora_down.weight": torch.randn(r, cols, generator=g) / cols**0.5,
+            "lora_up.weight": torch.randn(rows, r, generator=g) * 0.5,
+            "alpha": torch.tensor(2.0),
+        }
+    elif kind == "loha":
+        p = {
+            "hada_w1_a": torch.randn(rows, r, generator=g) * 0.5,
+            "hada_w1_b": torch.randn(r, cols, generator=g) / cols**0.5,
+            "hada_w2_a": torch.randn(rows, r, generator=g) * 0.5,
+            "hada_w2_b": torch.randn(r, cols, generator=g),
+            "alpha": torch.tensor(2.0),
+        }
+    elif kind == "lokr":  # w1 whole, w2 factored: both of LyCORIS's shapes of a factor
+        a_out, a_in = _factor(rows), _factor(cols)
+        p = {
+            "lokr_w1": torch.randn(a_out, a_in, generator=g),
+            "lokr_w2_a": torch.randn(rows // a_out, r, generator=g) * 0.3,
+            "lokr_w2_b": torch.randn(r, cols // a_in, generator=g) / (cols // a_in) ** 0.5,
+            "alpha": torch.tensor(2.0),
+        }
+    else:  # a full difference, with its bias
+        p = {
+            "diff": torch.randn(rows, cols, generator=g) * 0.05 / cols**0.5,
+            "diff_b": torch.randn(rows, generator=g) * 0.05,
+        }
+    if dora == "in":  # LyCORIS: one magnitude per input column
+        p["dora_scale"] = torch.rand(1, cols, generator=g) + 0.5
+    elif dora == "out":  # PEFT-style: one per output row
+        p["dora_scale"] = torch.rand(rows, 1, generator=g) + 0.5
+    return p
+
+
+def comfy_apply(weight, bias, p: dict, strength: float):
+    """ComfyUI's change of one layer's weight (and bias) by adapter pieces `p`."""
+    if os.environ.get("COMFYUI_PATH"):
+        return _comfy_own(weight, bias, p, strength)
+    alpha = p.get("alpha")
+    dora = p.get("dora_scale")
+    if "diff" in p:
+        return weight + strength * p["diff"], bias + strength * p["diff_b"]
+    if "lora_up.weight" in p:
+        up, down = p["lora_up.weight"], p["lora_down.weight"]
+        a, delta = (alpha / down.shape[0] if alpha is not None else 1.0), up @ down
+    elif "hada_w1_a" in p:
+        a = alpha / p["hada_w1_b"].shape[0] if alpha is not None else 1.0
+        delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+    else:
+        w1, w2, dim = p["lokr_w1"], p["lokr_w2_a"] @ p["lokr_w2_b"], p["lokr_w2_b"].shape[0]
+        a, delta = (alpha / dim if alpha is not None else 1.0), torch.kron(w1, w2)
+    if dora is None:
+        return weight + strength * a * delta, bias
+    # comfy/weight_adapter/base.py weight_decompose
+    calc = weight + delta * a
+    if dora.shape[0] == calc.shape[0]:
+        norm = weight.norm(dim=1, keepdim=True)
+    else:
+        norm = calc.norm(dim=0, keepdim=True)
+    calc = calc * (dora / (norm + torch.finfo(weight.dtype).eps))
+    return (calc if strength == 1.0 else weight + strength * (calc - weight)), bias
+
+
+def _comfy_own(weight, bias, p, strength):
+    """ComfyUI's own adapter classes (`comfy.weight_adapter`: load, then calculate_weight); a
+    full difference is `comfy.lora`'s two lines (that module needs all of ComfyUI's models)."""
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.weight_adapter as adapters
+    finally:
+        sys.argv = argv
+    if "diff" in p:
+        return weight + strength * p["diff"], bias + strength * p["diff_b"]
+    lora = {f"x.{k}": v for k, v in p.items()}
+    alpha = p["alpha"].item() if "alpha" in p else None
+    for cls in adapters.adapters:
+        adapter = cls.load("x", lora, alpha, p.get("dora_scale"))
+        if adapter is not None:
+            w = adapter.calculate_weight(weight.clone(), "x.weight", strength, 1.0, None,
+                                         lambda a: a)  # fmt: skip
+            return w, bias
+    raise AssertionError(f"ComfyUI read no adapter from {sorted(p)}")
+
+
+def build(models, kinds: dict[str, str], seed: int, dora=None) -> dict:
+    """BFL layer -> adapter pieces."""
+    bfl = flux_to_bfl(models["transformer"].state_dict())
+    g = torch.Generator().manual_seed(seed)
+    return {layer: make_adapter(kind, *bfl[layer + ".weight"].shape, g, dora)
+            for layer, kind in kinds.items()}  # fmt: skip
+
+
+def write(file: dict, path, prefix="lora_unet_", dots=False):
+    tensors = {}
+    for layer, p in file.items():
+        name = prefix + (layer if dots else layer.replace(".", "_"))
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in p.items()})
+    save_file(tensors, str(path))
+    return path
+
+
+def merged(models, files: list[tuple[dict, float]]) -> dict:
+    ref = copy.deepcopy(models["transformer"])
+    bfl = flux_to_bfl(ref.state_dict())
+    for file, strength in files:
+        for layer, p in file.items():
+            w, b = bfl[layer + ".weight"], bfl.get(layer + ".bias")
+            bfl[layer + ".weight"], new_b = comfy_apply(w, b, p, strength)
+            if b is not None:
+                bfl[layer + ".bias"] = new_b
+    ref.load_state_dict(diffusers_single_file_convert(bfl))
+    return {**models, "transformer": ref}
+
+
+def run(folder, loras, seed=5):
+    noise = mlxflux.comfy_noise(seed, (1, 16, HEIGHT // 8, WIDTH // 8))
+    image, report = generate(mlxflux.load(folder), PROMPT, width=WIDTH, height=HEIGHT, steps=4,
+                             noise=noise, loras=loras)  # fmt: skip
+    return image, noise, report
+
+
+CASES = {
+    "lokr": ({layer: "lokr" for layer in LAYERS}, None),
+    "loha": ({layer: "loha" for layer in LAYERS}, None),
+    "diff": ({layer: "diff" for layer in LAYERS}, None),
+    "dora-in": ({layer: "lora" for layer in LAYERS}, "in"),
+    "dora-out": ({layer: "lora" for layer in LAYERS}, "out"),
+    "lokr-dora": ({layer: "lokr" for layer in LAYERS[:3]}, "in"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_adapter_kind_matches_comfyuis_merge(models, folder, tmp_path, case):
+    kinds, dora = CASES[case]
+    file = build(models, kinds, seed=len(case), dora=dora)
+    path = write(file, tmp_path / f"{case}.safetensors")
+    ours, noise, report = run(folder, [(path, 0.8)])
+    ref = comfy_reference(merged(models, [(file, 0.8)]), "simple", 4, noise)
+    mean, worst = compare(ours, ref)
+    without = compare(run(folder, [])[0], ref)
+    print(f"{case}: mean {mean:.3f}, max {worst} levels; without it {without}")
+    assert mean <= MEAN and worst <= MAX
+    assert without[0] > 5 * max(mean, 0.1)  # the file changes the picture
+    (entry,) = report.settings["loras"]
+    kind = next(iter(kinds.values())) + ("+dora" if dora else "")
+    assert entry["adapters"] == {kind: len(kinds)} and entry["unmatched"] == []
+
+
+def test_stacked_kinds_on_8bit_weights(models, folder_q8, tmp_path):
+    """LoHa and a DoRA over 8-bit weights: the dense terms and DoRA's rows from the dequantized
+    layer, never requantized (the reference: the dequantized model, merged in full precision)."""
+    a = build(models, {layer: "loha" for layer in LAYERS[::2]}, seed=31)
+    b = build(models, {layer: "lora" for layer in LAYERS[1::2]}, seed=32, dora="in")
+    files = [
+        (write(a, tmp_path / "a.safetensors"), 0.9),
+        (write(b, tmp_path / "b.safetensors"), 1.0),
+    ]
+    ours, noise, _ = run(folder_q8, files)
+    q8 = dict(models)
+    for name in ("transformer", "t5"):
+        q8[name] = quantize_dequantize_(copy.deepcopy(models[name]), 8)
+    ref = comfy_reference(merged(q8, [(a, 0.9), (b, 1.0)]), "simple", 4, noise)
+    mean, worst = compare(ours, ref)
+    print(f"8-bit LoHa + DoRA: mean {mean:.3f}, max {worst} levels")
+    assert mean <= MEAN and worst <= MAX
+
+
+def _onetrainer(file: dict, hidden: int, prefix: str) -> dict:
+    """A single block's fused linear1 as OneTrainer / SimpleTuner name it: diffusers' to_q,
+    to_k, to_v and proj_mlp, underscored, each its rows of the BFL layer."""
+    tensors = {}
+    for layer, p in file.items():
+        block = layer.split(".")[1]
+        parts = [("attn_to_q", 0, hidden), ("attn_to_k", hidden, 2 * hidden),
+                 ("attn_to_v", 2 * hidden, 3 * hidden), ("proj_mlp", 3 * hidden, None)]  # fmt: skip
+        for name, lo, hi in parts:
+            key = f"{prefix}single_transformer_blocks_{block}_{name}"
+            tensors[f"{key}.lora_down.weight"] = p["lora_down.weight"].clone()
+            tensors[f"{key}.lora_up.weight"] = p["lora_up.weight"][lo:hi].clone()
+            tensors[f"{key}.alpha"] = p["alpha"].clone()
+    return tensors
+
+
+@pytest.mark.parametrize("prefix", ["lora_transformer_", "lycoris_"])
+def test_onetrainer_and_simpletuner_names(models, folder, tmp_path, prefix):
+    cfg = models["transformer"].config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    file = build(models, {"single_blocks.1.linear1": "lora", "single_blocks.0.linear1": "lora"},
+                 seed=41)  # fmt: skip
+    path = tmp_path / "onetrainer.safetensors"
+    save_file(_onetrainer(file, hidden, prefix), str(path))
+    ours, noise, report = run(folder, [(path, 1.0)])
+    ref = comfy_reference(merged(models, [(file, 1.0)]), "simple", 4, noise)
+    mean, worst = compare(ours, ref)
+    print(f"{prefix}: mean {mean:.3f}, max {worst} levels")
+    assert mean <= MEAN and worst <= MAX
+    (entry,) = report.settings["loras"]
+    assert entry["unmatched"] == [] and entry["layers"] == 2 and entry["adapters"] == {"lora": 8}
+
+
+def test_ai_toolkit_names(models, folder, tmp_path):
+    """AI-Toolkit saves diffusers names behind `transformer.` with lora_A / lora_B (mflux's
+    "0/224 keys matched"): q, k, v land in the fused layer."""
+    cfg = models["transformer"].config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    file = build(models, {"single_blocks.1.linear1": "lora"}, seed=43)
+    tensors = {k.replace("lycoris_single_transformer_blocks_1_", "transformer."
+                         "single_transformer_blocks.1.").replace("attn_to_", "attn.to_")
+               .replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v
+               for k, v in _onetrainer(file, hidden, "lycoris_").items()
+               if not k.endswith(".alpha")}  # fmt: skip
+    assert "transformer.single_transformer_blocks.1.attn.to_q.lora_A.weight" in tensors
+    path = tmp_path / "ai-toolkit.safetensors"
+    save_file(tensors, str(path))
+    for p in file.values():
+        p["alpha"] = torch.tensor(4.0)  # no alpha in the file: alpha / rank = 1
+    ours, noise, report = run(folder, [(path, 1.0)])
+    ref = comfy_reference(merged(models, [(file, 1.0)]), "simple", 4, noise)
+    mean, worst = compare(ours, ref)
+    assert mean <= MEAN and worst <= MAX, (mean, worst)
+    assert report.settings["loras"][0]["unmatched"] == []
+
+
+def test_adapters_mlxflux_does_not_apply_are_named(models, folder, tmp_path):
+    oft = {"lora_unet_double_blocks_0_img_attn_qkv.oft_blocks": torch.ones(4, 8, 8),
+           "lora_unet_double_blocks_0_img_attn_qkv.rescale": torch.ones(1)}  # fmt: skip
+    only = tmp_path / "oft.safetensors"
+    save_file(oft, str(only))
+    with pytest.raises(LoraError, match="holds OFT/BOFT adapters, which mlxflux does not apply"):
+        run(folder, [(only, 1.0)])
+    file = build(models, {"txt_in": "lokr"}, seed=5)
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({**oft, **{f"lora_unet_txt_in.{k}": v for k, v in file["txt_in"].items()}},
+              str(mixed))  # fmt: skip
+    _, _, report = run(folder, [(mixed, 1.0)])
+    (entry,) = report.settings["loras"]
+    assert entry["unsupported"] == {"OFT/BOFT": 1} and entry["adapters"] == {"lokr": 1}
+
+
+def test_the_memory_plan_counts_the_side_paths(models, folder, tmp_path):
+    """Dense terms (LoHa, full differences) and DoRA's rows are float32 copies of the touched
+    layers: the denoise stage's need grows by exactly what they hold."""
+    from mlxflux.request import GenerationRequest
+
+    file = build(models, {"txt_in": "loha", "single_blocks.0.linear2": "diff"}, seed=7)
+    path = write(file, tmp_path / "dense.safetensors")
+    pipe = mlxflux.load(folder)
+    bare = pipe.prepare(GenerationRequest(prompt="x", width=WIDTH, height=HEIGHT, steps=2))
+    job = pipe.prepare(GenerationRequest(prompt="x", width=WIDTH, height=HEIGHT, steps=2,
+                                         loras=((path, 1.0),)))  # fmt: skip
+    shapes = {k: tuple(v.shape) for k, v in flux_to_bfl(models["transformer"].state_dict()).items()}
+    dense = sum(4 * np.prod(shapes[f"{layer}.weight"]) for layer in file)
+    assert job.loras.resident_bytes == dense
+    grown = job.plan.needs["denoise"].resident - bare.plan.needs["denoise"].resident
+    assert grown == dense
