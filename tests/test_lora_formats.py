@@ -302,3 +302,29 @@ def test_the_memory_plan_counts_the_side_paths(models, folder, tmp_path):
     assert job.loras.resident_bytes == dense
     grown = job.plan.needs["denoise"].resident - bare.plan.needs["denoise"].resident
     assert grown == dense
+
+
+@pytest.mark.parametrize("variant, width", [("fill", 384), ("canny", 128)])
+def test_a_lora_for_the_full_variant_touches_its_wider_input(tmp_path, variant, width):
+    """LoRAs trained on FLUX.1 Fill or Canny dev carry the input projection at the variant's
+    width (384 / 128 inputs): on that model they apply, as every other layer does."""
+    from mlxflux.request import GenerationRequest
+
+    from .helpers import cover_image, small_model, write_lora
+
+    folder = small_model(tmp_path / variant, variant=variant, seed=3)
+    path = write_lora(tmp_path / "wide.safetensors", {"img_in": (256, width),
+                                                       "txt_in": (256, 64)}, seed=9)  # fmt: skip
+    original = tmp_path / "cover.png"
+    cover_image(3, 48, 32).save(original)
+    kw = {"prompt": "x", "width": 48, "height": 32, "steps": 2, "seeds": (2,)}
+    kw |= {"init_image": str(original)} if variant == "fill" else {"control_image": str(original)}
+    if variant == "fill":
+        kw["mask"] = str(original)
+    pipe = mlxflux.load(folder)
+    plain = next(pipe.prepare(GenerationRequest(**kw)).run())[1]
+    job = pipe.prepare(GenerationRequest(**kw, loras=((path, 1.0),)))
+    styled = next(job.run())[1]
+    (entry,) = job.report.settings["loras"]
+    assert entry["layers"] == 2 and entry["unmatched"] == [], entry
+    assert np.abs(np.asarray(styled, np.int32) - np.asarray(plain, np.int32)).mean() > 1
