@@ -265,15 +265,17 @@ def run_job(job, indexes: dict, preset: str | None, output: str | None,
     seeds, settings = job.request.seeds, job.report.settings
     for lora in settings.get("loras", []):
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(lora.get("adapters", {}).items()))
-        click.echo(f"lora {lora['file']} x {lora['scale']:g}: {lora['layers']} layers ({kinds})",
-                   err=True)  # fmt: skip
+        text = (f"; text encoders: {lora['text_layers']} layers x {lora['clip_scale']:g}"
+                if lora.get("text_layers") else "")  # fmt: skip
+        click.echo(f"lora {lora['file']} x {lora['scale']:g}: {lora['layers']} layers ({kinds})"
+                   f"{text}", err=True)  # fmt: skip
         for kind, n in lora.get("unsupported", {}).items():
             click.echo(f"  warning: {n} {kind} adapters not applied (mlxflux applies LoRA, LoHa, "
                        "LoKr, DoRA and full differences)", err=True)  # fmt: skip
         if lora["not_applied"]:
             n = len(lora["not_applied"])
             click.echo(f"  warning: {n} text-encoder LoRA layers not applied "
-                       "(mlxflux applies LoRAs to the transformer only)", err=True)  # fmt: skip
+                       "(their layers are not CLIP-L's or T5's)", err=True)  # fmt: skip
         if lora["unmatched"]:
             listed = ", ".join(lora["unmatched"][:5])
             more = f" (+{len(lora['unmatched']) - 5} more)" if len(lora["unmatched"]) > 5 else ""

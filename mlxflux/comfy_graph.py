@@ -5,7 +5,8 @@ The graph is the one ComfyUI's own FLUX.1 templates build, with the files named 
 manifest (e.g. flux1-dev-fp8.safetensors, t5xxl_fp8_e4m3fn.safetensors, clip_l.safetensors,
 ae.safetensors) and the same sampler, scheduler, shift, guidance and seed:
 
-    UNETLoader -> [LoraLoaderModelOnly ...] -> [ModelSamplingFlux] -> KSampler (euler, cfg 1)
+    UNETLoader -> [LoraLoaderModelOnly | LoraLoader ...] -> [ModelSamplingFlux] -> KSampler
+    (euler, cfg 1); a LoraLoader also feeds CLIPTextEncode its CLIP
     DualCLIPLoader -> CLIPTextEncode -> [ReferenceLatent ...] -> FluxGuidance -> positive
                                      -> ConditioningZeroOut -> negative
     EmptySD3LatentImage, or LoadImage -> ImageScale -> VAEEncode (image to image)
@@ -26,6 +27,8 @@ NODES = {
     "DualCLIPLoader": ([], ["clip_name1", "clip_name2", "type"], ["CLIP"]),
     "VAELoader": ([], ["vae_name"], ["VAE"]),
     "LoraLoaderModelOnly": (["model"], ["lora_name", "strength_model"], ["MODEL"]),
+    "LoraLoader": (["model", "clip"], ["lora_name", "strength_model", "strength_clip"],
+                   ["MODEL", "CLIP"]),
     "ModelSamplingFlux": (["model"], ["max_shift", "base_shift", "width", "height"], ["MODEL"]),
     "EasyCache": (["model"], ["reuse_threshold", "start_percent", "end_percent", "verbose"],
                   ["MODEL"]),
@@ -99,9 +102,16 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
         model = g.add("UNETLoader", unet_name=unet, weight_dtype="default")
     clip = g.add("DualCLIPLoader", clip_name1=files["clip"], clip_name2=files["t5"], type="flux")
     vae = g.add("VAELoader", vae_name=files["vae"])
+    clip_out = [clip, 0]
     for lora in settings.get("loras") or []:
-        model = g.add("LoraLoaderModelOnly", model=[model, 0], lora_name=lora["file"],
-                      strength_model=lora["scale"])  # fmt: skip
+        if lora.get("text_layers"):  # its text-encoder parts too, at strength_clip
+            model = g.add("LoraLoader", model=[model, 0], clip=clip_out,
+                          lora_name=lora["file"], strength_model=lora["scale"],
+                          strength_clip=lora["clip_scale"])  # fmt: skip
+            clip_out = [model, 1]
+        else:
+            model = g.add("LoraLoaderModelOnly", model=[model, 0], lora_name=lora["file"],
+                          strength_model=lora["scale"])  # fmt: skip
     w, h = settings["width"], settings["height"]
     shift, default = settings["shift"], variant.shift
     if shift == "auto":  # BFL's resolution-dependent shift
@@ -117,7 +127,7 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
     prompt = settings["prompt"]
     if settings.get("prompt_syntax") == "plain":  # brackets that were text: ComfyUI's escapes
         prompt = prompt.replace("(", "\\(").replace(")", "\\)")
-    text = g.add("CLIPTextEncode", clip=[clip, 0], text=prompt)
+    text = g.add("CLIPTextEncode", clip=clip_out, text=prompt)
     positive, negative = [text, 0], [g.add("ConditioningZeroOut", conditioning=[text, 0]), 0]
 
     def scaled(name: str) -> list:

@@ -69,7 +69,7 @@ class Job:
         with Stage(report, "text") as stage:
             txt, pooled = pipe.encode_text(request.prompt, request.t5_padding,
                                            "text" in plan.streamed, stage,
-                                           request.prompt_syntax)  # fmt: skip
+                                           request.prompt_syntax, self.loras)  # fmt: skip
         latent, extra = None, Conditioning()
         if request.init_image is not None or self.inputs.encodes:
             with Stage(report, "encode"):
@@ -214,7 +214,9 @@ def prepare(pipe, request: GenerationRequest) -> Job:
     if request.loras:  # read once and matched now, so a bad file fails before any stage
         flux = pipe.manifest["components"]["transformer"]
         shapes = layer_shapes(flux, pipe.manifest["quantization"]["bits"])
-        loras = read_loras(request.loras, shapes, flux["config"]["hidden_size"])
+        bits = pipe.manifest["quantization"]["bits"]
+        text = {c: layer_shapes(pipe.manifest["components"][c], bits) for c in ("clip", "t5")}
+        loras = read_loras(request.loras, shapes, flux["config"]["hidden_size"], text)
         settings["loras"] = [r.record() for r in loras.reports]
     # the memory plan: which stages stream; refused here when even streaming cannot fit
     preview = request.preview

@@ -45,7 +45,9 @@ class LoraReport:
     file: str
     sha256: str
     scale: float
+    clip_scale: float = 1.0
     layers: int = 0
+    text_layers: int = 0  # CLIP-L and T5 layers changed, at clip_scale
     skipped: list[str] = field(default_factory=list)  # text-encoder LoRAs: not applied
     unmatched: list[str] = field(default_factory=list)  # keys that name no layer
     adapters: dict[str, int] = field(default_factory=dict)  # kind -> layers it changed
@@ -54,7 +56,8 @@ class LoraReport:
     def record(self) -> dict:
         """What the PNG and the report say of it."""
         return {"file": self.file, "sha256": self.sha256, "scale": self.scale,
-                "layers": self.layers, "adapters": self.adapters,
+                "clip_scale": self.clip_scale, "layers": self.layers,
+                "text_layers": self.text_layers, "adapters": self.adapters,
                 "not_applied": self.skipped, "unsupported": self.unsupported,
                 "unmatched": self.unmatched}  # fmt: skip
 
@@ -67,6 +70,8 @@ class LoraSet:
     reports: list[LoraReport] = field(default_factory=list)
     pieces: dict[str, list[tuple[int, Term]]] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # the text encoders' parts ("clip", "t5"), each a set of its own, at the files' CLIP_SCALE
+    text: dict[str, "LoraSet"] = field(default_factory=dict)
 
     def side_path(self, path: str) -> SidePath:
         out, inp = self.shapes[path]
@@ -203,23 +208,54 @@ def _target(base: str, layers: dict, kohya: dict, hidden: int, dotted: dict):
     return None
 
 
-def read_loras(loras, layers: dict[str, tuple[int, int]], hidden: int) -> LoraSet:
-    """Read every LoRA of `loras` [(path, scale), ...] once and match it to `layers` (path ->
-    (outputs, inputs), `layer_shapes`); LoraError for a file that is unreadable, has wrong
-    shapes, or matches no layer."""
+def read_loras(loras, layers: dict[str, tuple[int, int]], hidden: int,
+               text_layers: dict | None = None) -> LoraSet:  # fmt: skip
+    """Read every LoRA of `loras` [(path, scale[, clip_scale]), ...] once and match it to
+    `layers` (path -> (outputs, inputs), `layer_shapes`) and to the text encoders' layers
+    (`text_layers`: {"clip": ..., "t5": ...}; without them text-encoder parts are reported as
+    not applied); LoraError for a file that is unreadable, has wrong shapes, or matches no
+    layer."""
     kohya = {p.replace(".", "_"): p for p in layers}
     dotted = _diffusers_names(layers)
-    out = LoraSet(shapes=layers)
-    for path, scale in loras:
+    text_layers = text_layers or {}
+    out = LoraSet(shapes=layers, text={c: LoraSet(shapes=s) for c, s in text_layers.items()})
+    for path, scale, *clip in loras:
         path = Path(path).expanduser()
-        report, pieces = _read(path, float(scale), layers, kohya, hidden, dotted)
-        for layer_path, offset, term in pieces:
-            out.pieces.setdefault(layer_path, []).append((offset, term))
+        clip_scale = float(clip[0]) if clip else float(scale)
+        report, pieces = _read(path, float(scale), layers, kohya, hidden, dotted,
+                               (text_layers, clip_scale))  # fmt: skip
+        for component, layer_path, offset, term in pieces:
+            target = out if component is None else out.text[component]
+            target.pieces.setdefault(layer_path, []).append((offset, term))
         out.reports.append(report)
     return out
 
 
-def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dotted: dict):
+def _text_target(base: str, text_layers: dict) -> tuple[str, str] | None:
+    """(text encoder, layer path) of a text-encoder LoRA key, by ComfyUI's names for FLUX
+    (`comfy/lora.py` model_lora_keys_clip): CLIP-L as lora_te_ / lora_te1_ / diffusers'
+    text_encoder. / text_encoders.clip_l.transformer., T5 as lora_te2_ / lora_te3_ (OneTrainer)
+    / text_encoders.t5xxl.transformer."""
+    clip, t5 = text_layers.get("clip", {}), text_layers.get("t5", {})
+    for component, layers, underscored, dotted in (
+        ("clip", clip, ("lora_te_text_model_", "lora_te1_text_model_"),
+         ("text_encoder.text_model.", "text_encoders.clip_l.transformer.text_model.")),
+        ("t5", t5, ("lora_te2_", "lora_te3_"), ("text_encoders.t5xxl.transformer.",)),
+    ):  # fmt: skip
+        for prefix in underscored:
+            if base.startswith(prefix):
+                names = {p.replace(".", "_"): p for p in layers}
+                path = names.get(base[len(prefix) :])
+                if path:
+                    return component, path
+        for prefix in dotted:
+            if base.startswith(prefix) and base[len(prefix) :] in layers:
+                return component, base[len(prefix) :]
+    return None
+
+
+def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dotted: dict,
+          text: tuple[dict, float]):  # fmt: skip
     if not path.is_file():
         raise LoraError(f"{path}: no such file")
     try:  # read once: hashed, and every tensor taken from these bytes
@@ -235,7 +271,8 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dott
     if bad is not None:
         raise LoraError(f"{path}: {bad} holds NaN or infinite values")
     _refuse_widening(path, tensors, layers)
-    report = LoraReport(path.name, hashlib.sha256(data).hexdigest(), scale)
+    text_layers, clip_scale = text
+    report = LoraReport(path.name, hashlib.sha256(data).hexdigest(), scale, clip_scale)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         split = _split(key)
@@ -245,10 +282,20 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dott
         groups.setdefault(split[0], {})[split[1]] = value
     pieces = []
     for base, g in sorted(groups.items()):
-        if _TEXT_ENCODER.match(base):
-            report.skipped.append(base)
-            continue
         kind = kind_of(g)
+        if _TEXT_ENCODER.match(base):
+            found = _text_target(base, text_layers) if kind and kind not in NOT_APPLIED else None
+            if found is None:
+                report.skipped.append(base)
+                continue
+            component, layer_path = found
+            rows, cols = text_layers[component][layer_path]
+            try:
+                term = read_term(kind, g, clip_scale, rows, cols)
+            except AdapterError as e:
+                raise LoraError(f"{path}: {base}: {e} ({component} {layer_path})") from None
+            pieces.append((component, layer_path, 0, term))
+            continue
         if kind in NOT_APPLIED:
             name = NOT_APPLIED[kind]
             report.unsupported[name] = report.unsupported.get(name, 0) + 1
@@ -269,11 +316,12 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dott
             raise LoraError(f"{path}: {base}: {term.rows} rows do not fit in {layer_path}")
         if swap is not None:
             term = _swapped(term)
-        pieces.append((layer_path, offset, term))
+        pieces.append((None, layer_path, offset, term))
         report.adapters[kind + ("+dora" if term.dora else "")] = (
             report.adapters.get(kind + ("+dora" if term.dora else ""), 0) + 1
         )
-    report.layers = len({p for p, _, _ in pieces})
+    report.layers = len({p for c, p, _, _ in pieces if c is None})
+    report.text_layers = len({(c, p) for c, p, _, _ in pieces if c is not None})
     if not pieces:
         if report.unsupported:
             kinds = ", ".join(report.unsupported)

@@ -154,10 +154,11 @@ class Pipeline:
     # ---- stages ---------------------------------------------------------------------------
 
     def encode_text(self, prompt: str, t5_padding: str, streamed: bool = False, stage=None,
-                    syntax: str = "comfy"):  # fmt: skip
+                    syntax: str = "comfy", loras: LoraSet | None = None):  # fmt: skip
         """(txt [1, T, 4096], pooled [1, 768]) of the prompt: T5, then CLIP. `syntax`: how the
         prompt is read (`prompt_syntax`): with weights, the empty prompt runs through T5 in
-        the same batch and each weighted token moves from it by its weight."""
+        the same batch and each weighted token moves from it by its weight. `loras`: the
+        job's LoRAs, whose text-encoder parts ride on T5's and CLIP's layers."""
         tok = self.folder / "tokenizers"
         parts = segments(prompt, syntax)
         t5_tok = T5Tokenizer(tok / "t5" / "spiece.model")
@@ -167,6 +168,8 @@ class Pipeline:
         has_weights = any(w != 1.0 for w in weights)
         batch = [t5_ids, t5_tok.empty(len(t5_ids))] if has_weights else [t5_ids]
         t5 = self.load("t5")
+        if loras is not None and "t5" in loras.text:
+            loras.text["t5"].attach(t5)
         blocks = self.blocks(t5, "t5", t5.block_names(), streamed)
         with progress.units(len(t5.block_names())):
             txt = t5(mx.array(batch), block_weights=blocks)
@@ -176,6 +179,8 @@ class Pipeline:
         check_finite(txt, "text (T5)", self.precision)
         del t5
         clip = self.load("clip")
+        if loras is not None and "clip" in loras.text:
+            loras.text["clip"].attach(clip)
         _, pooled = clip(mx.array([clip_ids]))
         mx.eval(pooled)
         check_finite(pooled, "text (CLIP)", self.precision)

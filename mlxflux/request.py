@@ -106,15 +106,28 @@ def _seeds(value, name):
     return seeds
 
 
-def parse_lora(spec) -> tuple[Path, float]:
-    """FILE[:SCALE] -> (path, scale): a colon followed by a number is the scale."""
-    path, sep, tail = str(spec).rpartition(":")
-    if sep:
-        try:
-            return Path(path), float(tail)
-        except ValueError:
-            pass  # a colon in the file name: the whole text is the path
-    return Path(spec), 1.0
+def parse_lora(spec) -> tuple[Path, float, float]:
+    """FILE[:SCALE[:CLIP_SCALE]] -> (path, scale, clip_scale): a colon followed by a number is
+    a scale; CLIP_SCALE (the text encoders' strength, ComfyUI's strength_clip) is SCALE unless
+    given."""
+    text, numbers = str(spec), []
+    while len(numbers) < 2:
+        head, sep, tail = text.rpartition(":")
+        if not sep or not _is_number(tail):
+            break  # a colon in the file name: the rest is the path
+        numbers.insert(0, float(tail))
+        text = head
+    if not numbers:
+        return Path(spec), 1.0, 1.0
+    return Path(text), numbers[0], numbers[-1]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _loras(value, name):
@@ -124,10 +137,13 @@ def _loras(value, name):
             out.append(parse_lora(item))
             continue
         try:
-            path, scale = item
-            out.append((Path(path), float(scale)))
+            path, scale, *clip = item
+            if len(clip) > 1:
+                raise ValueError
+            out.append((Path(path), float(scale), float(clip[0]) if clip else float(scale)))
         except (TypeError, ValueError):
-            raise SettingsError(f"{item!r} is not (path, scale) or FILE[:SCALE]", name) from None
+            raise SettingsError(f"{item!r} is not (path, scale[, clip_scale]) or "
+                                "FILE[:SCALE[:CLIP_SCALE]]", name) from None  # fmt: skip
     return tuple(out)
 
 
@@ -236,9 +252,11 @@ class GenerationRequest:
     )  # fmt: skip
     loras: tuple = param(
         (), _loras, flag="--lora", label="LoRAs",
-        help="A LoRA for the transformer (kohya/ComfyUI, diffusers/PEFT or BFL names), at SCALE "
-        "(default 1.0, negative allowed); repeat to stack them. Works on 8-bit models too.",
-        cli={"multiple": True, "metavar": "FILE[:SCALE]"},
+        help="A LoRA (kohya/ComfyUI, diffusers/PEFT, AI-Toolkit, OneTrainer or BFL names; LoRA, "
+        "LoKr, LoHa, DoRA or full differences) at SCALE on the transformer and CLIP_SCALE on its "
+        "text-encoder parts (default 1.0, CLIP_SCALE: SCALE; negative allowed); repeat to stack "
+        "them. Works on 8-bit models too.",
+        cli={"multiple": True, "metavar": "FILE[:SCALE[:CLIP_SCALE]]"},
     )  # fmt: skip
     init_image: Picture | None = param(
         None, _picture, label="Original",

@@ -420,9 +420,9 @@ def write_kohya(lora: dict, path, text_encoder: bool = False):
         tensors[f"{name}.lora_up.weight"] = up.contiguous()
         if alpha is not None:
             tensors[f"{name}.alpha"] = torch.tensor(alpha)
-    if text_encoder:  # a CLIP LoRA in the same file: not applied, and said so
-        tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.ones(2, 8)
-        tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.ones(8, 2)
+    if text_encoder:  # a CLIP layer this CLIP does not have (9 of 3): not applied, and said so
+        tensors["lora_te1_text_model_encoder_layers_9_mlp_fc1.lora_down.weight"] = torch.ones(2, 8)
+        tensors["lora_te1_text_model_encoder_layers_9_mlp_fc1.lora_up.weight"] = torch.ones(8, 2)
     save_file(tensors, str(path))
     return path
 

@@ -218,3 +218,19 @@ def test_a_plain_prompts_brackets_reach_comfyui_as_text():
             assert segments(text) == [(prompt, 1.0)]
         else:
             assert text == prompt
+
+
+def test_a_lora_with_text_encoder_parts_goes_through_lora_loader():
+    loras = [
+        {"file": "a.safetensors", "scale": 0.8, "clip_scale": 0.5, "text_layers": 12},
+        {"file": "b.safetensors", "scale": 1.0, "clip_scale": 1.0, "text_layers": 0},
+    ]
+    graph = comfy_prompt({**BASE, "loras": loras}, manifest())
+    check_wellformed(graph)
+    (loader,) = [(i, n) for i, n in graph.items() if n["class_type"] == "LoraLoader"]
+    assert loader[1]["inputs"]["strength_clip"] == 0.5
+    assert loader[1]["inputs"]["strength_model"] == 0.8
+    (encode,) = [n for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
+    assert encode["inputs"]["clip"] == [loader[0], 1]  # the CLIP the LoRA changed
+    kinds = [n["class_type"] for n in graph.values()]
+    assert kinds.count("LoraLoaderModelOnly") == 1

@@ -144,7 +144,7 @@ def test_text_encoder_and_unknown_keys_are_reported_not_dropped(models, folder, 
     path = write_kohya(make_lora(models, 5), tmp_path / "k.safetensors", text_encoder=True)
     _, _, report = run(folder, [(path, 1.0)])
     (entry,) = report.settings["loras"]
-    assert entry["not_applied"] == ["lora_te1_text_model_encoder_layers_0_mlp_fc1"]
+    assert entry["not_applied"] == ["lora_te1_text_model_encoder_layers_9_mlp_fc1"]
     # the CLI says so, and names keys that match no layer
     lora = make_lora(models, 5, LAYERS[:2])
     # a layer this model does not have (block 7): listed, not silently dropped

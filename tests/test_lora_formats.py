@@ -328,3 +328,58 @@ def test_a_lora_for_the_full_variant_touches_its_wider_input(tmp_path, variant, 
     (entry,) = job.report.settings["loras"]
     assert entry["layers"] == 2 and entry["unmatched"] == [], entry
     assert np.abs(np.asarray(styled, np.int32) - np.asarray(plain, np.int32)).mean() > 1
+
+
+TEXT = {  # ComfyUI's names for FLUX's text encoders -> (module, its parameter path, kind)
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+        ("clip", "encoder.layers.0.self_attn.q_proj", "lora"),
+    "lora_te1_text_model_encoder_layers_1_mlp_fc1":
+        ("clip", "encoder.layers.1.mlp.fc1", "loha"),
+    "lora_te2_encoder_block_0_layer_0_SelfAttention_q":
+        ("t5", "encoder.block.0.layer.0.SelfAttention.q", "lora"),
+    "lora_te2_encoder_block_1_layer_1_DenseReluDense_wi_0":
+        ("t5", "encoder.block.1.layer.1.DenseReluDense.wi_0", "lokr"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_text_encoder_parts_apply_at_the_clip_scale(models, folder, folder_q8, tmp_path, bits):
+    """A file with transformer and text-encoder parts (kohya names, as ComfyUI's LoraLoader
+    reads them): the transformer's at SCALE, CLIP-L's and T5's at CLIP_SCALE."""
+    g = torch.Generator().manual_seed(51)
+    file = build(models, {"double_blocks.0.img_attn.qkv": "lora"}, seed=52)
+    tensors = {f"lora_unet_{k.replace('.', '_')}.{n}": v.clone()
+               for k, p in file.items() for n, v in p.items()}  # fmt: skip
+    text = {}
+    for key, (component, name, kind) in TEXT.items():
+        w = dict(models[component].named_parameters())[name + ".weight"]
+        p = make_adapter(kind, *w.shape, g)
+        if component == "t5":  # T5's residual stream is wide: a strong change shows
+            p = {k: v * 3 if k in ("lora_up.weight", "lokr_w1") else v for k, v in p.items()}
+        text[key] = (component, name, p)
+        tensors.update({f"{key}.{n}": v.clone() for n, v in p.items()})
+    path = tmp_path / "with-text.safetensors"
+    save_file(tensors, str(path))
+
+    base = dict(models)
+    if bits:  # the 8-bit folder's transformer and T5, dequantized
+        for name in ("transformer", "t5"):
+            base[name] = quantize_dequantize_(copy.deepcopy(models[name]), bits)
+    ref = merged(base, [(file, 0.8)])
+    for component in ("clip", "t5"):
+        ref[component] = copy.deepcopy(base[component])
+    for component, name, p in text.values():
+        w = dict(ref[component].named_parameters())[name + ".weight"]
+        with torch.no_grad():
+            w.copy_(comfy_apply(w.detach().clone(), None, p, 0.6)[0])
+    target = folder_q8 if bits else folder
+    ours, noise, report = run(target, [(path, 0.8, 0.6)])
+    want = comfy_reference(ref, "simple", 4, noise)
+    mean, worst = compare(ours, want)
+    transformer_only = compare(run(target, [(path, 0.8, 0.0)])[0], want)
+    label = bits or "fp32"
+    print(f"text encoders ({label}): mean {mean:.3f}, max {worst}; clip 0: {transformer_only}")
+    assert mean <= MEAN and worst <= MAX
+    assert transformer_only[0] > 5 * max(mean, 0.1)  # the text parts change the picture
+    (entry,) = report.settings["loras"]
+    assert entry["text_layers"] == 4 and entry["not_applied"] == [] and entry["clip_scale"] == 0.6

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -204,3 +205,16 @@ def test_encode_image_alone_falls_back_to_float32_in_float16(tmp_path, monkeypat
     z = pipe.encode_image(np.full((32, 32, 3), 0.5, np.float32), fallbacks=fallbacks)
     assert np.isfinite(z).all() and fallbacks == ["encode"]
     assert np.isfinite(pipe.encode_image(np.full((32, 32, 3), 0.5, np.float32))).all()
+
+
+def test_a_lora_takes_a_scale_and_a_clip_scale():
+    from mlxflux.request import parse_lora
+
+    assert parse_lora("style.safetensors") == (Path("style.safetensors"), 1.0, 1.0)
+    assert parse_lora("style.safetensors:0.8") == (Path("style.safetensors"), 0.8, 0.8)
+    assert parse_lora("style.safetensors:0.8:0.5") == (Path("style.safetensors"), 0.8, 0.5)
+    assert parse_lora("C:/loras/a:b.safetensors:-1") == (Path("C:/loras/a:b.safetensors"), -1, -1)
+    request = GenerationRequest(prompt="x", loras=[("a.safetensors", 0.7), ("b", 1, 0.2)])
+    assert request.loras == ((Path("a.safetensors"), 0.7, 0.7), (Path("b"), 1.0, 0.2))
+    with pytest.raises(SettingsError, match="clip_scale"):
+        GenerationRequest(prompt="x", loras=[("a", 1, 2, 3)])

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import known_keys, strict_from_dict
+from .layers import linear
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,10 @@ class Attention(nn.Module):
         def heads(t):
             return t.reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = (heads(linear(p, x)) for p in (self.q_proj, self.k_proj, self.v_proj))
         scale = (d // self.num_heads) ** -0.5
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
+        return linear(self.out_proj, out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
 class MLP(nn.Module):
@@ -74,9 +75,9 @@ class MLP(nn.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.fc1(x)
+        h = linear(self.fc1, x)
         h = h * mx.sigmoid(1.702 * h) if self.act == "quick_gelu" else nn.gelu(h)
-        return self.fc2(h)
+        return linear(self.fc2, h)
 
 
 class EncoderLayer(nn.Module):

@@ -60,6 +60,17 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return out.reshape(shape).astype(dtype)
 
 
+def linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """layer(x) for a text encoder's nn.Linear or (kernel-run, `mlxflux.quant`) QuantizedLinear,
+    with the side path of the LoRAs attached to it (`layer.lora`,
+    `mlxflux.lora_adapters.SidePath`) when there is one."""
+    y = layer(x)
+    side = getattr(layer, "lora", None)
+    if side is None or isinstance(layer, UsesKernels):  # the kernels add it themselves
+        return y
+    return side.apply(layer, x, y, 0, y.shape[-1])
+
+
 class Linear(nn.Linear, UsesKernels):
     """nn.Linear run through its model's kernels, in the input's dtype. `lora`: a LoRA's
     side path (`mlxflux.lora_adapters.SidePath`) that the kernels add, or None."""

@@ -16,6 +16,7 @@ import numpy as np
 from .. import progress
 from ..blocks import BlockWeights
 from .config import known_keys, strict_from_dict
+from .layers import linear
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,10 @@ class SelfAttention(nn.Module):
         def heads(t):
             return t.reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)
 
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        q, k, v = (heads(linear(layer, x)) for layer in (self.q, self.k, self.v))
         # T5 does not scale the scores by 1/sqrt(d)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias)
-        return self.o(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        return linear(self.o, out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
 
 class LayerSelfAttention(nn.Module):
@@ -115,7 +116,8 @@ class DenseGatedGelu(nn.Module):
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.wo(nn.gelu_approx(self.wi_0(x)) * self.wi_1(x))  # gelu_new = tanh approx
+        h = nn.gelu_approx(linear(self.wi_0, x)) * linear(self.wi_1, x)  # gelu_new = tanh approx
+        return linear(self.wo, h)
 
 
 class LayerFF(nn.Module):
