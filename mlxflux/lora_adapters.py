@@ -107,6 +107,15 @@ def read_term(kind: str, g: dict, strength: float, rows: int, cols: int) -> Term
         raise AdapterError(
             "a convolution's CP/Tucker factors, which a FLUX linear layer has no use for"
         )
+    if kind in NOT_APPLIED:
+        raise AdapterError(f"{NOT_APPLIED[kind]} adapters are not applied by mlxflux")
+    flat = [
+        k
+        for k, v in g.items()
+        if k not in ("alpha", "dora_scale", "diff_b") and (v.ndim != 2 or 0 in v.shape)
+    ]
+    if flat:
+        raise AdapterError(f"{flat[0]} has shape {tuple(g[flat[0]].shape)}, not a matrix")
     dora = g.get("dora_scale")
     s = np.float32(1.0 if dora is not None else strength)
     term = Term(rows)

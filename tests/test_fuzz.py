@@ -279,11 +279,17 @@ def lora_setup(models, tmp_path_factory):
     lora = make_lora(models, 3)
     files = {"bfl": write_bfl(lora, tmp / "bfl.safetensors").read_bytes(),
              "kohya": write_kohya(lora, tmp / "kohya.safetensors").read_bytes()}  # fmt: skip
+    from .test_lora_formats import LAYERS, build, write
+
+    for kind, dora in (("lokr", None), ("loha", None), ("diff", None), ("lora", "in")):
+        file = build(models, dict.fromkeys(LAYERS[:3], kind), seed=4, dora=dora)
+        name = kind + ("-dora" if dora else "")
+        files[name] = write(file, tmp / f"{name}.safetensors").read_bytes()
     return read_manifest(folder), files, models["transformer"].config
 
 
 @FUZZ
-@given(how=damage, layout=st.sampled_from(["bfl", "kohya"]))
+@given(how=damage, layout=st.sampled_from(["bfl", "kohya", "lokr", "loha", "diff", "lora-dora"]))
 def test_lora_reader(tmp_path, lora_setup, how, layout):
     manifest, files, cfg = lora_setup
     path = tmp_path / "l.safetensors"
