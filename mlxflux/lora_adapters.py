@@ -99,6 +99,11 @@ def _mm(a, b) -> np.ndarray:
 def read_term(kind: str, g: dict, strength: float, rows: int, cols: int) -> Term:
     """The change of one base name's pieces `g` (float32 arrays) to a [rows, cols] weight, as
     ComfyUI computes it, times `strength` (left out for a DoRA, which takes it at the end)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+        return _read_term(kind, g, strength, rows, cols)
+
+
+def _read_term(kind: str, g: dict, strength: float, rows: int, cols: int) -> Term:
     alpha = g.get("alpha")
     if alpha is not None and alpha.size != 1:
         raise AdapterError(f"alpha has shape {tuple(alpha.shape)}, not 1")
