@@ -90,6 +90,15 @@ class Term:
         return self.dense
 
 
+def _lokr_factor(g: dict, name: str) -> tuple[np.ndarray, int | None]:
+    """A LoKr factor, whole or as `_a @ _b`; with the rank of its factoring (None: whole)."""
+    if name in g:
+        return g[name], None
+    if f"{name}_a" not in g or f"{name}_b" not in g:
+        raise AdapterError(f"LoKr needs {name} or {name}_a and {name}_b")
+    return _mm(g[f"{name}_a"], g[f"{name}_b"]), g[f"{name}_b"].shape[0]
+
+
 def _mm(a, b) -> np.ndarray:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise AdapterError(f"factors {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
@@ -143,19 +152,8 @@ def _read_term(kind: str, g: dict, strength: float, rows: int, cols: int) -> Ter
         term.dense = (m1 * m2) * (s * np.float32(a))
         shape = term.dense.shape
     elif kind == "lokr":
-        dim = None
-        w1 = g.get("lokr_w1")
-        if w1 is None:
-            if "lokr_w1_a" not in g or "lokr_w1_b" not in g:
-                raise AdapterError("LoKr needs lokr_w1 or lokr_w1_a and lokr_w1_b")
-            dim = g["lokr_w1_b"].shape[0]
-            w1 = _mm(g["lokr_w1_a"], g["lokr_w1_b"])
-        w2 = g.get("lokr_w2")
-        if w2 is None:
-            if "lokr_w2_a" not in g or "lokr_w2_b" not in g:
-                raise AdapterError("LoKr needs lokr_w2 or lokr_w2_a and lokr_w2_b")
-            dim = g["lokr_w2_b"].shape[0]
-            w2 = _mm(g["lokr_w2_a"], g["lokr_w2_b"])
+        (w1, dim1), (w2, dim2) = _lokr_factor(g, "lokr_w1"), _lokr_factor(g, "lokr_w2")
+        dim = dim2 if dim2 is not None else dim1  # ComfyUI: the last factored one's rank
         if w1.ndim != 2 or w2.ndim != 2:
             raise AdapterError(f"LoKr factors {tuple(w1.shape)} and {tuple(w2.shape)} are not 2-D")
         a = alpha / dim if alpha is not None and dim is not None else 1.0

@@ -209,3 +209,19 @@ def write_taef1(path: Path, seed: int, scale: float = 0.05) -> Path:
     tensors = {k: (g.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
     save_file(tensors, str(path))
     return path
+
+
+def comfyui(*modules: str) -> list:
+    """ComfyUI's own modules from the checkout at COMFYUI_PATH, imported as its main.py sets it
+    up (CPU only): `comfyui("comfy.sd1_clip", "latent_preview")`."""
+    import importlib
+
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        return [importlib.import_module(m) for m in modules]
+    finally:
+        sys.argv = argv

@@ -8,7 +8,6 @@ merges: low-rank and Kronecker side paths, dense side terms, DoRA's rows made de
 
 import copy
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 import mlxflux
 from mlxflux.lora import LoraError
 
-from .helpers import HEIGHT, WIDTH, generate
+from .helpers import HEIGHT, WIDTH, comfyui, generate
 from .reference import (
     PROMPT,
     comfy_reference,
@@ -109,15 +108,7 @@ def comfy_apply(weight, bias, p: dict, strength: float):
 def _comfy_own(weight, bias, p, strength):
     """ComfyUI's own adapter classes (`comfy.weight_adapter`: load, then calculate_weight); a
     full difference is `comfy.lora`'s two lines (that module needs all of ComfyUI's models)."""
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.weight_adapter as adapters
-    finally:
-        sys.argv = argv
+    (adapters,) = comfyui("comfy.weight_adapter")
     if "diff" in p:
         return weight + strength * p["diff"], bias + strength * p["diff_b"]
     lora = {f"x.{k}": v for k, v in p.items()}

@@ -4,7 +4,6 @@ the tiny decoder against diffusers' AutoencoderTiny, read from each file it ship
 COMFYUI_PATH set, ComfyUI's own classes are the reference too."""
 
 import os
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -15,7 +14,7 @@ from mlxflux.convert.taef1 import read_taef1
 from mlxflux.models.taef1 import TAEF1Decoder
 from mlxflux.preview import Previewer, latent2rgb
 
-from .helpers import load_strict
+from .helpers import comfyui, load_strict
 
 pytestmark = pytest.mark.reference
 
@@ -150,17 +149,11 @@ NO_COMFYUI = "COMFYUI_PATH (a ComfyUI checkout) is not set: CI cannot fetch it"
 def test_comfyuis_own_previewers(taesd):
     """ComfyUI's Latent2RGBPreviewer with its Flux factors, and its TAESD with the .pth, on the
     same x0 as ours."""
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        from comfy.latent_formats import Flux
-        from comfy.taesd.taesd import TAESD
-        from latent_preview import Latent2RGBPreviewer, TAESDPreviewerImpl
-    finally:
-        sys.argv = argv
+    formats, taesd_module, previewers = comfyui("comfy.latent_formats", "comfy.taesd.taesd",
+                                                "latent_preview")  # fmt: skip
+    Flux, TAESD = formats.Flux, taesd_module.TAESD
+    Latent2RGBPreviewer = previewers.Latent2RGBPreviewer
+    TAESDPreviewerImpl = previewers.TAESDPreviewerImpl
     flux = Flux()
     assert flux.latent_rgb_factors == COMFY_FACTORS and flux.latent_rgb_factors_bias == COMFY_BIAS
     x0 = torch.randn(1, 16, 40, 56, generator=torch.Generator().manual_seed(4)) * 1.5

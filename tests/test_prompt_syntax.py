@@ -5,14 +5,13 @@ and the first CLIP section's boundary rule. With COMFYUI_PATH set, ComfyUI's own
 the reference for every prompt here."""
 
 import os
-import sys
 
 import pytest
 
 from mlxflux.prompt_syntax import segments, weighted
 from mlxflux.tokenizers import CLIP_BOS, CLIP_EOS, CLIPTokenizer, T5Tokenizer
 
-from .helpers import tokenizer_dir
+from .helpers import comfyui, tokenizer_dir
 
 CASES = {
     "a lighthouse at dusk": [("a lighthouse at dusk", 1.0)],
@@ -96,16 +95,8 @@ PROMPTS = [
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_the_tokens_and_weights_are_comfyuis_own(tokenizers, prompt):
     clip, t5 = tokenizers
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        from comfy.text_encoders.flux import FluxTokenizer
-    finally:
-        sys.argv = argv
-    theirs = FluxTokenizer().tokenize_with_weights(prompt)
+    (flux,) = comfyui("comfy.text_encoders.flux")
+    theirs = flux.FluxTokenizer().tokenize_with_weights(prompt)
     assert clip.weighted(segments(prompt)) == [t for t, _ in theirs["l"][0]]
     (t5_theirs,) = theirs["t5xxl"]
     ids, weights = t5.weighted(segments(prompt))

@@ -5,7 +5,6 @@ FluxPipeline draws from those embeddings with ComfyUI's sigmas. With COMFYUI_PAT
 own tokenizer and `ClipTokenWeightEncoder` make the T5 embeddings."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 import mlxflux
 from mlxflux.models.latents import pack_latents
 
-from .helpers import HEIGHT, WIDTH, tokenizer_dir
+from .helpers import HEIGHT, WIDTH, comfyui, tokenizer_dir
 from .reference import compare, mlxflux_array, reference_pipeline
 
 pytestmark = pytest.mark.reference
@@ -99,16 +98,8 @@ def test_a_weighted_prompt_draws_what_the_reference_draws(models, folder, folder
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set")
 def test_comfyuis_own_weighting_gives_the_same_sequence(models, folder):
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    argv, sys.argv = sys.argv, ["main.py", "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        from comfy.sd1_clip import ClipTokenWeightEncoder
-        from comfy.text_encoders.flux import FluxTokenizer
-    finally:
-        sys.argv = argv
+    sd1_clip, flux = comfyui("comfy.sd1_clip", "comfy.text_encoders.flux")
+    ClipTokenWeightEncoder, FluxTokenizer = sd1_clip.ClipTokenWeightEncoder, flux.FluxTokenizer
 
     class T5(ClipTokenWeightEncoder):  # ComfyUI's weighting over transformers' T5
         special_tokens = {"end": 1, "pad": 0}
