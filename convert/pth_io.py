@@ -75,8 +75,9 @@ class _StateDictUnpickler(pickle.Unpickler):
         return np.frombuffer(raw, dtype, count=numel)
 
 
-def read_pth(path: str | Path) -> dict[str, np.ndarray]:
-    """The state dict of a `torch.save`d `.pth` (zip format), tensors as numpy arrays."""
+def read_pth(path: str | Path, nested: bool = False) -> dict:
+    """The state dict of a `torch.save`d `.pth` (zip format), tensors as numpy arrays.
+    `nested`: also state dicts one level down (Real-ESRGAN's {"params_ema": {...}})."""
     path = Path(path)
     try:
         archive = zipfile.ZipFile(path)
@@ -95,8 +96,13 @@ def read_pth(path: str | Path) -> dict[str, np.ndarray]:
             raise
         except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
             raise PthError(f"{path}: damaged ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()
-    ):
+    if not _named_tensors(state, nested):
         raise PthError(f"{path}: not a state dict of named tensors")
     return dict(state)
+
+
+def _named_tensors(state, nested: bool) -> bool:
+    return isinstance(state, dict) and all(
+        isinstance(k, str) and (isinstance(v, np.ndarray) or (nested and _named_tensors(v, False)))
+        for k, v in state.items()
+    )

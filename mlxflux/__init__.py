@@ -18,6 +18,7 @@ __all__ = [
     "comfy_noise",
     "load",
     "sigmas",
+    "upscale",
 ]
 
 
@@ -27,4 +28,8 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module("mlxflux.convert")
+    if name == "upscale":  # mlxflux.upscale(image, model, scale=None): `mlxflux.upscaling`
+        from .upscaling import upscale
+
+        return upscale
     raise AttributeError(f"module 'mlxflux' has no attribute {name!r}")

@@ -8,6 +8,7 @@ import click
 
 from . import __version__, private
 from .cli_gen import Failure, ensure_model, gen, path_option
+from .cli_upscale import upscale
 from .quant import BITS
 from .variants import VARIANTS
 
@@ -355,6 +356,7 @@ def serve(model, host, port, allow_hosts, token, output_dir, precision, memory_b
 
 
 main.add_command(gen)
+main.add_command(upscale)
 
 
 @main.command()

@@ -53,12 +53,15 @@ NODES = {
                  ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], ["LATENT"]),
     "VAEDecode": (["samples", "vae"], [], ["IMAGE"]),
     "SaveImage": (["images"], ["filename_prefix"], []),
+    "UpscaleModelLoader": ([], ["model_name"], ["UPSCALE_MODEL"]),
+    "ImageUpscaleWithModel": (["upscale_model", "image"], [], ["IMAGE"]),
+    "ImageScaleBy": (["image"], ["upscale_method", "scale_by"], ["IMAGE"]),
 }  # fmt: skip
 # the types of the input slots (the editor graph names them)
 SLOT_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "conditioning": "CONDITIONING",
               "positive": "CONDITIONING", "negative": "CONDITIONING", "latent": "LATENT",
               "latent_image": "LATENT", "samples": "LATENT", "pixels": "IMAGE", "image": "IMAGE",
-              "images": "IMAGE", "mask": "MASK"}  # fmt: skip
+              "images": "IMAGE", "mask": "MASK", "upscale_model": "UPSCALE_MODEL"}  # fmt: skip
 # BFL's file names, for a model converted from files that do not map to ComfyUI's loaders
 DEFAULT_FILES = {"transformer": "{model}.safetensors", "t5": "t5xxl_fp16.safetensors",
                  "clip": "clip_l.safetensors", "vae": "ae.safetensors"}  # fmt: skip
@@ -150,6 +153,22 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
     image = g.add("VAEDecode", samples=[sampler, 0], vae=[vae, 0])
     g.add("SaveImage", images=[image, 0], filename_prefix="mlxflux")
     return g.nodes
+
+
+def upscale_chunks(image_name: str, model_name: str, factor: int, scale: float) -> dict:
+    """The ComfyUI graphs of a model upscale: LoadImage -> ImageUpscaleWithModel (the model
+    from UpscaleModelLoader) -> [ImageScaleBy, lanczos, below the model's factor] -> SaveImage."""
+    import json
+
+    g = Graph()
+    image = g.add("LoadImage", image=image_name, upload="image")
+    model = g.add("UpscaleModelLoader", model_name=model_name)
+    out = g.add("ImageUpscaleWithModel", upscale_model=[model, 0], image=[image, 0])
+    if scale != factor:
+        out = g.add("ImageScaleBy", image=[out, 0], upscale_method="lanczos",
+                    scale_by=scale / factor)  # fmt: skip
+    g.add("SaveImage", images=[out, 0], filename_prefix="mlxflux-upscaled")
+    return {"prompt": json.dumps(g.nodes), "workflow": json.dumps(comfy_workflow(g.nodes))}
 
 
 def comfy_chunks(settings: dict, manifest: dict) -> dict[str, str]:

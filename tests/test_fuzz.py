@@ -279,12 +279,11 @@ def lora_setup(models, tmp_path_factory):
     lora = make_lora(models, 3)
     files = {"bfl": write_bfl(lora, tmp / "bfl.safetensors").read_bytes(),
              "kohya": write_kohya(lora, tmp / "kohya.safetensors").read_bytes()}  # fmt: skip
-    from .test_lora_formats import LAYERS, build, write
-
     for kind, dora in (("lokr", None), ("loha", None), ("diff", None), ("lora", "in")):
-        file = build(models, dict.fromkeys(LAYERS[:3], kind), seed=4, dora=dora)
+        file = reference.build_adapters(models, dict.fromkeys(reference.ADAPTER_LAYERS[:3], kind),
+                                        seed=4, dora=dora)  # fmt: skip
         name = kind + ("-dora" if dora else "")
-        files[name] = write(file, tmp / f"{name}.safetensors").read_bytes()
+        files[name] = reference.write_adapters(file, tmp / f"{name}.safetensors").read_bytes()
     return read_manifest(folder), files, models["transformer"].config
 
 

@@ -19,61 +19,27 @@ from mlxflux.lora import LoraError
 
 from .helpers import HEIGHT, WIDTH, comfyui, generate
 from .reference import (
+    ADAPTER_LAYERS as LAYERS,
+)
+from .reference import (
     PROMPT,
     comfy_reference,
     compare,
     diffusers_single_file_convert,
     flux_to_bfl,
+    make_adapter,
     quantize_dequantize_,
+)
+from .reference import (
+    build_adapters as build,
+)
+from .reference import (
+    write_adapters as write,
 )
 
 pytestmark = pytest.mark.reference
 
-# layers each synthetic file touches (BFL names), fused and plain, modulation and MLP
-LAYERS = ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "single_blocks.1.linear1",
-          "single_blocks.0.linear2", "double_blocks.0.img_mod.lin", "txt_in"]  # fmt: skip
 MEAN, MAX = 0.75, 4
-
-
-def _factor(n: int) -> int:
-    return next(f for f in (4, 2, 1) if n % f == 0)
-
-
-def make_adapter(kind: str, rows: int, cols: int, g: torch.Generator, dora: str | None = None):
-    """The pieces of one layer's adapter, in LyCORIS / kohya names, with a visible effect."""
-    r = 4
-    if kind == "lora":
-        p = {
-            "lora_down.weight": torch.randn(r, cols, generator=g) / cols**0.5,
-            "lora_up.weight": torch.randn(rows, r, generator=g) * 0.5,
-            "alpha": torch.tensor(2.0),
-        }
-    elif kind == "loha":
-        p = {
-            "hada_w1_a": torch.randn(rows, r, generator=g) * 0.5,
-            "hada_w1_b": torch.randn(r, cols, generator=g) / cols**0.5,
-            "hada_w2_a": torch.randn(rows, r, generator=g) * 0.5,
-            "hada_w2_b": torch.randn(r, cols, generator=g),
-            "alpha": torch.tensor(2.0),
-        }
-    elif kind == "lokr":  # w1 whole, w2 factored: both of LyCORIS's shapes of a factor
-        a_out, a_in = _factor(rows), _factor(cols)
-        p = {
-            "lokr_w1": torch.randn(a_out, a_in, generator=g),
-            "lokr_w2_a": torch.randn(rows // a_out, r, generator=g) * 0.3,
-            "lokr_w2_b": torch.randn(r, cols // a_in, generator=g) / (cols // a_in) ** 0.5,
-            "alpha": torch.tensor(2.0),
-        }
-    else:  # a full difference, with its bias
-        p = {
-            "diff": torch.randn(rows, cols, generator=g) * 0.05 / cols**0.5,
-            "diff_b": torch.randn(rows, generator=g) * 0.05,
-        }
-    if dora == "in":  # LyCORIS: one magnitude per input column
-        p["dora_scale"] = torch.rand(1, cols, generator=g) + 0.5
-    elif dora == "out":  # PEFT-style: one per output row
-        p["dora_scale"] = torch.rand(rows, 1, generator=g) + 0.5
-    return p
 
 
 def comfy_apply(weight, bias, p: dict, strength: float):
@@ -120,23 +86,6 @@ def _comfy_own(weight, bias, p, strength):
                                          lambda a: a)  # fmt: skip
             return w, bias
     raise AssertionError(f"ComfyUI read no adapter from {sorted(p)}")
-
-
-def build(models, kinds: dict[str, str], seed: int, dora=None) -> dict:
-    """BFL layer -> adapter pieces."""
-    bfl = flux_to_bfl(models["transformer"].state_dict())
-    g = torch.Generator().manual_seed(seed)
-    return {layer: make_adapter(kind, *bfl[layer + ".weight"].shape, g, dora)
-            for layer, kind in kinds.items()}  # fmt: skip
-
-
-def write(file: dict, path, prefix="lora_unet_", dots=False):
-    tensors = {}
-    for layer, p in file.items():
-        name = prefix + (layer if dots else layer.replace(".", "_"))
-        tensors.update({f"{name}.{k}": v.contiguous() for k, v in p.items()})
-    save_file(tensors, str(path))
-    return path
 
 
 def merged(models, files: list[tuple[dict, float]]) -> dict:
