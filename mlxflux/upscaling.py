@@ -24,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import MlxfluxError
+from .kernels import Kernels, choose
 
 TILE, OVERLAP = 512, 32  # ComfyUI's ImageUpscaleWithModel
 
@@ -43,10 +44,10 @@ class DenseBlock(nn.Module):
         super().__init__()
         self.convs = [nn.Conv2d(nf + i * gc, gc if i < 4 else nf, 3, padding=1) for i in range(5)]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, k: Kernels) -> mx.array:
         feats = [x]
         for i, conv in enumerate(self.convs):
-            y = conv(mx.concatenate(feats, axis=-1))
+            y = k.conv3x3(conv, mx.concatenate(feats, axis=-1))
             if i < 4:
                 feats.append(_lrelu(y))
         return y * 0.2 + x
@@ -57,10 +58,10 @@ class RRDB(nn.Module):
         super().__init__()
         self.rdbs = [DenseBlock(nf) for _ in range(3)]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, k: Kernels) -> mx.array:
         h = x
         for rdb in self.rdbs:
-            h = rdb(h)
+            h = rdb(h, k)
         return h * 0.2 + x
 
 
@@ -81,14 +82,16 @@ class RRDBNet(nn.Module):
         h, w = x.shape[1], x.shape[2]
         if self.shuffle:
             x = _pixel_unshuffle(_pad_reflect(x, self.shuffle), self.shuffle)
-        fea = self.conv_first(x)
+        k = self.kernels
+        fea = k.conv3x3(self.conv_first, x)
         trunk = fea
         for block in self.body:
-            trunk = block(trunk)
-        fea = fea + self.conv_body(trunk)
+            trunk = block(trunk, k)
+            mx.eval(trunk)  # one block's activations at a time
+        fea = fea + k.conv3x3(self.conv_body, trunk)
         for conv in self.ups:
-            fea = _lrelu(conv(_nearest(fea, 2)))
-        out = self.conv_last(_lrelu(self.conv_hr(fea)))
+            fea = _lrelu(k.conv3x3(conv, _nearest(fea, 2)))
+        out = k.conv3x3(self.conv_last, _lrelu(k.conv3x3(self.conv_hr, fea)))
         return out[:, : h * self.scale, : w * self.scale] if self.shuffle else out
 
 
@@ -105,11 +108,11 @@ class Compact(nn.Module):
         self.conv_last = nn.Conv2d(nf, out_nc * scale * scale, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = x
+        h, k = x, self.kernels
         for conv, slope in zip(self.convs, self.slopes, strict=True):
-            h = conv(h)
+            h = k.conv3x3(conv, h)
             h = mx.where(h >= 0, h, h * slope)
-        out = _pixel_shuffle(self.conv_last(h), self.scale)
+        out = _pixel_shuffle(k.conv3x3(self.conv_last, h), self.scale)
         return out + _nearest(x, self.scale)
 
 
@@ -272,6 +275,7 @@ def load_upscaler(path: str | Path) -> Upscaler:
         if isinstance(e, UpscaleError):
             raise
         raise UpscaleError(f"{path}: an upscaler with missing or misshapen weights ({e})") from None
+    net.kernels = choose()  # 3x3 convolutions as BLAS matmuls on the CPU (`Kernels.conv3x3`)
     return Upscaler(net, scale, path.name, arch)
 
 
