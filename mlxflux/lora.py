@@ -88,7 +88,7 @@ class LoraSet:
                 ups.append(np.pad(up, [(offset, out - offset - term.rows), (0, 0)]))
             elif term.kron is not None and full:
                 side.krons.append(tuple(mx.array(w) for w in term.kron))
-            elif term.delta() is not None:
+            elif _dense(offset, term, out):
                 part = np.zeros((out, inp), np.float32) if dense is None else dense
                 part[offset : offset + term.rows] += term.delta()
                 dense = part
@@ -108,9 +108,7 @@ class LoraSet:
         total = 0
         for path, parts in self.pieces.items():
             out, inp = self.shapes[path]
-            dense = any(t.dora is None and t.low_rank is None
-                        and (t.kron is None or o or t.rows != out) and t.delta() is not None
-                        for o, t in parts)  # fmt: skip
+            dense = any(_dense(o, t, out) for o, t in parts)
             total += out * inp * 4 * dense + sum(t.rows * inp * 4 for _, t in parts if t.dora)
         return total
 
@@ -130,6 +128,14 @@ class LoraSet:
             side = self.side_path(path)
             mx.eval([a for a in (side.down, side.up, side.dense, side.bias) if a is not None])
             layers[path].lora = side
+
+
+def _dense(offset: int, term: Term, out: int) -> bool:
+    """Whether a term runs in its layer's dense side term: LoHa, a full difference, a LoKr on
+    part of a fused layer (not a DoRA, which has dense rows of its own)."""
+    if term.dora is not None or term.low_rank is not None or term.delta() is None:
+        return False
+    return term.kron is None or offset != 0 or term.rows != out
 
 
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoders?[._]|lora_te_text_model|t5xxl\.)")
@@ -179,32 +185,32 @@ def _diffusers_names(layers: dict) -> dict[str, str]:
 
 
 def _target(base: str, layers: dict, kohya: dict, hidden: int, dotted: dict):
-    """(BFL layer path, row offset, rows, row transform) for a LoRA's base name, or None."""
+    """(BFL layer path, row offset, rows, halves swapped) for a LoRA's base name, or None."""
     from .convert.keymaps import diffusers_transformer, swap_halves
 
     for prefix in ("lora_unet_", "lora_transformer_", "lycoris_"):
         if base.startswith(prefix):
             rest = base[len(prefix) :]
             if rest in kohya:
-                return kohya[rest], 0, layers[kohya[rest]][0], None
+                return kohya[rest], 0, layers[kohya[rest]][0], False
             if rest not in dotted:
                 return None
             base = dotted[rest]  # a diffusers name: mapped below
             break
     for prefix in ("diffusion_model.", "model.diffusion_model.", "base_model.model.", ""):
         if base.startswith(prefix) and base[len(prefix) :] in layers:
-            return base[len(prefix) :], 0, layers[base[len(prefix) :]][0], None
+            return base[len(prefix) :], 0, layers[base[len(prefix) :]][0], False
     for prefix in ("transformer.", "base_model.model.", ""):
         if base.startswith(prefix):
             t = diffusers_transformer(base[len(prefix) :] + ".weight")
             if t is not None and t.key.endswith(".weight") and t.key[:-7] in layers:
                 # fused parts: q, k, v (hidden rows each), then a single block's MLP input
-                swap = _swap_halves if t.fn is swap_halves else None
+                swap = t.fn is swap_halves
                 out_rows = layers[t.key[:-7]][0]
-                rows = out_rows if t.parts in (None, 1) else hidden
+                rows = out_rows if t.parts == 1 else hidden
                 if t.parts == 4 and t.part == 3:
                     rows = out_rows - 3 * hidden
-                return t.key[:-7], (t.part or 0) * hidden, rows, swap
+                return t.key[:-7], t.part * hidden, rows, swap
     return None
 
 
@@ -219,11 +225,12 @@ def read_loras(loras, layers: dict[str, tuple[int, int]], hidden: int,
     dotted = _diffusers_names(layers)
     text_layers = text_layers or {}
     out = LoraSet(shapes=layers, text={c: LoraSet(shapes=s) for c, s in text_layers.items()})
+    text_names = {c: {p.replace(".", "_"): p for p in s} for c, s in text_layers.items()}
     for path, scale, *clip in loras:
         path = Path(path).expanduser()
         clip_scale = float(clip[0]) if clip else float(scale)
         report, pieces = _read(path, float(scale), layers, kohya, hidden, dotted,
-                               (text_layers, clip_scale))  # fmt: skip
+                               (text_layers, text_names, clip_scale))  # fmt: skip
         for component, layer_path, offset, term in pieces:
             target = out if component is None else out.text[component]
             target.pieces.setdefault(layer_path, []).append((offset, term))
@@ -231,20 +238,19 @@ def read_loras(loras, layers: dict[str, tuple[int, int]], hidden: int,
     return out
 
 
-def _text_target(base: str, text_layers: dict) -> tuple[str, str] | None:
+def _text_target(base: str, text_layers: dict, text_names: dict) -> tuple[str, str] | None:
     """(text encoder, layer path) of a text-encoder LoRA key, by ComfyUI's names for FLUX
     (`comfy/lora.py` model_lora_keys_clip): CLIP-L as lora_te_ / lora_te1_ / diffusers'
     text_encoder. / text_encoders.clip_l.transformer., T5 as lora_te2_ / lora_te3_ (OneTrainer)
-    / text_encoders.t5xxl.transformer."""
-    clip, t5 = text_layers.get("clip", {}), text_layers.get("t5", {})
-    for component, layers, underscored, dotted in (
-        ("clip", clip, ("lora_te_text_model_", "lora_te1_text_model_"),
+    / text_encoders.t5xxl.transformer.; `text_names`: each encoder's paths, underscored."""
+    for component, underscored, dotted in (
+        ("clip", ("lora_te_text_model_", "lora_te1_text_model_"),
          ("text_encoder.text_model.", "text_encoders.clip_l.transformer.text_model.")),
-        ("t5", t5, ("lora_te2_", "lora_te3_"), ("text_encoders.t5xxl.transformer.",)),
+        ("t5", ("lora_te2_", "lora_te3_"), ("text_encoders.t5xxl.transformer.",)),
     ):  # fmt: skip
+        layers, names = text_layers.get(component, {}), text_names.get(component, {})
         for prefix in underscored:
             if base.startswith(prefix):
-                names = {p.replace(".", "_"): p for p in layers}
                 path = names.get(base[len(prefix) :])
                 if path:
                     return component, path
@@ -255,7 +261,7 @@ def _text_target(base: str, text_layers: dict) -> tuple[str, str] | None:
 
 
 def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dotted: dict,
-          text: tuple[dict, float]):  # fmt: skip
+          text: tuple[dict, dict, float]):  # fmt: skip
     if not path.is_file():
         raise LoraError(f"{path}: no such file")
     try:  # read once: hashed, and every tensor taken from these bytes
@@ -271,7 +277,7 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dott
     if bad is not None:
         raise LoraError(f"{path}: {bad} holds NaN or infinite values")
     _refuse_widening(path, tensors, layers)
-    text_layers, clip_scale = text
+    text_layers, text_names, clip_scale = text
     report = LoraReport(path.name, hashlib.sha256(data).hexdigest(), scale, clip_scale)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
@@ -284,7 +290,11 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dott
     for base, g in sorted(groups.items()):
         kind = kind_of(g)
         if _TEXT_ENCODER.match(base):
-            found = _text_target(base, text_layers) if kind and kind not in NOT_APPLIED else None
+            found = (
+                _text_target(base, text_layers, text_names)
+                if kind and kind not in NOT_APPLIED
+                else None
+            )
             if found is None:
                 report.skipped.append(base)
                 continue
@@ -314,12 +324,11 @@ def _read(path: Path, scale: float, layers: dict, kohya: dict, hidden: int, dott
             ) from None
         if offset + term.rows > out_rows:
             raise LoraError(f"{path}: {base}: {term.rows} rows do not fit in {layer_path}")
-        if swap is not None:
+        if swap:
             term = _swapped(term)
         pieces.append((None, layer_path, offset, term))
-        report.adapters[kind + ("+dora" if term.dora else "")] = (
-            report.adapters.get(kind + ("+dora" if term.dora else ""), 0) + 1
-        )
+        counted = kind + ("+dora" if term.dora else "")
+        report.adapters[counted] = report.adapters.get(counted, 0) + 1
     report.layers = len({p for c, p, _, _ in pieces if c is None})
     report.text_layers = len({(c, p) for c, p, _, _ in pieces if c is not None})
     if not pieces:

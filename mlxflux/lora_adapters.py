@@ -100,7 +100,7 @@ def _lokr_factor(g: dict, name: str) -> tuple[np.ndarray, int | None]:
 
 
 def _mm(a, b) -> np.ndarray:
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+    if a.shape[1] != b.shape[0]:
         raise AdapterError(f"factors {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
     return a @ b
 
@@ -135,7 +135,7 @@ def _read_term(kind: str, g: dict, strength: float, rows: int, cols: int) -> Ter
     term = Term(rows)
     if kind == "lora":
         down, up = g["down"], g["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+        if up.shape[1] != down.shape[0]:  # both matrices, neither empty: checked above
             raise AdapterError(f"down {tuple(down.shape)} / up {tuple(up.shape)} are no pair")
         rank = down.shape[0]
         term.low_rank = (down, up * (s * np.float32((alpha if alpha is not None else rank) / rank)))
@@ -154,8 +154,6 @@ def _read_term(kind: str, g: dict, strength: float, rows: int, cols: int) -> Ter
     elif kind == "lokr":
         (w1, dim1), (w2, dim2) = _lokr_factor(g, "lokr_w1"), _lokr_factor(g, "lokr_w2")
         dim = dim2 if dim2 is not None else dim1  # ComfyUI: the last factored one's rank
-        if w1.ndim != 2 or w2.ndim != 2:
-            raise AdapterError(f"LoKr factors {tuple(w1.shape)} and {tuple(w2.shape)} are not 2-D")
         a = alpha / dim if alpha is not None and dim is not None else 1.0
         term.kron = (w1, w2 * (s * np.float32(a)))
         shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])

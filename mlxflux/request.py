@@ -113,7 +113,7 @@ def parse_lora(spec) -> tuple[Path, float, float]:
     text, numbers = str(spec), []
     while len(numbers) < 2:
         head, sep, tail = text.rpartition(":")
-        if not sep or not _is_number(tail):
+        if not sep or not is_number(tail):
             break  # a colon in the file name: the rest is the path
         numbers.insert(0, float(tail))
         text = head
@@ -122,10 +122,11 @@ def parse_lora(spec) -> tuple[Path, float, float]:
     return Path(text), numbers[0], numbers[-1]
 
 
-def _is_number(text: str) -> bool:
+def is_number(value) -> bool:
+    """Whether float(value) gives a number (a numeric string, an int, a float)."""
     try:
-        float(text)
-    except ValueError:
+        float(value)
+    except (TypeError, ValueError):
         return False
     return True
 

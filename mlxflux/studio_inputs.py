@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SettingsError
-from .request import label_of
+from .request import is_number, label_of
 
 MAX_LORA_BYTES = 2 << 30  # an uploaded LoRA: FLUX LoRAs run from 20 MB to ~1.3 GB
 LORA_SUFFIXES = (".safetensors",)
@@ -87,7 +87,7 @@ class LoraLibrary:
                 item = [item.get("name"), item.get("scale", 1.0)]
             if isinstance(item, str):
                 name, sep, tail = item.rpartition(":")
-                item = [name, tail] if sep and _is_float(tail) else [item, 1.0]
+                item = [name, tail] if sep and is_number(tail) else [item, 1.0]
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                 raise BadRequest(f"{label_of('loras')}: each is a name, NAME:SCALE or "
                                  "[name, scale]", "loras")  # fmt: skip
@@ -98,7 +98,7 @@ class LoraLibrary:
                        "started with: serve --lora-dir")  # fmt: skip
                 raise BadRequest(f"{label_of('loras')}: {_shown(name)} is not one of this "
                                  f"server's LoRAs ({how})", "loras")  # fmt: skip
-            if isinstance(scale, bool) or not _is_float(scale):
+            if isinstance(scale, bool) or not is_number(scale):
                 raise BadRequest(f"{label_of('loras')}: the scale of {name} is not a number",
                                  "loras")  # fmt: skip
             out.append((known[name], float(scale)))
@@ -132,14 +132,6 @@ class LoraLibrary:
         finally:
             tmp.unlink(missing_ok=True)
         return f"uploaded/{name}"
-
-
-def _is_float(value) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _shown(name: str) -> str:
