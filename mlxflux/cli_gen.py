@@ -163,8 +163,23 @@ def request_options(command):
     "read them from the model folder a block at a time (the same pixels, slower where the disk "
     "is slow); a budget below what even that needs is refused before anything runs.",
 )
+@click.option(
+    "--upscale",
+    "upscale_spec",
+    metavar="MODEL[:SCALE]",
+    help="Then upscale each picture for print with this ESRGAN-family model file (as `mlxflux "
+    "upscale --model`; SCALE below its factor resizes with Lanczos), written beside it as "
+    "NAME-upscaled-Nx.png; the model is read before the first stage.",
+)
+@click.option(
+    "--refine",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="With --upscale: then FLUX image to image at this denoise (0.2-0.35) over ~1024 px "
+    "tiles of the upscaled picture, same prompt, seed and LoRAs, steps x DENOISE steps per "
+    "tile (as `mlxflux upscale --refine`).",
+)
 def gen(preset, seed, seeds, count, model, output, report, preview_file, from_png, sources,
-        hf_repo, precision, memory_budget, **given):  # fmt: skip
+        hf_repo, precision, memory_budget, upscale_spec, refine, **given):  # fmt: skip
     """Generate images, staged: text encoders, then the transformer, then the VAE.
 
     \b
@@ -176,8 +191,10 @@ def gen(preset, seed, seeds, count, model, output, report, preview_file, from_pn
     Fill / outpaint: mlxflux gen --preset dvd --model ~/models/fill --init-image ram.jpg --outpaint
     Iterate:         mlxflux gen --from-png dvd-42.png --seed 43
     Many covers:     mlxflux gen --preset dvd --count 8 --output covers/dvd-{seed}.png
+    For print:       mlxflux gen --preset dvd --upscale 4x-UltraSharp.pth:2.6 --refine 0.3
     Several Macs:    mlx.launch --hostfile hosts.json -- mlxflux gen --preset dvd --count 8
     """
+    from .cli_upscale import gen_stages, upscale_written
     from .pipeline import load
     from .precision import blas_advice
     from .runs import check_template, share
@@ -197,6 +214,8 @@ def gen(preset, seed, seeds, count, model, output, report, preview_file, from_pn
         raise Failure(flag_message(e)) from None
     except MlxfluxError as e:
         raise Failure(str(e)) from None
+    up, refiner = gen_stages(pipe, job.request, upscale_spec, refine, None, job.width,
+                             job.height)  # fmt: skip
     if not pipe.variant_info.guided and given.get("guidance") is not None:
         click.echo("note: FLUX.1 schnell has no guidance input; --guidance is ignored", err=True)
     advice = blas_advice()
@@ -207,6 +226,9 @@ def gen(preset, seed, seeds, count, model, output, report, preview_file, from_pn
                f"memory: {job.report.settings['memory_plan']}", err=True)  # fmt: skip
     indexes = {s: list(request.seeds).index(s) for s in mine}
     written = run_job(job, indexes, preset, output, preview_file)
+    if up is not None:
+        done = [i["seed"] for i in job.report.images if "output" in i]
+        upscale_written(written, done, up, refiner)
     if report:
         data = job.report.to_dict()
         data["outputs"] = [str(p) for p in written]

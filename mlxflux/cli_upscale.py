@@ -1,14 +1,137 @@
 """`mlxflux upscale`: pictures made print-sized by an upscale model, as ComfyUI's
-UpscaleModelLoader -> ImageUpscaleWithModel draws them (`mlxflux.upscaling`)."""
+UpscaleModelLoader -> ImageUpscaleWithModel draws them (`mlxflux.upscaling`), then, with
+--refine, given real detail back by FLUX over tiles (`mlxflux.refine`). `gen --upscale` runs
+the same after its own pictures (`Upscaling`, `Refining`)."""
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
 from ._version import __version__
-from .cli_gen import Failure, path_option
+from .cli_gen import Failure, flag_message, path_option
+from .errors import MlxfluxError, SettingsError
+
+DEFAULT_STEPS = 20  # a refine's full schedule when no PNG says
+REFINE_TILE = 1024
+
+
+@dataclass
+class Upscaling:
+    """The upscale stage: the model (loaded once), its file's sha256 and the final factor."""
+
+    model: object  # upscaling.Upscaler
+    sha256: str
+    scale: float | None  # as asked; None: the model's own
+
+    @classmethod
+    def open(cls, model_file: Path, scale: float | None, flag: str = "--model") -> "Upscaling":
+        """The model read and checked: Failure in one line, naming `flag`, before any stage."""
+        from .upscaling import UpscaleError, load_upscaler
+
+        try:
+            model = load_upscaler(model_file)
+        except UpscaleError as e:
+            raise Failure(f"{flag}: {e}") from None
+        if scale is not None and scale > model.scale:
+            raise Failure(f"{flag}: scale {scale:g} is over {model.name}'s own {model.scale}x")
+        digest = hashlib.sha256(Path(model_file).expanduser().read_bytes()).hexdigest()
+        return cls(model, digest, scale)
+
+    @property
+    def factor(self) -> float:
+        return self.scale or self.model.scale
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The size a width x height picture comes out at."""
+        if self.scale is None or self.scale == self.model.scale:
+            return width * self.model.scale, height * self.model.scale
+        return round(width * self.scale), round(height * self.scale)
+
+    def record(self, picture) -> dict:
+        m = self.model
+        return {"upscale_model": m.name, "upscale_model_sha256": self.sha256,
+                "upscale_architecture": m.architecture, "model_scale": m.scale,
+                "scale": self.factor, "source": picture.name,
+                "source_sha256": picture.sha256}  # fmt: skip
+
+    def run(self, picture, tile: int):
+        """The upscaled PIL picture, with a bar of tiles."""
+        from tqdm.auto import tqdm
+
+        from .upscaling import upscale
+
+        bar = tqdm(desc=f"upscale {picture.name}", unit="tile", dynamic_ncols=True)
+
+        def tick(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            return upscale(picture.image, self.model, self.scale, tile=tile, on_tile=tick)
+        finally:
+            bar.close()
+
+
+@dataclass
+class Refining:
+    """The refine stage: the pipeline and the request every picture is refined with."""
+
+    pipe: object
+    request: object  # GenerationRequest: prompt, seed, schedule, denoise
+
+    def prepare(self, image, source: str, tile: int, seed: int | None = None):
+        from .refine import prepare_refine
+
+        request = self.request
+        if seed is not None:
+            request = replace(request, seeds=(seed,), origins=request.origins)
+        try:
+            return prepare_refine(self.pipe, image, request, source, tile)
+        except SettingsError as e:
+            raise Failure(flag_message(e)) from None
+        except MlxfluxError as e:
+            raise Failure(str(e)) from None
+
+    def run(self, image, source: str, tile: int, seed: int | None = None):
+        """(the refined picture, its generation settings), with a bar of tile steps; `seed`:
+        another than the request's."""
+        from tqdm.auto import tqdm
+
+        job = self.prepare(image, source, tile, seed)
+        n = len(job.tiles)
+        bar = tqdm(total=job.steps * n, desc=f"refine {n} tile{'s' * (n > 1)}",
+                   unit="step", dynamic_ncols=True)  # fmt: skip
+        try:
+            out = job.run(lambda done, total: bar.update(done - bar.n))
+        except MlxfluxError as e:  # NonFiniteError, a tensor that does not load, ...
+            raise Failure(str(e)) from None
+        finally:
+            bar.close()
+        return out, job.job.report.settings
+
+
+def refining(pipe, settings: dict, denoise: float, steps: int | None = None) -> Refining:
+    """A refine of every picture with `settings` (the request's names: prompt, seed, ...; an
+    earlier PNG's under the flags given) at `denoise`; `steps` as given, else the settings'
+    steps x denoise (the same part of the schedule as a full image-to-image's steps would
+    run; 20 x 0.3 = 6). Failure in one line when they cannot run."""
+    from .resolve import resolve
+
+    if not settings.get("prompt"):
+        raise Failure("--refine needs the prompt: give --prompt, or --from-png with a PNG that "
+                      "has one (mlxflux's own PNGs carry theirs)")  # fmt: skip
+    settings = {k: v for k, v in settings.items() if not k.startswith("cache")}  # no step cache
+    if steps is None:
+        steps = max(1, math.ceil(settings.get("steps", DEFAULT_STEPS) * denoise - 1e-9))
+    settings.update(steps=steps, denoise=denoise, init_image=_blank(64, 64))
+    try:
+        return Refining(pipe, resolve(settings))
+    except SettingsError as e:
+        raise Failure(flag_message(e)) from None
 
 
 @click.command()
@@ -40,59 +163,192 @@ from .cli_gen import Failure, path_option
     help="Tile size in input pixels (ComfyUI's; it goes down to 128 when memory runs out); "
     "smaller tiles hold less memory.",
 )
-def upscale(images, model_file, scale, output, tile):
+@click.option(
+    "--refine",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Then refine with FLUX: image to image at this denoise (0.2-0.35 adds detail and "
+    "keeps the picture) over overlapping tiles of --refine-tile, one seed's noise for the "
+    "whole picture, the tiles blended every step. Needs a model folder and the prompt.",
+)
+@click.option(
+    "--refine-tile",
+    type=click.IntRange(128),
+    default=1024,
+    show_default=True,
+    help="The refine's tile side in pixels (multiple of 16); the peak memory is that of one "
+    "generation of this size.",
+)
+@path_option("--model-dir", help="--refine: the model folder [default: mlxflux gen's].")
+@path_option(
+    "--from-png",
+    help="--refine: the prompt and settings of this PNG (mlxflux's, ComfyUI's or A1111's) "
+    "[default: each picture's own, when it carries them]. Flags given override them.",
+)
+@click.option("--prompt", help="--refine: the prompt [default: the PNG's].")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="--refine: the noise seed "
+              "[default: the PNG's, else random].")  # fmt: skip
+@click.option("--steps", type=click.IntRange(1, 150), help="--refine: steps per tile [default: "
+              "the PNG's steps x DENOISE (20 x 0.3: 6), the part of its schedule a refine "
+              "redraws].")  # fmt: skip
+@click.option("--guidance", type=click.FloatRange(0, 100), help="--refine: FLUX guidance "
+              "[default: the PNG's, else 3.5].")  # fmt: skip
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="--refine: compute dtype [default: as gen's].",
+)
+@click.option("--memory-budget", default="auto", show_default=True,
+              help="--refine: memory the run may use, in GiB, or 'auto' (as gen's).")  # fmt: skip
+def upscale(images, model_file, scale, output, tile, refine, refine_tile, model_dir, from_png,
+            prompt, seed, steps, guidance, precision, memory_budget):  # fmt: skip
     """Upscale pictures with an ESRGAN-family model, in ComfyUI's tiles (512, overlap 32,
-    feathered), e.g. a 832x1216 DVD cover to 3328x4864 for print at 300 dpi. Each PNG records
-    the model (name, sha256), the factor and the source picture, and carries ComfyUI's graph."""
-    from tqdm.auto import tqdm
+    feathered), e.g. a 832x1216 DVD cover to 3328x4864 for print at 300 dpi; with --refine,
+    then FLUX image to image over ~1024 px tiles at a low denoise puts real detail back.
+    Each PNG records the model (name, sha256), the factor, the source picture and the refine's
+    settings, and carries ComfyUI's graph of the upscale.
 
-    from .comfy_graph import upscale_chunks
-    from .errors import SettingsError
+    \b
+    Upscale:          mlxflux upscale dvd-42.png --model 4x-UltraSharp.pth
+    Upscale, refine:  mlxflux upscale dvd-42.png --model RealESRGAN_x4plus.pth --scale 2.6
+                      --refine 0.3        (the prompt and seed from dvd-42.png itself)
+    """
     from .pixels import Picture
-    from .png import write_png
-    from .upscaling import UpscaleError, load_upscaler
-    from .upscaling import upscale as run
 
+    up = Upscaling.open(model_file, scale)
     try:
-        model = load_upscaler(model_file)
-        if scale is not None and scale > model.scale:
-            raise Failure(f"--scale: {scale:g} is over {model.name}'s own {model.scale}x")
         pictures = [Picture.of(path, "image") for path in images]  # all opened before any run
-    except UpscaleError as e:
-        raise Failure(f"--model: {e}") from None
     except SettingsError as e:
         raise Failure(e.reason) from None
-    model_sha = hashlib.sha256(Path(model_file).expanduser().read_bytes()).hexdigest()
-    factor = scale or model.scale
-    click.echo(f"{model.name}: {model.architecture}, {model.scale}x; final {factor:g}x", err=True)
-    for picture, path in zip(pictures, images, strict=True):
-        image = picture.image
-        target = _target(output, path, factor, len(images))
-        bar = tqdm(desc=path.name, unit="tile", dynamic_ncols=True)
+    refines = [None] * len(pictures)
+    if refine is not None:
+        given = {"prompt": prompt, "seed": seed, "guidance": guidance}
+        given = {k: v for k, v in given.items() if v is not None}
+        shared = _png_settings(from_png) if from_png else None
+        pipe = _pipeline(model_dir, precision, memory_budget)
+        for i, path in enumerate(images):
+            png = shared if shared is not None else _png_settings(path, quiet=True)
+            refines[i] = refining(pipe, {**png, **given}, refine, steps)
+            w, h = up.size(*pictures[i].image.size)
+            refines[i].prepare(_blank(w, h), "check", refine_tile)  # refused now, not later
+    click.echo(f"{up.model.name}: {up.model.architecture}, {up.model.scale}x; final "
+               f"{up.factor:g}x", err=True)  # fmt: skip
+    for picture, path, refiner in zip(pictures, images, refines, strict=True):
+        target = _target(output, path, up.factor, len(images))
+        click.echo(str(upscale_one(picture, up, refiner, target, tile, refine_tile)))
 
-        def tick(done: int, total: int, bar=bar) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
 
-        try:
-            result = run(image, model, scale, tile=tile, on_tile=tick)
-        except KeyboardInterrupt:
-            raise Failure(f"interrupted: {path.name} not written") from None
-        finally:
-            bar.close()
-        settings = {"upscale_model": model.name, "upscale_model_sha256": model_sha,
-                    "upscale_architecture": model.architecture, "model_scale": model.scale,
-                    "scale": factor, "source": path.name, "source_sha256": picture.sha256,
-                    "width": result.width, "height": result.height,
-                    "version": __version__}  # fmt: skip
-        line = (
-            f"Upscaled {path.name} (sha256 {picture.sha256[:16]}) with {model.name} "
-            f"({model.architecture}, {model.scale}x, sha256 {model_sha[:16]}) to {factor:g}x, "
-            f"Size: {result.width}x{result.height}, Version: mlxflux {__version__}"
-        )
-        chunks = {"parameters": line, "mlxflux": json.dumps(settings),
-                  **upscale_chunks(path.name, model.name, model.scale, factor)}  # fmt: skip
-        click.echo(str(write_png(result, target, chunks)))
+def upscale_one(picture, up: Upscaling, refiner: Refining | None, target: Path, tile: int,
+                refine_tile: int = 1024, seed: int | None = None) -> Path:  # fmt: skip
+    """One picture upscaled (and refined, with `seed` if given) and written to `target` with
+    its records; Ctrl-C writes nothing."""
+    from .comfy_graph import upscale_chunks
+    from .png import save_png, write_png
+
+    try:
+        image = up.run(picture, tile)
+        settings = dict(up.record(picture), width=image.width, height=image.height)
+        if refiner is not None:
+            name = f"{Path(picture.name).stem}-upscaled-{up.factor:g}x.png"
+            image, generation = refiner.run(image, name, refine_tile, seed)
+            settings = {**generation, **settings, "width": image.width, "height": image.height}
+    except KeyboardInterrupt:
+        raise Failure(f"interrupted: {picture.name} not written") from None
+    settings["version"] = __version__
+    graphs = upscale_chunks(picture.name, up.model.name, up.model.scale, up.factor,
+                            refine=settings.get("refine"))  # fmt: skip
+    if refiner is not None:
+        return save_png(image, target, settings, graphs)
+    line = (
+        f"Upscaled {picture.name} (sha256 {picture.sha256[:16]}) with {up.model.name} "
+        f"({up.model.architecture}, {up.model.scale}x, sha256 {up.sha256[:16]}) to "
+        f"{up.factor:g}x, Size: {image.width}x{image.height}, Version: mlxflux {__version__}"
+    )
+    return write_png(image, target, {"parameters": line, "mlxflux": json.dumps(settings),
+                                     **graphs})  # fmt: skip
+
+
+def parse_upscale(spec: str) -> tuple[Path, float | None]:
+    """`gen --upscale MODEL[:SCALE]`: the model file and the scale, if given."""
+    from .request import is_number
+
+    path, sep, tail = spec.rpartition(":")
+    if sep and path and is_number(tail):
+        scale = float(tail)
+        if not 0 < scale <= 16:
+            raise Failure(f"--upscale: scale {tail} must be above 0 and at most 16")
+        return Path(path), scale
+    return Path(spec), None
+
+
+def gen_stages(pipe, request, spec: str | None, denoise: float | None, steps: int | None,
+               width: int, height: int) -> tuple[Upscaling | None, Refining | None]:  # fmt: skip
+    """`gen --upscale MODEL[:SCALE] [--refine D]`: the stages after gen's own, checked (the
+    model read, the refine prepared for the final size) before gen's first stage."""
+    if spec is None:
+        if denoise is not None:
+            raise Failure("--refine: give --upscale MODEL too (it refines the upscaled picture)")
+        return None, None
+    up = Upscaling.open(*parse_upscale(spec), flag="--upscale")
+    if denoise is None:
+        return up, None
+    if steps is None:
+        steps = max(1, math.ceil(request.steps * denoise - 1e-9))
+    refine = replace(request, seeds=request.seeds[:1], steps=steps, denoise=denoise,
+                     init_image=_blank(64, 64),
+                     noise=None, cache="none", cache_threshold=None, cache_range=None,
+                     origins={})  # fmt: skip
+    refiner = Refining(pipe, refine)
+    refiner.prepare(_blank(*up.size(width, height)), "check", REFINE_TILE)
+    return up, refiner
+
+
+def upscale_written(written: list[Path], seeds: list[int], up: Upscaling,
+                    refiner: Refining | None) -> list[Path]:  # fmt: skip
+    """gen's pictures upscaled (and refined with each one's seed), written beside them."""
+    from .pixels import Picture
+
+    out = []
+    for path, seed in zip(written, seeds, strict=True):
+        picture = Picture.of(path, "image")
+        target = path.with_name(f"{path.stem}-upscaled-{up.factor:g}x.png")
+        out.append(upscale_one(picture, up, refiner, target, 512, REFINE_TILE, seed))
+        click.echo(str(out[-1]))
+    return out
+
+
+def _png_settings(path: Path, quiet: bool = False) -> dict:
+    """An earlier PNG's settings (`--from-png`); `quiet`: {} when it carries none."""
+    from .cli_gen import read_from_png
+    from .png_settings import read_png_settings
+
+    if not quiet:
+        return read_from_png(path)
+    try:
+        return read_png_settings(path)[0]
+    except SettingsError:
+        return {}
+
+
+def _pipeline(model_dir: Path | None, precision, memory_budget):
+    from .convert import default_model_dir
+    from .pipeline import load
+
+    folder = model_dir or default_model_dir(8, "flux1-dev")
+    if not folder.exists():
+        raise Failure(f"--model-dir: {folder}: no such model folder (--refine runs FLUX; make "
+                      "one with `mlxflux convert` or give --model-dir)")  # fmt: skip
+    try:
+        return load(folder, precision, memory_budget)
+    except SettingsError as e:
+        raise Failure(flag_message(e)) from None
+    except MlxfluxError as e:
+        raise Failure(str(e)) from None
+
+
+def _blank(width: int, height: int):
+    from PIL import Image
+
+    return Image.new("RGB", (width, height))
 
 
 def _target(output: Path | None, source: Path, factor: float, count: int) -> Path:

@@ -155,9 +155,11 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
     return g.nodes
 
 
-def upscale_chunks(image_name: str, model_name: str, factor: int, scale: float) -> dict:
+def upscale_chunks(image_name: str, model_name: str, factor: int, scale: float,
+                   refine: dict | None = None) -> dict:  # fmt: skip
     """The ComfyUI graphs of a model upscale: LoadImage -> ImageUpscaleWithModel (the model
-    from UpscaleModelLoader) -> [ImageScaleBy, lanczos, below the model's factor] -> SaveImage."""
+    from UpscaleModelLoader) -> [ImageScaleBy, lanczos, below the model's factor] -> SaveImage.
+    `refine`: the FLUX refine's settings, which ComfyUI core cannot run (the note says so)."""
     import json
 
     g = Graph()
@@ -168,7 +170,16 @@ def upscale_chunks(image_name: str, model_name: str, factor: int, scale: float) 
         out = g.add("ImageScaleBy", image=[out, 0], upscale_method="lanczos",
                     scale_by=scale / factor)  # fmt: skip
     g.add("SaveImage", images=[out, 0], filename_prefix="mlxflux-upscaled")
-    return {"prompt": json.dumps(g.nodes), "workflow": json.dumps(comfy_workflow(g.nodes))}
+    note = None
+    if refine:
+        w, h = refine["tile"]
+        note = (f"mlxflux then refined the upscaled picture with FLUX: image to image at denoise "
+                f"{refine['denoise']:g} over {refine['tiles']} overlapping tiles of {w}x{h} "
+                f"(overlap {refine['overlap']} px), one seed's noise for the whole picture, "
+                "the tiles blended every step. ComfyUI core has no tiled refine (the 'Ultimate "
+                "SD Upscale' custom node is the nearest, tile by tile), so this graph stops at "
+                "the model upscale.")  # fmt: skip
+    return {"prompt": json.dumps(g.nodes), "workflow": json.dumps(comfy_workflow(g.nodes, note))}
 
 
 def comfy_chunks(settings: dict, manifest: dict) -> dict[str, str]:

@@ -31,6 +31,12 @@ def parameters_text(s: dict) -> str:
         )
     for family in FAMILIES:  # what each variant's inputs were (Kontext, Canny/Depth, Fill)
         lines[1] += family.parameters(s)
+    if s.get("upscale_model"):  # a model upscale (then the refine, as image to image above)
+        lines[1] += (f", Upscaler: {s['upscale_model']} (sha256 {s['upscale_model_sha256'][:16]})"
+                     f", Upscale by: {s['scale']:g}, Source: {s['source']}")  # fmt: skip
+    if s.get("refine"):
+        r = s["refine"]
+        lines[1] += f", Refine: {r['tiles']} tiles of {r['tile'][0]}x{r['tile'][1]}"
     if s.get("cache"):
         span = s.get("cache_range")
         lines[1] += f", Step cache: {s['cache']} {s['cache_threshold']:g}" + (

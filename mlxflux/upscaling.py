@@ -301,6 +301,20 @@ def _read(path: Path) -> dict:
 # ---- ComfyUI's tiles -----------------------------------------------------------------------
 
 
+def feather_mask(shape: tuple[int, int], feather: int) -> np.ndarray:
+    """tiled_scale's blend weights for a tile of `shape`: 1, ramping down to 1/feather over
+    `feather` pixels at each edge (an axis no longer than the ramp is left flat)."""
+    mask = np.ones(shape, np.float32)
+    for axis in (0, 1):
+        if feather >= mask.shape[axis]:
+            continue
+        ramp = (np.arange(feather, dtype=np.float32) + 1) / feather
+        view = np.moveaxis(mask, axis, 0)
+        view[:feather] *= ramp[:, None]
+        view[::-1][:feather] *= ramp[:, None]
+    return mask
+
+
 def tiled(x: np.ndarray, fn, scale: int, tile: int = TILE, overlap: int = OVERLAP,
           on_tile=None) -> np.ndarray:  # fmt: skip
     """`comfy.utils.tiled_scale` on one picture x [H, W, C] (float32): fn on overlapping tiles,
@@ -325,15 +339,7 @@ def tiled(x: np.ndarray, fn, scale: int, tile: int = TILE, overlap: int = OVERLA
             xx = max(0, min(w - overlap, x0))
             part = x[y : y + min(tile, h - y), xx : xx + min(tile, w - xx)]
             ps = fn(part)
-            mask = np.ones(ps.shape[:2], np.float32)
-            feather = round(overlap * scale)
-            for axis in (0, 1):
-                if feather >= mask.shape[axis]:
-                    continue
-                ramp = (np.arange(feather, dtype=np.float32) + 1) / feather
-                view = np.moveaxis(mask, axis, 0)
-                view[:feather] *= ramp[:, None]
-                view[::-1][:feather] *= ramp[:, None]
+            mask = feather_mask(ps.shape[:2], round(overlap * scale))
             oy, ox = round(y * scale), round(xx * scale)
             out[oy : oy + ps.shape[0], ox : ox + ps.shape[1]] += ps * mask[..., None]
             div[oy : oy + ps.shape[0], ox : ox + ps.shape[1]] += mask[..., None]
