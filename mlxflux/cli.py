@@ -290,6 +290,12 @@ def compare(original, images, output, height, middle):
     help="A folder of LoRA .safetensors files the page may pick from (e.g. ComfyUI's "
     "models/loras). Without it, only LoRAs uploaded from the page; no other path is ever read.",
 )
+@path_option(
+    "--upscale-dir",
+    help="A folder of upscale models (.pth/.safetensors: 4x-UltraSharp, RealESRGAN, e.g. "
+    "ComfyUI's models/upscale_models): the gallery's pictures get \"upscale for print\" "
+    "with them, refined by FLUX or not. Named only; no other path is read.",
+)
 @click.option(
     "--max-images",
     type=click.IntRange(1),
@@ -312,7 +318,7 @@ def compare(original, images, output, height, middle):
     help="Picture size one job may ask for (4.2: 2048x2048, twice FLUX.1's ~2 MP).",
 )
 def serve(model, host, port, allow_hosts, token, output_dir, precision, memory_budget,
-          lora_dir, max_images, max_steps, max_megapixels):  # fmt: skip
+          lora_dir, upscale_dir, max_images, max_steps, max_megapixels):  # fmt: skip
     """A local web page over the library: presets, prompt, seeds, the original cover for
     image to image / Kontext / control / fill, live progress, the result beside the original,
     a gallery of earlier PNGs. Jobs run one at a time on one loaded model. Pages of other
@@ -336,10 +342,11 @@ def serve(model, host, port, allow_hosts, token, output_dir, precision, memory_b
         pipe = load(folder, precision, memory_budget)
     except MlxfluxError as e:
         raise Failure(str(e)) from None
-    if lora_dir is not None and not lora_dir.is_dir():
-        raise Failure(f"--lora-dir: {lora_dir} is not a folder")
+    for flag, path in (("--lora-dir", lora_dir), ("--upscale-dir", upscale_dir)):
+        if path is not None and not path.is_dir():
+            raise Failure(f"{flag}: {path} is not a folder")
     limits = Limits(max_images, max_steps, max_megapixels)
-    studio = Studio(pipe, output_dir or Path("mlxflux-output"), lora_dir, limits)
+    studio = Studio(pipe, output_dir or Path("mlxflux-output"), lora_dir, limits, upscale_dir)
     advice = blas_advice()
     if advice:
         click.echo(f"warning: {advice}", err=True)

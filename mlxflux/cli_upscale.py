@@ -58,12 +58,14 @@ class Upscaling:
                 "scale": self.factor, "source": picture.name,
                 "source_sha256": picture.sha256}  # fmt: skip
 
-    def run(self, picture, tile: int):
-        """The upscaled PIL picture, with a bar of tiles."""
+    def run(self, picture, tile: int, on_tile=None):
+        """The upscaled PIL picture, with a bar of tiles (or `on_tile(done, total)`)."""
         from tqdm.auto import tqdm
 
         from .upscaling import upscale
 
+        if on_tile is not None:
+            return upscale(picture.image, self.model, self.scale, tile=tile, on_tile=on_tile)
         bar = tqdm(desc=f"upscale {picture.name}", unit="tile", dynamic_ncols=True)
 
         def tick(done: int, total: int) -> None:
@@ -114,22 +116,27 @@ class Refining:
         return out, job.job.report.settings
 
 
-def refining(pipe, settings: dict, denoise: float, steps: int | None = None) -> Refining:
-    """A refine of every picture with `settings` (the request's names: prompt, seed, ...; an
-    earlier PNG's under the flags given) at `denoise`; `steps` as given, else the settings'
-    steps x denoise (the same part of the schedule as a full image-to-image's steps would
-    run; 20 x 0.3 = 6). Failure in one line when they cannot run."""
+def refine_request(settings: dict, denoise: float, steps: int | None = None):
+    """The request every picture is refined with: `settings` (the request's names: prompt,
+    seed, ...; an earlier PNG's under the flags given) at `denoise`; `steps` as given, else
+    the settings' steps x denoise (the same part of the schedule as a full image-to-image's
+    steps would run; 20 x 0.3 = 6). SettingsError in one line when it cannot run."""
     from .resolve import resolve
 
     if not settings.get("prompt"):
-        raise Failure("--refine needs the prompt: give --prompt, or --from-png with a PNG that "
-                      "has one (mlxflux's own PNGs carry theirs)")  # fmt: skip
+        raise SettingsError("needs the prompt: give --prompt, or --from-png with a PNG that "
+                            "has one (mlxflux's own PNGs carry theirs)", "refine")  # fmt: skip
     settings = {k: v for k, v in settings.items() if not k.startswith("cache")}  # no step cache
     if steps is None:
         steps = max(1, math.ceil(settings.get("steps", DEFAULT_STEPS) * denoise - 1e-9))
-    settings.update(steps=steps, denoise=denoise, init_image=_blank(64, 64))
+    settings.update(steps=steps, denoise=denoise, init_image=blank(64, 64))
+    return resolve(settings)
+
+
+def refining(pipe, settings: dict, denoise: float, steps: int | None = None) -> Refining:
+    """`refine_request`'s refine on `pipe`, refused as a CLI refuses (one line, exit 2)."""
     try:
-        return Refining(pipe, resolve(settings))
+        return Refining(pipe, refine_request(settings, denoise, steps))
     except SettingsError as e:
         raise Failure(flag_message(e)) from None
 
@@ -229,7 +236,7 @@ def upscale(images, model_file, scale, output, tile, refine, refine_tile, model_
             png = shared if shared is not None else _png_settings(path, quiet=True)
             refines[i] = refining(pipe, {**png, **given}, refine, steps)
             w, h = up.size(*pictures[i].image.size)
-            refines[i].prepare(_blank(w, h), "check", refine_tile)  # refused now, not later
+            refines[i].prepare(blank(w, h), "check", refine_tile)  # refused now, not later
     click.echo(f"{up.model.name}: {up.model.architecture}, {up.model.scale}x; final "
                f"{up.factor:g}x", err=True)  # fmt: skip
     for picture, path, refiner in zip(pictures, images, refines, strict=True):
@@ -241,22 +248,31 @@ def upscale_one(picture, up: Upscaling, refiner: Refining | None, target: Path, 
                 refine_tile: int = 1024, seed: int | None = None) -> Path:  # fmt: skip
     """One picture upscaled (and refined, with `seed` if given) and written to `target` with
     its records; Ctrl-C writes nothing."""
-    from .comfy_graph import upscale_chunks
-    from .png import save_png, write_png
-
+    generation = None
     try:
         image = up.run(picture, tile)
-        settings = dict(up.record(picture), width=image.width, height=image.height)
         if refiner is not None:
             name = f"{Path(picture.name).stem}-upscaled-{up.factor:g}x.png"
             image, generation = refiner.run(image, name, refine_tile, seed)
-            settings = {**generation, **settings, "width": image.width, "height": image.height}
     except KeyboardInterrupt:
         raise Failure(f"interrupted: {picture.name} not written") from None
+    return write_upscaled(image, picture, up, generation, target)
+
+
+def write_upscaled(image, picture, up: Upscaling, generation: dict | None, target: Path) -> Path:
+    """The PNG of an upscaled picture (refined with `generation`'s settings, if given) with
+    its records: the model (name, sha256), the factor, the source, the refine, and ComfyUI's
+    graph of the upscale. Never replaces a file (`png.write_png`)."""
+    from .comfy_graph import upscale_chunks
+    from .png import save_png, write_png
+
+    settings = dict(up.record(picture), width=image.width, height=image.height)
+    if generation is not None:
+        settings = {**generation, **settings}
     settings["version"] = __version__
     graphs = upscale_chunks(picture.name, up.model.name, up.model.scale, up.factor,
                             refine=settings.get("refine"))  # fmt: skip
-    if refiner is not None:
+    if generation is not None:
         return save_png(image, target, settings, graphs)
     line = (
         f"Upscaled {picture.name} (sha256 {picture.sha256[:16]}) with {up.model.name} "
@@ -294,11 +310,11 @@ def gen_stages(pipe, request, spec: str | None, denoise: float | None, steps: in
     if steps is None:
         steps = max(1, math.ceil(request.steps * denoise - 1e-9))
     refine = replace(request, seeds=request.seeds[:1], steps=steps, denoise=denoise,
-                     init_image=_blank(64, 64),
+                     init_image=blank(64, 64),
                      noise=None, cache="none", cache_threshold=None, cache_range=None,
                      origins={})  # fmt: skip
     refiner = Refining(pipe, refine)
-    refiner.prepare(_blank(*up.size(width, height)), "check", REFINE_TILE)
+    refiner.prepare(blank(*up.size(width, height)), "check", REFINE_TILE)
     return up, refiner
 
 
@@ -345,7 +361,8 @@ def _pipeline(model_dir: Path | None, precision, memory_budget):
         raise Failure(str(e)) from None
 
 
-def _blank(width: int, height: int):
+def blank(width: int, height: int):
+    """A black picture: what a refine is checked on before the upscaled one exists."""
     from PIL import Image
 
     return Image.new("RGB", (width, height))

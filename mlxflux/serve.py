@@ -18,6 +18,9 @@ PNG. A cancelled job stops after the step it is on and writes nothing more.
     DELETE /api/jobs/{id}            cancel
     GET    /api/loras                the LoRAs a job may name: serve --lora-dir's and uploaded ones
     POST   /api/loras                multipart: file "lora" (.safetensors), kept for the session
+    GET    /api/upscalers            the upscale models a job may name: serve --upscale-dir's
+    POST   /api/upscale              JSON {"image": a gallery PNG's name, "model": a name,
+                                     "scale": number or null, "refine": a denoise or null}
     GET    /api/images               the output folder's PNGs, newest first, with their settings
     GET    /api/images/{name}        one PNG of the output folder (no other path is served)
 
@@ -140,6 +143,24 @@ def create_app(studio: Studio, bind: str = "127.0.0.1", hosts=(), token: str | N
             return bad(str(e), field=e.field)
         return JSONResponse({"name": name}, status_code=201)
 
+    async def list_upscalers(request: Request):
+        return JSONResponse({"models": list(await asyncio.to_thread(studio.upscalers.names)),
+                             "folder": studio.upscalers.folder is not None})  # fmt: skip
+
+    async def post_upscale(request: Request):
+        body = await request.body()
+        if len(body) > 1 << 16:
+            return bad("the request is over 64 KiB", 413)
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return bad(f"not JSON ({e})")
+        try:
+            job = await asyncio.to_thread(studio.submit_upscale, raw)
+        except BadRequest as e:
+            return bad(str(e), field=e.field)
+        return JSONResponse({"id": job.id, **job.public()}, status_code=201)
+
     async def list_jobs(request: Request):
         jobs = sorted(studio.jobs.values(), key=lambda j: j.created)
         return JSONResponse({"jobs": [j.public() for j in jobs]})
@@ -208,6 +229,8 @@ def create_app(studio: Studio, bind: str = "127.0.0.1", hosts=(), token: str | N
         Route("/api/jobs/{job_id}/preview", get_preview),
         Route("/api/loras", list_loras, methods=["GET"]),
         Route("/api/loras", post_lora, methods=["POST"]),
+        Route("/api/upscalers", list_upscalers, methods=["GET"]),
+        Route("/api/upscale", post_upscale, methods=["POST"]),
         Route("/api/images", list_images),
         Route("/api/images/{name:path}", get_image),
         Route("/api/uploads/{job_id}/{part}/{name}", get_upload),

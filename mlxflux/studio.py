@@ -26,6 +26,7 @@ from .errors import MlxfluxError, SettingsError, one_line
 from .request import label_of, params
 from .resolve import resolve
 from .studio_inputs import BadRequest, Limits, LoraLibrary, safe_name
+from .studio_upscale import UpscaleLibrary, prepare_upscale
 
 log = logging.getLogger("mlxflux.serve")
 
@@ -162,13 +163,14 @@ class Studio:
     """The jobs of one server: checked on arrival, run in order by one worker thread."""
 
     def __init__(self, pipe, output_dir: str | Path, lora_dir: str | Path | None = None,
-                 limits: Limits | None = None):  # fmt: skip
+                 limits: Limits | None = None, upscale_dir: str | Path | None = None):  # fmt: skip
         self.pipe = pipe
         self.output = Path(output_dir).expanduser().resolve()
         self.output.mkdir(parents=True, exist_ok=True)
         self.limits = limits or Limits()
         self.uploads = Path(tempfile.mkdtemp(prefix="mlxflux-uploads-"))
         self.loras = LoraLibrary(lora_dir, self.uploads / "loras")
+        self.upscalers = UpscaleLibrary(upscale_dir)
         self.jobs: dict[str, Entry] = {}
         self.queue: queue.Queue[Entry] = queue.Queue()
         threading.Thread(target=self._work, name="mlxflux-jobs", daemon=True).start()
@@ -213,6 +215,16 @@ class Studio:
         except MlxfluxError as e:
             raise BadRequest(str(e).replace(str(self.uploads), "uploads")) from None
         entry = Entry(job_id, job, preset, inputs)
+        self.jobs[entry.id] = entry
+        self.queue.put(entry)
+        return entry
+
+    def submit_upscale(self, raw: dict) -> Entry:
+        """ "Upscale for print": a gallery picture by a model of --upscale-dir, refined or not
+        (`studio_upscale`); checked now, queued like a generation."""
+        job = prepare_upscale(self, raw)
+        original = {"init_image": [f"/api/images/{raw['image']}"]}  # the card shows it beside
+        entry = Entry(uuid.uuid4().hex[:12], job, None, original)
         self.jobs[entry.id] = entry
         self.queue.put(entry)
         return entry
@@ -294,12 +306,15 @@ class Studio:
             for index, (seed, image) in enumerate(job.run(on_step, on_preview)):
                 if entry.cancel.is_set():
                     raise Cancelled
-                meta = dict(job.report.settings, seed=seed, version=__version__,
-                            preset=entry.preset)  # fmt: skip
-                name = output_path(None, seed=seed, index=index, preset=entry.preset,
-                                   prompt=job.request.prompt)  # fmt: skip
-                graphs = comfy_chunks(meta, self.pipe.manifest)
-                path = save_png(image, self.output / name, meta, graphs)
+                if hasattr(job, "save"):  # an upscale: its own records
+                    path = job.save(image, self.output)
+                else:
+                    meta = dict(job.report.settings, seed=seed, version=__version__,
+                                preset=entry.preset)  # fmt: skip
+                    name = output_path(None, seed=seed, index=index, preset=entry.preset,
+                                       prompt=job.request.prompt)  # fmt: skip
+                    graphs = comfy_chunks(meta, self.pipe.manifest)
+                    path = save_png(image, self.output / name, meta, graphs)
                 entry.changed(images=[*entry.images, f"/api/images/{path.name}"])
             entry.changed(status="done", stage="")
         except Cancelled:

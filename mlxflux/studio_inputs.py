@@ -54,6 +54,19 @@ class Limits:
                              "(serve --max-megapixels)", field)  # fmt: skip
 
 
+def files_in(folder: Path | None, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """A served folder's files with these suffixes, by their path in it ("sub/name.ext");
+    links that lead out of the folder are left out. None: none."""
+    found = {}
+    if folder is not None and folder.is_dir():
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in suffixes and path.is_file():
+                real = path.resolve()
+                if real.is_relative_to(folder):  # no link out of the folder
+                    found[path.relative_to(folder).as_posix()] = real
+    return found
+
+
 class LoraLibrary:
     """The LoRAs by name: `folder`'s (None: none) and those uploaded into `uploads`."""
 
@@ -65,13 +78,7 @@ class LoraLibrary:
     def names(self) -> dict[str, Path]:
         """Every LoRA a job may name: the --lora-dir's .safetensors files (their paths there),
         then the uploaded ones ("uploaded/NAME")."""
-        found = {}
-        if self.folder is not None and self.folder.is_dir():
-            for path in sorted(self.folder.rglob("*")):
-                if path.suffix.lower() in LORA_SUFFIXES and path.is_file():
-                    real = path.resolve()
-                    if real.is_relative_to(self.folder):  # no link out of the folder
-                        found[path.relative_to(self.folder).as_posix()] = real
+        found = files_in(self.folder, LORA_SUFFIXES)
         for path in sorted(self.uploads.iterdir()):
             found[f"uploaded/{path.name}"] = path
         return found

@@ -225,3 +225,21 @@ def comfyui(*modules: str) -> list:
         return [importlib.import_module(m) for m in modules]
     finally:
         sys.argv = argv
+
+
+def tiny_upscaler(folder: Path) -> Path:
+    """A tiny SRVGGNetCompact x2 .pth (three 3x3 convolutions, 8 filters), random weights:
+    a model file as `mlxflux upscale --model` takes, in a second."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    sd, layers = {}, [(3, 8), (8, 8)]
+    for i, (cin, cout) in enumerate(layers):
+        sd[f"body.{2 * i}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * 0.1
+        sd[f"body.{2 * i}.bias"] = torch.zeros(cout)
+        sd[f"body.{2 * i + 1}.weight"] = torch.full((cout,), 0.25)
+    sd[f"body.{2 * len(layers)}.weight"] = torch.randn(12, 8, 3, 3, generator=g) * 0.1
+    sd[f"body.{2 * len(layers)}.bias"] = torch.zeros(12)
+    path = Path(folder) / "tiny-x2.pth"
+    torch.save(sd, path)
+    return path

@@ -17,14 +17,14 @@ import uvicorn
 import mlxflux
 from mlxflux.serve import Studio, create_app
 
-from .helpers import cover_image, small_model
+from .helpers import cover_image, small_model, tiny_upscaler
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def serve(folder, tmp):
+def serve(folder, tmp, upscale_dir=None):
     """`mlxflux serve`'s app over `folder` on a free port, in a thread: (url, studio, server)."""
-    studio = Studio(mlxflux.load(folder), tmp / "out")
+    studio = Studio(mlxflux.load(folder), tmp / "out", upscale_dir=upscale_dir)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -430,3 +430,57 @@ def test_the_studio_a_comfyui_designer_expects(server, tmp_path, monkeypatch):
     assert any(" elapsed · about " in s and s.endswith(" left") for s in states), states
     assert states[-1].startswith("done in "), states
     assert shot.stat().st_size > 10_000
+
+
+def test_a_gallery_picture_is_upscaled_for_print(tmp_path, monkeypatch):
+    """The large view of a gallery picture offers "upscale for print" with the server's
+    models; the job shows the upscale's tiles, then the refine's steps, and its result (twice
+    the size, refined) joins the gallery."""
+    from playwright.sync_api import expect, sync_playwright
+
+    assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    models = tmp_path / "upscale_models"
+    models.mkdir()
+    tiny_upscaler(models)
+    url, studio, srv, thread = serve(small_model(tmp_path / "model", seed=92), tmp_path, models)
+    try:
+        entry = studio.submit({"prompt": "a vinyl sleeve, a red moon", "width": 96,
+                               "height": 64, "steps": 4, "seed": 5}, {})  # fmt: skip
+        while entry.status not in ("done", "failed", "cancelled"):
+            time.sleep(0.05)
+        assert entry.status == "done", entry.error
+        with sync_playwright() as p:
+            browser, page = browser_page(p)
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            page.evaluate(WATCH_STATES)
+            page.locator("#gallery img").first.click()
+            expect(page.locator("#lb-upscale")).to_be_visible()
+            expect(page.locator("#up-model option")).to_have_text(["tiny-x2.pth"])
+            page.fill("#up-refine", "1.5")  # refused on its field, nothing queued
+            page.click("#up-go")
+            expect(page.locator("#up-error")).to_contain_text("Refine: 1.5 is not a denoise")
+            page.screenshot(path=str(tmp_path / "upscale-bar.png"))
+            page.fill("#up-refine", "0.5")
+            page.click("#up-go")
+            expect(page.locator("#lightbox")).to_be_hidden()
+            job = page.locator(".job").first
+            expect(job).to_have_class("job done", timeout=120_000)
+            result = page.locator("#result img").nth(1)
+            expect(result).to_have_js_property("naturalWidth", 192)
+            expect(page.locator("#gallery img")).to_have_count(2)
+            page.screenshot(path=str(tmp_path / "upscaled.png"), full_page=True)
+            states = page.evaluate("window.states")
+            assert errors == []
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        studio.close()
+    print("\n".join(states))
+    assert any(s.startswith("upscale · ") for s in states), states
+    assert any(s.startswith("denoise · step ") for s in states), states
+    (png,) = [p for p in studio.output.glob("*-upscaled-2x.png")]
+    assert png.stat().st_size > 1000

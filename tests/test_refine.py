@@ -18,7 +18,7 @@ import mlxflux
 from mlxflux.refine import prepare_refine, tile_starts
 from mlxflux.resolve import resolve
 
-from .helpers import cover_image, run_cli
+from .helpers import cover_image, run_cli, tiny_upscaler
 from .reference import (
     FP32_MAX,
     FP32_MEAN,
@@ -136,7 +136,9 @@ def test_tiles_cover_the_latent_with_the_overlap(length, tile, overlap):
     for a, b in zip(starts, starts[1:], strict=False):
         assert a + size - b >= overlap  # neighbours share at least the overlap
     # no more tiles than needed
-    assert len(starts) == (1 if length <= tile else math.ceil((length - overlap) / (tile - overlap)))
+    assert len(starts) == (
+        1 if length <= tile else math.ceil((length - overlap) / (tile - overlap))
+    )
 
 
 def test_refine_refuses_what_it_cannot_run(folder, no_stage):
@@ -148,25 +150,10 @@ def test_refine_refuses_what_it_cannot_run(folder, no_stage):
         prepare_refine(pipe, image, refine_request(seeds="1,2", seed=None), "x.png")
 
 
-def _upscaler(tmp_path):
-    """A tiny SRVGGNetCompact x2 file (3 convolutions), random weights."""
-    g = torch.Generator().manual_seed(3)
-    sd, layers = {}, [(3, 8), (8, 8)]
-    for i, (cin, cout) in enumerate(layers):
-        sd[f"body.{2 * i}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * 0.1
-        sd[f"body.{2 * i}.bias"] = torch.zeros(cout)
-        sd[f"body.{2 * i + 1}.weight"] = torch.full((cout,), 0.25)
-    sd[f"body.{2 * len(layers)}.weight"] = torch.randn(12, 8, 3, 3, generator=g) * 0.1
-    sd[f"body.{2 * len(layers)}.bias"] = torch.zeros(12)
-    path = tmp_path / "tiny-x2.pth"
-    torch.save(sd, path)
-    return path
-
-
 def test_cli_refines_from_the_pictures_own_settings(folder, tmp_path):
     """gen writes a cover; `upscale --refine` takes its prompt and seed from it, upscales,
     refines in tiles and records both; the result equals the same steps through the API."""
-    model = _upscaler(tmp_path)
+    model = tiny_upscaler(tmp_path)
     out = run_cli("gen", "--model", str(folder), "--prompt", PROMPT, "--width", "160",
                   "--height", "96", "--steps", "5", "--seed", "11", "--output",
                   str(tmp_path / "c.png"), cwd=tmp_path)  # fmt: skip
@@ -195,7 +182,7 @@ def test_cli_refines_from_the_pictures_own_settings(folder, tmp_path):
 
 
 def test_gen_upscales_and_refines_each_seed(folder, tmp_path):
-    model = _upscaler(tmp_path)
+    model = tiny_upscaler(tmp_path)
     out = run_cli("gen", "--model", str(folder), "--prompt", PROMPT, "--width", "160",
                   "--height", "96", "--steps", "4", "--seeds", "3,4", "--output",
                   str(tmp_path / "c-{seed}.png"), "--upscale", f"{model}:1.5", "--refine",
@@ -222,7 +209,7 @@ def test_gen_upscales_and_refines_each_seed(folder, tmp_path):
 def test_gen_refuses_a_bad_upscale_before_any_stage(folder, tmp_path, args, message):
     import re
 
-    model = _upscaler(tmp_path)
+    model = tiny_upscaler(tmp_path)
     args = [a.replace("MODEL", str(model)) for a in args]
     out = run_cli("gen", "--model", str(folder), "--prompt", "x", "--steps", "1", *args,
                   cwd=tmp_path)  # fmt: skip
@@ -232,12 +219,12 @@ def test_gen_refuses_a_bad_upscale_before_any_stage(folder, tmp_path, args, mess
 
 
 def test_upscale_refine_needs_a_prompt_and_a_model_folder(folder, tmp_path):
-    model = _upscaler(tmp_path)
+    model = tiny_upscaler(tmp_path)
     plain = tmp_path / "plain.png"
     cover_image(2, 64, 64).save(plain)  # no settings in it
     out = run_cli("upscale", str(plain), "--model", str(model), "--refine", "0.3",
                   "--model-dir", str(folder), cwd=tmp_path)  # fmt: skip
-    assert out.returncode == 2 and "--refine needs the prompt" in out.stderr
+    assert out.returncode == 2 and "--refine: needs the prompt" in out.stderr
     out = run_cli("upscale", str(plain), "--model", str(model), "--refine", "0.3", "--prompt",
                   "x", "--model-dir", str(tmp_path / "none"), cwd=tmp_path)  # fmt: skip
     assert out.returncode == 2 and "no such model folder" in out.stderr
@@ -254,7 +241,7 @@ def test_ctrl_c_while_refining_writes_nothing(folder, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(refine_module.Refine, "run", interrupted)
-    up = Upscaling.open(_upscaler(tmp_path), None)
+    up = Upscaling.open(tiny_upscaler(tmp_path), None)
     refiner = Refining(mlxflux.load(folder), refine_request())
     picture = Picture.of(cover_image(3, 64, 64), "image")
     with pytest.raises(Failure, match="interrupted: .* not written"):
