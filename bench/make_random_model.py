@@ -34,6 +34,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--small", action="store_true", help="tiny shapes: seconds, a few MB")
+    p.add_argument("--wide", action="store_true",
+                   help="FLUX.1-dev's widths at 1 + 1 blocks, the whole VAE: ~1.5 GB")  # fmt: skip
     p.add_argument("--bits", type=int, choices=[4, 6, 8, 0], default=8, help="0: unquantized")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokenizers", help="folder with vocab.json, merges.txt, spiece.model")
@@ -46,7 +48,8 @@ def main():
     if out.exists() and not a.force:
         raise SystemExit(f"{out} exists (pass --force)")
     start = time.perf_counter()
-    make_random_model(out, size="small" if a.small else "full", variant=a.variant,
+    size = "small" if a.small else "wide" if a.wide else "full"
+    make_random_model(out, size=size, variant=a.variant,
                       bits=a.bits or None, dtype=a.dtype, seed=a.seed,
                       tokenizers=tokenizer_files(a.tokenizers))  # fmt: skip
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))

@@ -4,11 +4,13 @@ the tests that need no reference implementation, and for memory and speed runs.
     small   tiny shapes (hidden 256, 2 + 2 blocks, T5 64 wide, CLIP 128 wide, VAE 32 channels):
             a few MB, written in about a second, a 256x256 cover in seconds on a laptop
     full    FLUX.1-dev's shapes (~18 GB at 8 bits), one tensor at a time
+    wide    FLUX.1-dev's widths, 1 + 1 transformer blocks, 2-layer T5 and CLIP, the whole VAE
 
 The pictures are noise-like patterns: the weights are random. The manifest's notes and the
 `random` field say so, and `mlxflux info` shows them.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,6 +36,11 @@ SIZES = {
         "vae": AutoencoderConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
     },
     "full": {"transformer": FLUX_DEV, "t5": T5Config(), "clip": CLIPConfig(),
+             "vae": AutoencoderConfig()},
+    # FLUX.1-dev's widths with 1 + 1 blocks, 2-layer T5 and CLIP, the whole VAE: a step's cost
+    # per block and the VAE's at real sizes, in ~1.5 GB (the benchmarks' "1+1 blocks" model)
+    "wide": {"transformer": replace(FLUX_DEV, depth=1, depth_single_blocks=1),
+             "t5": T5Config(num_layers=2), "clip": CLIPConfig(num_hidden_layers=2),
              "vae": AutoencoderConfig()},
 }  # fmt: skip
 

@@ -10,28 +10,12 @@ from pathlib import Path
 import click
 
 from ._version import __version__
+from .cli_common import Failure, flag_message, path_option, read_from_png
 from .errors import MlxfluxError, SettingsError
 from .request import flag_of, params
 from .resolve import resolve
 
-
-class Failure(click.ClickException):
-    """A one-line error on stderr and exit code 2, never a traceback."""
-
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"mlxflux: error: {self.format_message()}", err=True)
-
-
-def path_option(*names, **kw):
-    """A click option taking a file or folder path."""
-    return click.option(*names, type=click.Path(path_type=Path), **kw)
-
-
-def flag_message(e: SettingsError) -> str:
-    """A refused setting in the name of the flag that sets it."""
-    return f"{flag_of(e.name)}: {e.reason}"
+__all__ = ["Failure", "ensure_model", "flag_message", "gen", "path_option", "read_from_png"]
 
 
 GATED_NOTE = """\
@@ -239,22 +223,6 @@ def gen(preset, seed, seeds, count, model, output, report, preview_file, from_pn
     summarize(job.report, written, list(request.seeds), group)
 
 
-def read_from_png(path: Path) -> dict:
-    """--from-png: the earlier PNG's settings, said on stderr with what cannot carry over."""
-    from .png_settings import read_png_settings
-
-    try:
-        png, kind, notes = read_png_settings(path)
-    except SettingsError as e:
-        raise Failure(f"--from-png: {e.reason}") from None
-    click.echo(f"settings from {path} ({kind}): "
-               + ", ".join(f"{k} {v!r}" if k == "prompt" else f"{k} {v}"
-                           for k, v in png.items() if k != "prompt"), err=True)  # fmt: skip
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
-    return png
-
-
 def header(job) -> str:
     """One line saying what the job makes: seeds, size, steps, guidance, inputs."""
     r = job.request
@@ -308,7 +276,7 @@ def run_job(job, indexes: dict, preset: str | None, output: str | None,
         return tqdm(total=job.request.steps, desc=label, unit="step", dynamic_ncols=True)
 
     bars: dict = {}  # one per image, each opened at its first step (after the text's bar)
-    units = {"text": "layer", "encode": "block", "decode": "block"}
+    units = {"vision": "layer", "text": "layer", "encode": "block", "decode": "block"}
     stage_bars: dict = {}  # the text, encode and decode stages' bars, by stage
 
     def stage_progress(stage: str, done: int, total: int) -> None:

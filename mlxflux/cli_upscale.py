@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .cli_gen import Failure, flag_message, path_option
+from .cli_common import Failure, flag_message, path_option
 from .errors import MlxfluxError, SettingsError
 
 DEFAULT_STEPS = 20  # a refine's full schedule when no PNG says
@@ -334,7 +334,7 @@ def upscale_written(written: list[Path], seeds: list[int], up: Upscaling,
 
 def _png_settings(path: Path, quiet: bool = False) -> dict:
     """An earlier PNG's settings (`--from-png`); `quiet`: {} when it carries none."""
-    from .cli_gen import read_from_png
+    from .cli_common import read_from_png
     from .png_settings import read_png_settings
 
     if not quiet:
