@@ -26,6 +26,7 @@ from .infer import (
     t5_config,
     vae_config,
 )
+from .redux import find_redux, read_redux
 from .taef1 import find_taef1, locate, read_taef1, source_record
 from .tokenizer_files import TokenizerFiles, find_tokenizers
 
@@ -194,6 +195,8 @@ def convert(
     axes_dim=None,
     variant: str = "auto",
     taef1=None,
+    redux=None,
+    siglip=None,
     log=print,
 ) -> Path:
     """Convert checkpoints into an MLX model folder; returns the folder's path.
@@ -206,7 +209,9 @@ def convert(
     are dev's, so a source or repo name containing "kontext" suggests it) or a name of
     `mlxflux.variants.VARIANTS`, checked against the shapes; the manifest records it.
     `taef1`: the preview decoder's file, folder or repo id (`convert.taef1`), added as the
-    folder's optional `taef1` component.
+    folder's optional `taef1` component. `redux`, `siglip`: FLUX.1 Redux's and SigLIP's files,
+    folders or repo ids (`convert.redux`), the optional `redux` component (found beside the
+    sources too: ComfyUI's style_models/ and clip_vision/).
     """
     if bits not in (None, 4, 6, 8):
         raise ConvertError(f"bits must be 4, 6, 8 or none, got {bits!r}")
@@ -236,6 +241,7 @@ def convert(
         variant, note = choose_variant(variant, plans, sources, hf_repo)
         tok = find_tokenizers(tokenizers, sources, parts, log)
         taef1_path, preview = _preview_decoder(taef1, sources, log)
+        image_encoder = _redux(redux, siglip, sources, log)
     except MlxfluxError as e:  # the sources' own errors, each naming its file
         raise ConvertError(str(e)) from None
     if note:
@@ -259,10 +265,14 @@ def convert(
     ]
     if preview is not None:
         sources_info.append(source_record(taef1_path))
+    if image_encoder is not None:
+        sources_info.extend(image_encoder[2])
     with _progress(total, progress) as bar, _verification_failures():
         components = {c: (plans[c].config, _tracked(plans[c].part, bar)) for c in COMPONENTS}
         if preview is not None:
             components["taef1"] = (preview[0], preview[1].items())
+        if image_encoder is not None:
+            components["redux"] = (image_encoder[0], image_encoder[1].items())
         manifest = write_model_folder(
             out,
             components,
@@ -294,6 +304,24 @@ def _preview_decoder(taef1, sources, log) -> tuple[Path | None, tuple | None]:
         return None, None
     log(f"adding the preview decoder found at {path} (mlxflux gen --preview taef1)")
     return path, read
+
+
+def _redux(redux, siglip, sources, log) -> tuple | None:
+    """(config, weights, source records) of Redux's encoder: asked for, or found beside the
+    sources (ComfyUI's style_models/ and clip_vision/; one found unreadable is skipped with a
+    warning)."""
+    if redux is not None or siglip is not None:
+        return read_redux(redux, siglip, log)
+    found = find_redux(sources)
+    if found is None:
+        return None
+    try:
+        read = read_redux(*found, log)
+    except ConvertError as e:
+        log(f"warning: the Redux files found are skipped: {e}")
+        return None
+    log(f"adding Redux's image encoder found at {found[0].parent.parent} (mlxflux gen --redux)")
+    return read
 
 
 def choose_variant(asked: str, plans: dict, sources, hf_repo) -> tuple[str, str | None]:

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 from mlxflux.atomic import private_name, replace_folder, restore_folder
 from mlxflux.errors import MlxfluxError
 from mlxflux.model_folder import (
+    DTYPES,
     MANIFEST,
     SELF_SHA,
     SMALL_FILES,
@@ -135,29 +136,41 @@ def source_record(path: Path) -> dict:
 
 
 def add_taef1(folder: str | os.PathLike, source, log=print) -> Path:
-    """Add (or replace) the preview decoder in an existing model folder, atomically: the new
+    """Add (or replace) the preview decoder in an existing model folder (`add_component`)."""
+    path = locate(source, log)
+    config, weights = read_taef1(path)
+    add_component(folder, "taef1", config, weights, [source_record(path)], log, quantize=False)
+    log(f"added the preview decoder (taef1, {path.name}) to {folder}")
+    return Path(folder).expanduser()
+
+
+def add_component(folder: str | os.PathLike, name: str, config: dict, weights: dict,
+                  records: list[dict], log=print, quantize: bool = True) -> None:  # fmt: skip
+    """Add (or replace) an optional component in an existing model folder, atomically: the new
     folder is built beside it from hard links to the same files (no weights copied where the
-    file system has them), the decoder and a new manifest written, checked, then renamed into
-    place; on any failure the folder is as it was."""
+    file system has them), the component and a new manifest written, checked, then renamed
+    into place; on any failure the folder is as it was. `quantize`: at the folder's bits and
+    dtype where its layers allow (else float32, as the preview decoder)."""
     folder = Path(folder).expanduser()
     try:
         manifest = read_manifest(folder)
         check_folder(folder, manifest)
     except MlxfluxError as e:
         raise ConvertError(str(e)) from None
-    path = locate(source, log)
-    config, weights = read_taef1(path)
     restore_folder(folder)
+    bits, dtype = None, mx.float32
+    if quantize:
+        bits = manifest["quantization"]["bits"]
+        dtype = DTYPES[manifest["dtype"]]
     tmp = private_name(folder.parent, f".{folder.name}.partial-")
     try:
-        copied = _link_tree(folder, tmp, skip={"taef1", MANIFEST})
+        copied = _link_tree(folder, tmp, skip={name, MANIFEST})
         if copied:
             log(f"note: hard links are not supported there: {copied} files copied")
-        manifest["components"]["taef1"] = write_component(
-            "taef1", config, weights.items(), tmp, None, mx.float32
-        )
-        manifest["sources"] = [s for s in manifest["sources"] if s["component"] != "taef1"]
-        manifest["sources"].append(source_record(path))
+        manifest["components"][name] = write_component(name, config, weights.items(), tmp, bits,
+                                                       dtype)  # fmt: skip
+        manifest["sources"] = [s for s in manifest["sources"] if s["component"] != name]
+        manifest["sources"].extend(records)
         manifest[SMALL_FILES] = {rel: file_sha256(tmp / rel) for rel in small_files(tmp)}
         manifest[SELF_SHA] = manifest_sha256(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -166,8 +179,6 @@ def add_taef1(folder: str | os.PathLike, source, log=print) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"added the preview decoder (taef1, {path.name}) to {folder}")
-    return folder
 
 
 def _link_tree(src: Path, dst: Path, skip) -> int:

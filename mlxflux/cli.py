@@ -97,8 +97,21 @@ def main():
     ".safetensors, a folder holding it, or the repo madebyollin/taef1. With no other source, "
     "it is added to the existing --out folder. Found by itself in a ComfyUI models/vae_approx.",
 )
+@click.option(
+    "--redux",
+    metavar="PATH_OR_REPO",
+    help="Add FLUX.1 Redux (gen --redux): ComfyUI's style_models/flux1-redux-dev.safetensors, a "
+    "folder holding it, or the repo black-forest-labs/FLUX.1-Redux-dev; needs --siglip. With "
+    "no other source, added to the existing --out folder. Found by itself in a ComfyUI models/.",
+)
+@click.option(
+    "--siglip",
+    metavar="PATH_OR_REPO",
+    help="SigLIP's vision tower for --redux: ComfyUI's clip_vision/"
+    "sigclip_vision_patch14_384.safetensors, or the repo google/siglip-so400m-patch14-384.",
+)
 def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, force, variant,
-            taef1):  # fmt: skip
+            taef1, redux, siglip):  # fmt: skip
     """Convert checkpoints into an MLX model folder (streaming; the folder appears only when
     complete and verified).
 
@@ -107,17 +120,24 @@ def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, 
     transformers, T5 encoders), FLUX.1 dev, schnell and Kontext dev.
 
     \b
-    Add the preview decoder to a folder converted before:
+    Add the preview decoder, or Redux, to a folder converted before:
       mlxflux convert --taef1 madebyollin/taef1 --out FOLDER
+      mlxflux convert --redux flux1-redux-dev.safetensors
+                      --siglip sigclip_vision_patch14_384.safetensors --out FOLDER
     """
     from .convert import ConvertError, default_model_dir
     from .convert import convert as run
+    from .convert.redux import add_redux
     from .convert.taef1 import add_taef1
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
-        if taef1 and not (sources or flux or t5 or clip or ae or hf_repo):
-            add_taef1(out or default_model_dir(_bits(bits)), taef1, log)
+        if (taef1 or redux or siglip) and not (sources or flux or t5 or clip or ae or hf_repo):
+            folder = out or default_model_dir(_bits(bits))
+            if taef1:
+                add_taef1(folder, taef1, log)
+            if redux or siglip:
+                add_redux(folder, redux, siglip, log)
             return
         run(
             list(sources),
@@ -133,6 +153,8 @@ def convert(sources, flux, t5, clip, ae, tokenizers, hf_repo, bits, dtype, out, 
             force=force,
             variant=variant,
             taef1=taef1,
+            redux=redux,
+            siglip=siglip,
             progress=True,
             log=log,
         )

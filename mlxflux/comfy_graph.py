@@ -53,6 +53,11 @@ NODES = {
                  ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], ["LATENT"]),
     "VAEDecode": (["samples", "vae"], [], ["IMAGE"]),
     "SaveImage": (["images"], ["filename_prefix"], []),
+    "CLIPVisionLoader": ([], ["clip_name"], ["CLIP_VISION"]),
+    "CLIPVisionEncode": (["clip_vision", "image"], ["crop"], ["CLIP_VISION_OUTPUT"]),
+    "StyleModelLoader": ([], ["style_model_name"], ["STYLE_MODEL"]),
+    "StyleModelApply": (["conditioning", "style_model", "clip_vision_output"],
+                        ["strength", "strength_type"], ["CONDITIONING"]),
     "UpscaleModelLoader": ([], ["model_name"], ["UPSCALE_MODEL"]),
     "ImageUpscaleWithModel": (["upscale_model", "image"], [], ["IMAGE"]),
     "ImageScaleBy": (["image"], ["upscale_method", "scale_by"], ["IMAGE"]),
@@ -61,7 +66,9 @@ NODES = {
 SLOT_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "conditioning": "CONDITIONING",
               "positive": "CONDITIONING", "negative": "CONDITIONING", "latent": "LATENT",
               "latent_image": "LATENT", "samples": "LATENT", "pixels": "IMAGE", "image": "IMAGE",
-              "images": "IMAGE", "mask": "MASK", "upscale_model": "UPSCALE_MODEL"}  # fmt: skip
+              "images": "IMAGE", "mask": "MASK", "upscale_model": "UPSCALE_MODEL",
+              "clip_vision": "CLIP_VISION", "style_model": "STYLE_MODEL",
+              "clip_vision_output": "CLIP_VISION_OUTPUT"}  # fmt: skip
 # BFL's file names, for a model converted from files that do not map to ComfyUI's loaders
 DEFAULT_FILES = {"transformer": "{model}.safetensors", "t5": "t5xxl_fp16.safetensors",
                  "clip": "clip_l.safetensors", "vae": "ae.safetensors"}  # fmt: skip
@@ -139,6 +146,7 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
                       height=h, crop="center"), 0]  # fmt: skip
 
     positive = family.graph_text(g, settings, positive, vae)
+    positive = _redux(g, settings, manifest, positive)
     positive = [g.add("FluxGuidance", conditioning=positive, guidance=settings["guidance"]), 0]
     positive, negative, latent = family.graph_model_input(g, settings, positive, negative, vae,
                                                           scaled)  # fmt: skip
@@ -153,6 +161,39 @@ def comfy_prompt(settings: dict, manifest: dict) -> dict:
     image = g.add("VAEDecode", samples=[sampler, 0], vae=[vae, 0])
     g.add("SaveImage", images=[image, 0], filename_prefix="mlxflux")
     return g.nodes
+
+
+def _redux(g: Graph, settings: dict, manifest: dict, positive: list) -> list:
+    """Redux: CLIPVisionLoader and StyleModelLoader with the files the folder was converted
+    from, then per image LoadImage -> CLIPVisionEncode -> StyleModelApply, chained."""
+    images = settings.get("redux_images") or []
+    if not images:
+        return positive
+    names = {s["layout"]: s["name"] for s in manifest.get("sources", [])
+             if s["component"] == "redux"}  # fmt: skip
+    vision = g.add(
+        "CLIPVisionLoader",
+        clip_name=names.get("clip_vision", "sigclip_vision_patch14_384.safetensors"),
+    )
+    style = g.add(
+        "StyleModelLoader", style_model_name=names.get("style_model", "flux1-redux-dev.safetensors")
+    )
+    for item in images:
+        image = g.add("LoadImage", image=item["file"], upload="image")
+        encoded = g.add("CLIPVisionEncode", clip_vision=[vision, 0], image=[image, 0],
+                        crop=settings.get("redux_crop", "center"))  # fmt: skip
+        positive = [
+            g.add(
+                "StyleModelApply",
+                conditioning=positive,
+                style_model=[style, 0],
+                clip_vision_output=[encoded, 0],
+                strength=item["strength"],
+                strength_type=settings.get("redux_strength_type", "multiply"),
+            ),
+            0,
+        ]
+    return positive
 
 
 def upscale_chunks(image_name: str, model_name: str, factor: int, scale: float,

@@ -21,6 +21,7 @@ from .lora import LoraSet, layer_shapes, read_loras
 from .memory_plan import Plan, make_plan
 from .models.transformer import is_modulation_key
 from .noise import comfy_noise
+from .pipeline import check_finite
 from .pixels import cover, size_of, unit_pixels
 from .preview import Previewer
 from .report import Report, Stage
@@ -66,6 +67,10 @@ class Job:
         pipe, request, report, plan = self.pipe, self.request, self.report, self.plan
         # float16: the blocks and VAE stages that overflowed it and ran again in float32
         fallbacks = report.settings.setdefault("float32_fallbacks", [])
+        redux = Conditioning()
+        if request.redux_images:
+            with Stage(report, "vision") as stage:
+                redux = self._vision(stage)
         with Stage(report, "text") as stage:
             txt, pooled = pipe.encode_text(request.prompt, request.t5_padding,
                                            "text" in plan.streamed, stage,
@@ -74,6 +79,7 @@ class Job:
         if request.init_image is not None or self.inputs.encodes:
             with Stage(report, "encode"):
                 latent, extra = self._encode(fallbacks)
+        extra = extra + redux  # the Redux tokens join the prompt's
         with Stage(report, "modulation") as stage:
             model, cond = pipe.modulation(pooled, self.sigma_list, request.guidance, self.loras)
             stage.bytes_read = pipe.group_bytes("transformer", "modulation")
@@ -122,6 +128,25 @@ class Job:
                 del ae, done
         if interrupted is not None:
             raise interrupted
+
+    def _vision(self, stage) -> Conditioning:
+        """The vision stage: each Redux image's tokens (SigLIP, then Redux's projection), as
+        the text-side conditioning StyleModelApply makes; the encoder is released after."""
+        from . import progress
+        from .redux import conditioning, encode
+
+        request, pipe = self.request, self.pipe
+        encoder = pipe.load("redux")
+        layers = encoder.config.num_hidden_layers
+        pictures = [p for p, _ in request.redux_images]
+        with progress.units(layers * len(pictures)):
+            tokens = encode(encoder, pictures, request.redux_crop, progress.advance)
+        for t in tokens:
+            check_finite(t, "vision (Redux)", pipe.precision)
+        stage.bytes_read = pipe.group_bytes("redux")
+        del encoder
+        strengths = [s for _, s in request.redux_images]
+        return conditioning(tokens, strengths, request.redux_strength_type)
 
     def _previewer(self) -> Previewer | None:
         """The previewer of `preview` (its tiny decoder loaded now, in the denoise stage)."""
@@ -210,6 +235,16 @@ def prepare(pipe, request: GenerationRequest) -> Job:
         settings.update(init_image=init.name, init_image_sha256=init.sha256,
                         denoise=request.denoise)  # fmt: skip
     settings.update(inputs.record())
+    if request.redux_images:
+        if "redux" not in pipe.manifest["components"]:
+            raise SettingsError(
+                "this model folder has no Redux: add it with `mlxflux convert --redux "
+                "flux1-redux-dev.safetensors --siglip sigclip_vision_patch14_384.safetensors "
+                "--out FOLDER`", "redux_images")  # fmt: skip
+        settings.update(redux_images=[dict(p.record(), strength=s) for p, s in
+                                      request.redux_images],
+                        redux_strength_type=request.redux_strength_type,
+                        redux_crop=request.redux_crop)  # fmt: skip
     loras = LoraSet()
     if request.loras:  # read once and matched now, so a bad file fails before any stage
         flux = pipe.manifest["components"]["transformer"]
@@ -235,7 +270,8 @@ def prepare(pipe, request: GenerationRequest) -> Job:
                         cache_range=list(span) if span else None)  # fmt: skip
     plan = make_plan(pipe.manifest, width, height, pipe.dtype.size, pipe.memory_budget,
                      steps=len(sigma_list) - 1, extra_tokens=inputs.extra_tokens,
-                     cache=method, preview=preview, lora_bytes=loras.resident_bytes)  # fmt: skip
+                     cache=method, preview=preview, lora_bytes=loras.resident_bytes,
+                     redux_images=len(request.redux_images))  # fmt: skip
     settings["memory_plan"] = plan.describe()
     report = Report(settings=settings, plan=plan.kind)
     return Job(pipe, request, width, height, sigma_list, inputs, loras, plan, report, preview)

@@ -119,19 +119,22 @@ class Kernels:
     def elementwise(self, fn: Callable, *args, **kwargs):
         return self.run("elementwise", fn, *args, **kwargs)
 
-    def attention(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """Softmax attention over [B, H, L, D] -> [B, L, H*D], scaled by 1/sqrt(D)."""
-        return self.run("attention", self._attention, q, k, v)
+    def attention(self, q: mx.array, k: mx.array, v: mx.array,
+                  bias: mx.array | None = None) -> mx.array:  # fmt: skip
+        """Softmax attention over [B, H, L, D] -> [B, L, H*D], scaled by 1/sqrt(D); `bias`
+        [L, L] float32 is added to the scores (Redux's attn_bias), None adds nothing."""
+        return self.run("attention", self._attention, q, k, v, bias)
 
-    def _attention(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    def _attention(self, q: mx.array, k: mx.array, v: mx.array, bias=None) -> mx.array:
         b, h, n, d = q.shape
         scale = d**-0.5
         if self.mode == "fused":
             self.calls["fused_attention"] += 1
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            mask = None if bias is None else bias.astype(q.dtype)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         else:
             self.calls["split_attention"] += 1
-            out = _split_attention(q, k, v, scale)
+            out = _split_attention(q, k, v, scale, bias)
         return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
     def gelu(self, x: mx.array) -> mx.array:
@@ -311,7 +314,8 @@ def _cpu_streams() -> tuple:
 LOG2E = 1.4426950408889634
 
 
-def _split_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def _split_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                     bias: mx.array | None = None) -> mx.array:  # fmt: skip
     """Attention as BLAS matmuls and a softmax written for the CPU, in chunks of heads and
     query rows with at most SCORES_BYTES of float32 scores each (the [L, L] scores never
     exist whole, and a chunk stays in the last-level cache between the passes over it).
@@ -325,7 +329,8 @@ def _split_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     Chunks go in groups, one per CPU stream, in three phases evaluated in turn: the score
     matmuls (BLAS, every core), the softmaxes (one single-threaded loop per stream, side by
     side), the value matmuls. Overlapping BLAS with the softmaxes instead oversubscribed the
-    cores: a book-size attention took 2.83 s that way, 2.43 s phased."""
+    cores: a book-size attention took 2.83 s that way, 2.43 s phased. `bias` [L, L] is added
+    to each chunk's scores (in base 2: times log2(e))."""
     b, h, n, d = q.shape
     m = k.shape[2]
     per_row = b * m * 4
@@ -341,6 +346,9 @@ def _split_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
         group = chunks[g : g + len(streams)]
         scores = [q[:, i : i + heads, r : r + rows] @ k[:, i : i + heads].swapaxes(-1, -2)
                   for i, r in group]  # fmt: skip
+        if bias is not None:
+            scores = [s + bias[r : r + rows] * LOG2E for s, (_, r) in zip(scores, group,
+                                                                          strict=True)]  # fmt: skip
         mx.eval(scores)
         probs = []
         for stream, s in zip(streams, scores, strict=False):

@@ -26,6 +26,7 @@ MARGIN_FRACTION, MARGIN_MIN = 0.10, 1 * GIB
 # 0.63 GiB at 512 tokens, 1.24 GiB at 4208 (the DVD size): a line through both
 ACT_BASE, ACT_PER_TOKEN = 0.545 * GIB, 0.61 * GIB / 3696
 TEXT_ACTIVATIONS = int(0.25 * GIB)  # T5-XXL at 512 tokens, float32 (scaled by its width)
+VISION_ACTIVATIONS = int(0.125 * GIB)  # SigLIP so400m on one 384x384 image, float32 (+ Redux's)
 DECODE_BUDGET = 2 << 30  # the VAE decodes (and encodes) in row tiles above this estimate
 
 
@@ -127,16 +128,21 @@ def block_bytes(entry: dict, keys=None) -> tuple[dict[str, int], int]:
 def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget: int | None,
               steps: int = 20, text_tokens: int = 512, extra_tokens: int = 0,
               cache: str = "none", preview: str = "none",
-              lora_bytes: int = 0) -> Plan:  # fmt: skip
+              lora_bytes: int = 0, redux_images: int = 0) -> Plan:  # fmt: skip
     """The plan for one generation at width x height; SettingsError when even streaming does
     not fit `budget` (bytes; None: the machine's). `extra_tokens`: what a variant appends to
     the image tokens (Kontext's references); `cache`: the step cache's method, whose state the
     denoise stage holds too, as it does the preview's tiny decoder (`preview` taef1) and the
-    LoRAs' side paths (`lora_bytes`: low-rank factors, dense terms, DoRA's dense rows)."""
+    LoRAs' side paths (`lora_bytes`: low-rank factors, dense terms, DoRA's dense rows).
+    `redux_images`: each adds Redux's 729 tokens to the text (attention and activations grow)
+    and the vision stage, which runs SigLIP and Redux's projection, one image at a time."""
     budget = machine_budget() if budget is None else budget
     comps = manifest["components"]
     flux = comps["transformer"]
     hidden = flux["config"].get("hidden_size", 3072)
+    if redux_images:
+        redux_cfg = comps["redux"]["config"]
+        text_tokens += redux_images * (redux_cfg["image_size"] // redux_cfg["patch_size"]) ** 2
     tokens = (width // 16) * (height // 16) + text_tokens + extra_tokens
     act = int((ACT_BASE + ACT_PER_TOKEN * tokens) * hidden / 3072 * dtype_bytes / 4)
     trunk_keys = {k for k in flux["tensors"] if not is_modulation_key(k)}
@@ -166,6 +172,9 @@ def make_plan(manifest: dict, width: int, height: int, dtype_bytes: int, budget:
     decode_act = min(DECODE_BUDGET, estimate_decode_bytes(height, width, vae_cfg, dtype_bytes))
     decode = StageNeed(vae + decode_act, vae + decode_act)  # tiled above DECODE_BUDGET
     needs = {"text": text, "modulation": modulation, "denoise": denoise, "decode": decode}
+    if redux_images:  # its weights, and one image's activations (729 tokens: ~0.1 GiB)
+        vision = sum(tensor_bytes(comps["redux"]).values()) + VISION_ACTIVATIONS
+        needs = {"vision": StageNeed(vision, vision), **needs}
     minimum = max(n.streamed for n in needs.values())
     if budget < minimum:
         raise SettingsError(

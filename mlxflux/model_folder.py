@@ -259,8 +259,8 @@ def verify_checksums(folder: str | os.PathLike, manifest: dict, progress=None) -
 # ---- writing a model folder (mlxflux.convert and bench/make_random_model.py) ------------
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-QUANTIZED_COMPONENTS = ("transformer", "t5")
-EMBEDDINGS = ("shared.weight", "relative_attention_bias.weight")
+QUANTIZED_COMPONENTS = ("transformer", "t5", "redux")
+EMBEDDINGS = ("shared.weight", "relative_attention_bias.weight", "position_embedding.weight")
 
 
 def should_quantize(comp: str, key: str, shape: tuple, bits: int | None) -> bool:

@@ -51,7 +51,8 @@ def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None)
 
 def denoise_step(model, x, txt, cond: Modulation, rope, sigma: float, sigma_next: float,
                  dtype=None, block_weights=None, extra: Conditioning | None = None,
-                 cache=None, step: int = 0, with_velocity: bool = False):  # fmt: skip
+                 cache=None, step: int = 0, with_velocity: bool = False,
+                 bias: mx.array | None = None):  # fmt: skip
     """One evaluated Euler step of the trunk: x (packed, float32) -> x at sigma_next.
 
     The trunk runs in `dtype` (default: txt's) and is evaluated after every block, so only one
@@ -61,7 +62,8 @@ def denoise_step(model, x, txt, cond: Modulation, rope, sigma: float, sigma_next
     include its text tokens, and `rope` its image tokens. `cache`: this seed's step cache
     (`cache.EasyCache` decides whether the trunk runs at all, `cache.FirstBlock` runs inside
     it), `step` the step's number (1-based) for its counts. `with_velocity`: return
-    (x, velocity) (a preview's x0 is x - sigma * velocity).
+    (x, velocity) (a preview's x0 is x - sigma * velocity). `bias`: `extra`'s attention bias
+    (`Conditioning.attention_bias`), made once per image.
     """
     extra = extra or Conditioning()
     first_block = cache if isinstance(cache, FirstBlock) else None
@@ -69,7 +71,7 @@ def denoise_step(model, x, txt, cond: Modulation, rope, sigma: float, sigma_next
     def velocity() -> mx.array:
         v = model.trunk(extra.inputs(x), txt, cond, rope, after_block=mx.eval,
                         dtype=dtype or txt.dtype, block_weights=block_weights,
-                        first_block=first_block, step=step)  # fmt: skip
+                        first_block=first_block, step=step, bias=bias)  # fmt: skip
         return extra.velocity(v, x.shape[1])
 
     v = cache.velocity(step, sigma, x, velocity) if isinstance(cache, EasyCache) else velocity()
@@ -258,11 +260,14 @@ class Pipeline:
         txt = extra.prompt(txt).astype(self.wide_dtype)
         rope = model.rope(extra.ids_for(image_ids(height, width)), txt.shape[1])
         x = pack_latents(mx.array(noise, dtype=mx.float32))
+        n_img = x.shape[1] + extra.extra_tokens
+        bias = extra.attention_bias(txt.shape[1], n_img)
         for i in range(steps):
             sigmas, before = sigma_list[i : i + 2], x
             x, v = denoise_step(model, x, txt, cond.rows(i, i + 1), rope, *sigmas,
                                 dtype=self.dtype, block_weights=block_weights, extra=extra,
-                                cache=cache, step=i + 1, with_velocity=True)  # fmt: skip
+                                cache=cache, step=i + 1, with_velocity=True,
+                                bias=bias)  # fmt: skip
             check_finite(x, "denoise", self.precision, i + 1, steps)
             if on_x0 is not None:
                 x0 = before - v.astype(mx.float32) * sigmas[0]

@@ -31,6 +31,10 @@ def parameters_text(s: dict) -> str:
         )
     for family in FAMILIES:  # what each variant's inputs were (Kontext, Canny/Depth, Fill)
         lines[1] += family.parameters(s)
+    if s.get("redux_images"):  # ComfyUI's StyleModelApply per image
+        parts = ", ".join(f"{r['file']} x {r['strength']:g}" for r in s["redux_images"])
+        lines[1] += (f", Redux: {parts} ({s.get('redux_strength_type', 'multiply')}, crop "
+                     f"{s.get('redux_crop', 'center')})")  # fmt: skip
     if s.get("upscale_model"):  # a model upscale (then the refine, as image to image above)
         lines[1] += (f", Upscaler: {s['upscale_model']} (sha256 {s['upscale_model_sha256'][:16]})"
                      f", Upscale by: {s['scale']:g}, Source: {s['source']}")  # fmt: skip

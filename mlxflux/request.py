@@ -20,6 +20,9 @@ from .errors import SettingsError
 from .pixels import Picture
 from .preview import METHODS as PREVIEW_METHODS
 from .prompt_syntax import SYNTAXES as PROMPT_SYNTAXES
+from .redux import CROPS as REDUX_CROPS
+from .redux import STRENGTH_TYPES as REDUX_STRENGTH_TYPES
+from .redux import parse_strength
 from .sampling import SCHEDULERS, TABLE_SIZE
 from .tokenizers import T5_PADDING
 from .variants.control import PREPROCESS
@@ -158,6 +161,28 @@ def _pictures(value, name):
     if isinstance(value, (str, os.PathLike, Picture)) or hasattr(value, "convert"):
         value = [value]
     return tuple(Picture.of(v, name) for v in value)
+
+
+def _redux_images(value, name):
+    """IMAGE[:STRENGTH] strings, (image, strength) pairs or images (strength 1) -> a tuple of
+    (Picture, strength)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike, Picture)) or hasattr(value, "convert"):
+        value = [value]
+    out = []
+    for item in value:
+        strength = 1.0
+        if isinstance(item, str):
+            path, sep, tail = item.rpartition(":")
+            if sep and path and is_number(tail):
+                item, strength = path, tail
+        elif isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise SettingsError(f"{item!r} is not (image, strength)", name)
+            item, strength = item
+        out.append((Picture.of(item, name), parse_strength(strength, name)))
+    return tuple(out)
 
 
 def _range(value, name):
@@ -303,6 +328,26 @@ class GenerationRequest:
         help="FLUX.1 Fill models: centre --init-image on the canvas (the preset's or --width x "
         "--height) and paint the rest, e.g. a square vinyl cover into a DVD box.",
         cli={"is_flag": True},
+    )  # fmt: skip
+    redux_images: tuple = param(
+        (), _redux_images, flag="--redux", label="Redux image",
+        help="FLUX.1 Redux: more covers like this picture (its style, palette and subject in "
+        "new compositions; the prompt steers): IMAGE[:STRENGTH], strength 0-10 [1]. Repeat to "
+        "mix several, as chained StyleModelApply nodes. Needs Redux in the model folder "
+        "(mlxflux convert --redux ... --siglip ...); any dev-shaped model, Kontext and Fill too.",
+        cli={"multiple": True},
+    )  # fmt: skip
+    redux_strength_type: str = param(
+        "multiply", _choice(REDUX_STRENGTH_TYPES), label="Redux strength type",
+        help="How STRENGTH acts (ComfyUI's StyleModelApply): multiply scales the image's "
+        "tokens; attn_bias adds log(STRENGTH) to the attention paid to them.",
+        cli={"choices": REDUX_STRENGTH_TYPES, "default": "multiply", "show_default": True},
+    )  # fmt: skip
+    redux_crop: str = param(
+        "center", _choice(REDUX_CROPS), label="Redux crop",
+        help="How each Redux image becomes SigLIP's 384x384 (ComfyUI's CLIPVisionEncode crop): "
+        "center scales its short side to 384 and keeps the centre; none squashes it whole.",
+        cli={"choices": REDUX_CROPS, "default": "center", "show_default": True},
     )  # fmt: skip
     cache: str = param(
         "none", _choice(METHODS), label="Step cache",

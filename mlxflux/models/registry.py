@@ -15,12 +15,15 @@ from ..kernels import Kernels, choose
 from ..quant import quantize
 from .autoencoder import AutoEncoder, AutoencoderConfig
 from .clip import CLIPConfig, CLIPTextModel
+from .redux import ReduxConfig, ReduxEncoder
 from .t5 import T5Config, T5Encoder
 from .taef1 import TAEF1Config, TAEF1Decoder
 from .transformer import FluxConfig, FluxTransformer, is_modulation_key
 
 COMPONENTS = ("transformer", "t5", "clip", "vae")  # every model folder has them
-OPTIONAL = ("taef1",)  # added when asked for (`convert --taef1`): the preview decoder
+# added when asked for: the preview decoder (`convert --taef1`), Redux's image encoder
+# (`convert --redux --siglip`: SigLIP's vision tower and Redux's projection)
+OPTIONAL = ("taef1", "redux")
 # name -> (config class, module class); the transformer's module takes the kernels
 CLASSES = {
     "transformer": (FluxConfig, FluxTransformer),
@@ -28,6 +31,7 @@ CLASSES = {
     "t5": (T5Config, T5Encoder),
     "clip": (CLIPConfig, CLIPTextModel),
     "taef1": (TAEF1Config, TAEF1Decoder),
+    "redux": (ReduxConfig, ReduxEncoder),
 }
 
 

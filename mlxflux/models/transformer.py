@@ -171,8 +171,9 @@ class DoubleStreamBlock(nn.Module, UsesKernels):
         self.txt_attn = SelfAttention(d, cfg.num_heads, cfg.qkv_bias)
         self.txt_mlp = mlp(d, cfg.mlp_hidden)
 
-    def __call__(self, img, txt, img_mod, txt_mod, rope, dtype=None):
-        """`dtype`: the matmuls' dtype (default: the streams'); the residual streams keep theirs."""
+    def __call__(self, img, txt, img_mod, txt_mod, rope, dtype=None, bias=None):
+        """`dtype`: the matmuls' dtype (default: the streams'); the residual streams keep theirs.
+        `bias`: added to the attention scores over [txt, img] (Redux's attn_bias)."""
         dt, ke = dtype or img.dtype, self.kernels
         el = ke.elementwise
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _chunks(
@@ -188,7 +189,7 @@ class DoubleStreamBlock(nn.Module, UsesKernels):
         q = el(apply_rope, mx.concatenate([tq, iq], axis=2), *rope)
         k = el(apply_rope, mx.concatenate([tk, ik], axis=2), *rope)
         v = mx.concatenate([tv, iv], axis=2)
-        attn = ke.attention(q, k, v)
+        attn = ke.attention(q, k, v, bias)
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
@@ -212,7 +213,7 @@ class SingleStreamBlock(nn.Module, UsesKernels):
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(d, double=False)
 
-    def __call__(self, x, mod, rope, dtype=None):
+    def __call__(self, x, mod, rope, dtype=None, bias=None):
         ke = self.kernels
         shift, scale, gate = _chunks(mod, MOD_VECTORS["single"])
         b, n, d = x.shape
@@ -223,7 +224,7 @@ class SingleStreamBlock(nn.Module, UsesKernels):
         qkv = qkv.reshape(b, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q = ke.elementwise(apply_rope, self.norm.query_norm(qkv[0]), *rope)
         k = ke.elementwise(apply_rope, self.norm.key_norm(qkv[1]), *rope)
-        attn = ke.attention(q, k, qkv[2])
+        attn = ke.attention(q, k, qkv[2], bias)
         mlp_in, out = ke.linear_rows(self.linear1, 3 * d), ke.linear_rows(self.linear2)
 
         def tail(a: mx.array, t: mx.array) -> mx.array:
@@ -333,6 +334,7 @@ class FluxTransformer(nn.Module):
         block_weights=None,
         first_block=None,
         step: int = 0,
+        bias: mx.array | None = None,
     ) -> mx.array:
         """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, out_channels]
         in the residual streams' dtype.
@@ -347,6 +349,7 @@ class FluxTransformer(nn.Module):
         release them after (the memory plan's streamed denoise).
         `first_block` (a `cache.FirstBlock`, diffusers' FirstBlockCache): after the first
         block, the other blocks run or their cached residual is added (step `step`).
+        `bias` [L, L]: added to every attention's scores over [txt, img] (Redux's attn_bias).
         """
         weights = block_weights or BlockWeights()
         dt = dtype or txt.dtype
@@ -361,7 +364,8 @@ class FluxTransformer(nn.Module):
         for i, (block, (img_mod, txt_mod)) in enumerate(
             zip(self.double_blocks, cond.double, strict=True)
         ):
-            run, before = functools.partial(block, img, txt, img_mod, txt_mod, rope), img
+            run = functools.partial(block, img, txt, img_mod, txt_mod, rope, bias=bias)
+            before = img
             with weights(names[i], read_ahead=first_block is None or i > 0):
                 img, txt = self._checked(names[i], lambda d, run=run: run(dtype=d), dt)
                 if after_block:
@@ -376,7 +380,7 @@ class FluxTransformer(nn.Module):
                 first_block.computed(step, img - before, (img, txt))
         x = mx.concatenate([txt, img], axis=1)
         for i, (block, mod) in enumerate(zip(self.single_blocks, cond.single, strict=True)):
-            run = functools.partial(block, x, mod, rope)
+            run = functools.partial(block, x, mod, rope, bias=bias)
             with weights(f"single_blocks.{i}"):
                 (x,) = self._checked(f"single_blocks.{i}", lambda d, run=run: (run(dtype=d),), dt)
                 if after_block:

@@ -26,12 +26,16 @@ class Conditioning:
     channels [1, L, C]: concatenated to the packed latent's 64 channels, token by token (a
         control image's latents for Canny/Depth; the masked image and its mask for Fill).
     text [1, M, context] : appended after the prompt's T5 tokens, with text position ids
-        (zero): the slot for image embeddings that condition like text (Redux)."""
+        (zero): the slot for image embeddings that condition like text (Redux).
+    text_bias ((count, bias), ...): for each group of `text` tokens in order, what attention
+        to them gets added (Redux's attn_bias: log(strength); 0: nothing), from every token
+        but its own group's and later groups' (ComfyUI's StyleModelApply mask)."""
 
     tokens: mx.array | None = None
     ids: np.ndarray | None = None
     channels: mx.array | None = None
     text: mx.array | None = None
+    text_bias: tuple = ()
 
     def __add__(self, other: "Conditioning") -> "Conditioning":
         def join(a, b, axis, lib=mx):
@@ -42,6 +46,7 @@ class Conditioning:
             ids=join(self.ids, other.ids, 0, np),
             channels=join(self.channels, other.channels, 2),
             text=join(self.text, other.text, 1),
+            text_bias=self.text_bias + other.text_bias,
         )
 
     @property
@@ -67,6 +72,22 @@ class Conditioning:
             return txt
         text = mx.broadcast_to(self.text, (txt.shape[0], *self.text.shape[1:]))
         return mx.concatenate([txt, text.astype(txt.dtype)], axis=1)
+
+    def attention_bias(self, n_txt: int, n_img: int) -> mx.array | None:
+        """[L, L] float32 added to the trunk's attention over [prompt, text groups | image
+        tokens] (`n_txt` with the groups, `n_img` with Kontext's), or None when no group has a
+        bias. ComfyUI builds this mask in float16: the biases are rounded through it."""
+        if not any(b for _, b in self.text_bias):
+            return None
+        groups = sum(n for n, _ in self.text_bias)
+        length, start = n_txt + n_img, n_txt - groups
+        bias = np.zeros((length, length), np.float32)
+        for n, b in self.text_bias:
+            value = np.float32(np.float16(b))
+            bias[:start, start : start + n] = value  # from the prompt and earlier groups
+            bias[n_txt:, start : start + n] = value  # from the image's tokens
+            start += n
+        return mx.array(bias)
 
     def velocity(self, v: mx.array, image_tokens: int) -> mx.array:
         """The trunk's output -> the velocity of the image tokens alone."""
