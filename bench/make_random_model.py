@@ -40,6 +40,7 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokenizers", help="folder with vocab.json, merges.txt, spiece.model")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--redux", action="store_true", help="with Redux's image encoder (random)")
     p.add_argument("--variant", default="dev", choices=list(VARIANTS),
                    help="the inputs the transformer takes, as that FLUX.1 variant")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
@@ -51,7 +52,7 @@ def main():
     size = "small" if a.small else "wide" if a.wide else "full"
     make_random_model(out, size=size, variant=a.variant,
                       bits=a.bits or None, dtype=a.dtype, seed=a.seed,
-                      tokenizers=tokenizer_files(a.tokenizers))  # fmt: skip
+                      tokenizers=tokenizer_files(a.tokenizers), redux=a.redux)  # fmt: skip
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     print(f"wrote {out}: {size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s")
 

@@ -4,6 +4,9 @@
     python bench/memory.py --model /tmp/flux-random-q8 --sizes 256,dvd
     python bench/make_random_model.py --out /tmp/kontext-random-q8 --bits 8 --variant kontext
     python bench/memory.py --model /tmp/kontext-random-q8 --sizes dvd --reference
+    python bench/make_random_model.py --out /tmp/flux-random-q8 --bits 8 --redux --force
+    python bench/memory.py --model /tmp/flux-random-q8 --sizes dvd --redux 1 \
+        --out bench/results/memory_redux
 
 Each run is a fresh process running one job, `Pipeline.prepare` then `Job.run` (one step:
 memory does not depend on the step count; --reference adds a Kontext reference, a picture at
@@ -35,14 +38,17 @@ from PIL import Image
 import mlxflux
 w, h = int(sys.argv[2]), int(sys.argv[3])
 refs = []
-if sys.argv[5] == "1":  # a picture, not noise, at the output's aspect ratio
+if sys.argv[5] == "1" or sys.argv[6] != "0":  # a picture, not noise, at the output's aspect
     y, x = np.mgrid[0:h, 0:w]
     refs = [Image.fromarray(np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1)
                             .astype(np.uint8))]
 pipe = mlxflux.load(sys.argv[1], memory_budget=None if sys.argv[4] == "auto" else sys.argv[4])
+redux = refs[:1] * int(sys.argv[6])
+if sys.argv[6] != "0":
+    refs = []
 job = pipe.prepare(mlxflux.GenerationRequest(
     "A cinematic DVD cover for the movie Interstellar.", width=w, height=h, steps=1,
-    reference_images=refs))
+    reference_images=refs, redux_images=redux))
 list(job.run())
 rep = job.report.to_dict()
 rep["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -50,9 +56,11 @@ print(json.dumps(rep))
 """
 
 
-def run(model: str, w: int, h: int, budget: str = "auto", reference: bool = False) -> dict:
+def run(model: str, w: int, h: int, budget: str = "auto", reference: bool = False,
+        redux: int = 0) -> dict:  # fmt: skip
     out = subprocess.run(
-        [sys.executable, "-c", RUN, model, str(w), str(h), budget, str(int(reference))],
+        [sys.executable, "-c", RUN, model, str(w), str(h), budget, str(int(reference)),
+         str(redux)],
         capture_output=True, text=True,
     )  # fmt: skip
     if out.returncode:
@@ -68,6 +76,8 @@ def main():
         "--memory-budget", default="auto", help="GiB or auto: stages that do not fit stream"
     )
     p.add_argument("--reference", action="store_true", help="Kontext models: with a reference")
+    p.add_argument("--redux", type=int, default=0, help="this many Redux images (a folder with "
+                   "Redux: make_random_model.py --redux)")  # fmt: skip
     p.add_argument("--out", default="bench/results/memory")
     a = p.parse_args()
     manifest = json.loads((Path(a.model) / "mlxflux.json").read_text())
@@ -75,8 +85,10 @@ def main():
     rows = []
     for size in a.sizes.split(","):
         w, h = SIZES[size]
-        rep = run(a.model, w, h, a.memory_budget, a.reference)
+        rep = run(a.model, w, h, a.memory_budget, a.reference, a.redux)
         label = f"{size} + reference" if a.reference else size
+        if a.redux:
+            label += f" + {a.redux} Redux image{'s' * (a.redux > 1)}"
         rows.append({"size": label, "bits": bits, **rep})
         print(json.dumps(rows[-1]["stages"]), flush=True)
     weights = {k: v * 2 / GIB for k, v in DIFFUSERS_BF16.items()}
@@ -87,14 +99,16 @@ def main():
         f"{bits or 'no'}-bit, budget {a.memory_budget}, "
         f"{platform.system()} {platform.machine()}, {date.today().isoformat()}.",
         "",
-        "| size | text | encode | modulation | denoise | decode | whole run | max RSS | plan |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | vision | text | encode | modulation | denoise | decode | whole run | max RSS "
+        "| plan |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         s = {k: v["peak_bytes"] / GIB for k, v in r["stages"].items()}
         enc = f"{s['encode']:.2f}" if "encode" in s else "-"
+        vis = f"{s['vision']:.2f}" if "vision" in s else "-"
         lines.append(
-            f"| {r['size']} | {s['text']:.2f} | {enc} | {s['modulation']:.2f} | "
+            f"| {r['size']} | {vis} | {s['text']:.2f} | {enc} | {s['modulation']:.2f} | "
             f"{s['denoise']:.2f} | {s['decode']:.2f} | {r['peak_bytes'] / GIB:.2f} | "
             f"{r['max_rss_bytes'] / GIB:.2f} | {r.get('plan', '?')} |"
         )

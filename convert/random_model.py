@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from mlxflux.model_folder import write_model_folder
 from mlxflux.models.autoencoder import AutoencoderConfig
 from mlxflux.models.clip import CLIPConfig
+from mlxflux.models.redux import ReduxConfig
 from mlxflux.models.registry import COMPONENTS, build_model
 from mlxflux.models.t5 import T5Config
 from mlxflux.models.transformer import FLUX_DEV, FluxConfig
@@ -63,13 +64,20 @@ def random_items(comp: str, config: dict, seed: int):
         yield key, value
 
 
+# Redux's encoder per size: SigLIP so400m (full), or shrunk to the size's T5 width
+REDUX = {"small": ReduxConfig(hidden_size=144, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, context_dim=64, redux_dim=192),
+         "wide": ReduxConfig(num_hidden_layers=2), "full": ReduxConfig()}  # fmt: skip
+
+
 def make_random_model(out, *, size: str = "small", variant: str = "dev", bits: int | None = 8,
                       dtype: str = "bfloat16", seed: int = 0, tokenizers=None,
-                      log=print) -> Path:  # fmt: skip
+                      redux: bool = False, log=print) -> Path:  # fmt: skip
     """Write a random-weight model folder at `out` (atomically, as `convert` does); `variant`
     sets the transformer's input width and guidance embedding as that variant has them.
     `tokenizers`: a folder with CLIP's vocab.json + merges.txt and T5's spiece.model (found
-    as `convert` finds them when None)."""
+    as `convert` finds them when None). `redux`: with Redux's image encoder (the optional
+    `redux` component), random too."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     v = VARIANTS[variant]
@@ -86,9 +94,14 @@ def make_random_model(out, *, size: str = "small", variant: str = "dev", bits: i
         f"{v.title}'s inputs; made by mlxflux.convert.random_model, seed {seed}"
     )
     out = Path(out)
+    components = {c: (configs[c], random_items(c, configs[c], seed + i))
+                  for i, c in enumerate(COMPONENTS)}  # fmt: skip
+    if redux:
+        config = REDUX[size].to_dict()
+        components["redux"] = (config, random_items("redux", config, seed + len(COMPONENTS)))
     write_model_folder(
         out,
-        {c: (configs[c], random_items(c, configs[c], seed + i)) for i, c in enumerate(COMPONENTS)},
+        components,
         bits=bits, dtype=dtype, tokenizers=files, variant=variant, sources=[], notes=[note],
         extra={"random": {"size": size, "seed": seed}},
     )  # fmt: skip

@@ -234,6 +234,8 @@ def header(job) -> str:
         inputs += f", reference{s} {', '.join(p.name for p in r.reference_images)}"
     if r.control_image is not None:
         inputs += f", control {r.control_image.name}"
+    if r.redux_images:
+        inputs += ", Redux " + ", ".join(f"{p.name} x {s:g}" for p, s in r.redux_images)
     if r.mask is not None or r.outpaint:
         inputs += f", {'mask ' + r.mask.name if r.mask is not None else 'outpainted'}"
     seeds = ", ".join(map(str, r.seeds))

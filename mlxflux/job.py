@@ -16,12 +16,11 @@ import numpy as np
 from PIL import Image
 
 from .cache import EasyCache, FirstBlock
-from .errors import SettingsError
+from .errors import NonFiniteError, SettingsError
 from .lora import LoraSet, layer_shapes, read_loras
 from .memory_plan import Plan, make_plan
 from .models.transformer import is_modulation_key
 from .noise import comfy_noise
-from .pipeline import check_finite
 from .pixels import cover, size_of, unit_pixels
 from .preview import Previewer
 from .report import Report, Stage
@@ -142,7 +141,8 @@ class Job:
         with progress.units(layers * len(pictures)):
             tokens = encode(encoder, pictures, request.redux_crop, progress.advance)
         for t in tokens:
-            check_finite(t, "vision (Redux)", pipe.precision)
+            if not mx.all(mx.isfinite(t)).item():
+                raise NonFiniteError("vision (Redux)", None, None, pipe.precision)
         stage.bytes_read = pipe.group_bytes("redux")
         del encoder
         strengths = [s for _, s in request.redux_images]

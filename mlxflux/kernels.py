@@ -119,10 +119,9 @@ class Kernels:
     def elementwise(self, fn: Callable, *args, **kwargs):
         return self.run("elementwise", fn, *args, **kwargs)
 
-    def attention(self, q: mx.array, k: mx.array, v: mx.array,
-                  bias: mx.array | None = None) -> mx.array:  # fmt: skip
+    def attention(self, q: mx.array, k: mx.array, v: mx.array, bias=None) -> mx.array:
         """Softmax attention over [B, H, L, D] -> [B, L, H*D], scaled by 1/sqrt(D); `bias`
-        [L, L] float32 is added to the scores (Redux's attn_bias), None adds nothing."""
+        [L, L] is added to the scores (Redux's attn_bias)."""
         return self.run("attention", self._attention, q, k, v, bias)
 
     def _attention(self, q: mx.array, k: mx.array, v: mx.array, bias=None) -> mx.array:
@@ -347,8 +346,8 @@ def _split_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
         scores = [q[:, i : i + heads, r : r + rows] @ k[:, i : i + heads].swapaxes(-1, -2)
                   for i, r in group]  # fmt: skip
         if bias is not None:
-            scores = [s + bias[r : r + rows] * LOG2E for s, (_, r) in zip(scores, group,
-                                                                          strict=True)]  # fmt: skip
+            scores = [s + bias[r : r + rows] * LOG2E
+                      for s, (_, r) in zip(scores, group, strict=True)]  # fmt: skip
         mx.eval(scores)
         probs = []
         for stream, s in zip(streams, scores, strict=False):

@@ -57,6 +57,9 @@ def _ours_notes(meta: dict) -> list[str]:
                       ("loras", "LoRAs")):  # fmt: skip
         if meta.get(key):
             notes.append(f"the {what} ({_names(meta[key])}) is not carried over: give it again")
+    if meta.get("redux_images"):
+        flags = " ".join(f"--redux {r['file']}:{r['strength']:g}" for r in meta["redux_images"])
+        notes.append(f"the Redux images are not carried over: give them again ({flags})")
     return notes
 
 

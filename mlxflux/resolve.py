@@ -10,7 +10,7 @@ from .request import IMG2IMG_DENOISE, MAX_SEED, NO_PROMPT, GenerationRequest
 
 PRESET_KEYS = ("prompt", "width", "height", "steps", "guidance", "scheduler", "shift",
                "t5_padding", "prompt_syntax", "denoise", "cache", "cache_threshold",
-               "cache_range")  # fmt: skip
+               "cache_range", "redux_strength_type", "redux_crop")  # fmt: skip
 IMAGE_KEYS = ("init_image", "reference_images", "control_image", "mask", "outpaint")
 
 

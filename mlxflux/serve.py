@@ -9,8 +9,9 @@ PNG. A cancelled job stops after the step it is on and writes nothing more.
     GET    /                         the page (plain HTML and JS, no build step)
     GET    /api/info                 the model, its variant, what images it takes, the presets
     POST   /api/jobs                 multipart: "settings" (JSON: the request's fields in their
-                                     names, + "seed", "seeds", "count"), files "init_image",
-                                     "reference" (repeatable), "control_image", "mask"
+                                     names, + "seed", "seeds", "count", "redux_strengths"),
+                                     files "init_image", "reference" (repeatable),
+                                     "control_image", "mask", "redux" (repeatable)
     GET    /api/jobs                 every job of this session, the queue in order
     GET    /api/jobs/{id}            one job
     GET    /api/jobs/{id}/events     server-sent events: progress and preview, then the end state
@@ -76,7 +77,8 @@ def create_app(studio: Studio, bind: str = "127.0.0.1", hosts=(), token: str | N
             "version": __version__, "model": str(studio.pipe.folder), "variant": v.name,
             "title": v.title, "defaults": v.defaults, "precision": studio.pipe.precision,
             "accepts": {"init_image": True, "reference": "reference_images" in takes,
-                        "control_image": "control_image" in takes, "mask": "mask" in takes},
+                        "control_image": "control_image" in takes, "mask": "mask" in takes,
+                        "redux": "redux" in studio.pipe.manifest["components"]},
             "presets": all_presets(), "output_dir": str(studio.output),
             "limits": {"images": studio.limits.images, "steps": studio.limits.steps,
                        "megapixels": studio.limits.megapixels,

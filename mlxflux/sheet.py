@@ -18,6 +18,11 @@ def caption(settings: dict | None, fallback: str) -> list[str]:
     line = f"seed {settings['seed']}, {settings['steps']} steps, {settings['scheduler']}"
     if settings.get("init_image"):
         line += f", denoise {settings['denoise']}"
+    if settings.get("redux_images"):
+        strengths = "/".join(f"{r['strength']:g}" for r in settings["redux_images"])
+        line += f", Redux x{strengths}"
+    if settings.get("upscale_model"):
+        line += f", {settings['upscale_model']} {settings['scale']:g}x"
     return [title, line]
 
 

@@ -35,11 +35,12 @@ MAX_REQUEST_BYTES = 5 * MAX_UPLOAD_BYTES
 
 
 UPLOADS = {"init_image": "init_image", "reference": "reference_images",
-           "control_image": "control_image", "mask": "mask"}  # fmt: skip
+           "control_image": "control_image", "mask": "mask", "redux": "redux_images"}  # fmt: skip
+MULTIPLE = ("reference", "redux")  # the upload fields that take several files
 # what "settings" may hold: the request's fields (but its pictures, which come as files, and
-# the given noise), and how to choose seeds
+# the given noise), how to choose seeds, and the Redux uploads' strengths, in their order
 SETTINGS = (*(f.name for f in params() if f.name not in (*UPLOADS.values(), "noise", "seeds")),
-            "seed", "seeds", "count")  # fmt: skip
+            "seed", "seeds", "count", "redux_strengths")  # fmt: skip
 NUMBERS = {
     f.name: f.metadata["cli"]["type"]
     for f in params()
@@ -203,8 +204,11 @@ class Studio:
                              "count")  # fmt: skip
         if isinstance(given.get("width"), int) and isinstance(given.get("height"), int):
             self.limits.check_size(given["width"], given["height"])
+        strengths = given.pop("redux_strengths", None)
         job_id = uuid.uuid4().hex[:12]
         images, inputs = self._save_uploads(job_id, files)
+        if strengths is not None or "redux_images" in images:
+            images["redux_images"] = _with_strengths(images.get("redux_images", []), strengths)
         try:
             request = resolve({**given, **images}, preset)
             self.limits.check(request, "seeds" if "seeds" in given else "count")
@@ -237,7 +241,7 @@ class Studio:
         if unknown:
             raise BadRequest(f"files: unknown {', '.join(unknown)} (one of {', '.join(UPLOADS)})")
         for field_name, parts in files.items():
-            if field_name != "reference" and len(parts) > 1:
+            if field_name not in MULTIPLE and len(parts) > 1:
                 raise BadRequest(f"{field_name}: one file, got {len(parts)}")
             for i, (filename, data) in enumerate(parts):
                 name = safe_name(filename) or f"{field_name}.png"
@@ -256,7 +260,7 @@ class Studio:
                     raise BadRequest(f"{label_of(UPLOADS[field_name])}: {reason}",
                                      UPLOADS[field_name]) from None  # fmt: skip
                 key = UPLOADS[field_name]
-                if key == "reference_images":
+                if field_name in MULTIPLE:
                     images.setdefault(key, []).append(picture)
                 else:
                     images[key] = picture
@@ -348,6 +352,20 @@ class Studio:
             out.append({"name": path.name, "url": f"/api/images/{path.name}",
                         "settings": settings, "mtime": path.stat().st_mtime})  # fmt: skip
         return out
+
+
+def _with_strengths(pictures: list, strengths) -> list:
+    """The Redux uploads with "redux_strengths" (numbers, one per file, in order; absent: 1)."""
+    if strengths is None:
+        return [(p, 1.0) for p in pictures]
+    if not isinstance(strengths, list) or len(strengths) != len(pictures):
+        raise BadRequest(f"{label_of('redux_images')}: give one strength per Redux image "
+                         f"({len(pictures)})", "redux_images")  # fmt: skip
+    for value in strengths:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadRequest(f"{label_of('redux_images')}: strength {value!r} is not a number",
+                             "redux_images")  # fmt: skip
+    return list(zip(pictures, strengths, strict=True))
 
 
 def _number(value, kind, name):

@@ -243,3 +243,28 @@ def tiny_upscaler(folder: Path) -> Path:
     path = Path(folder) / "tiny-x2.pth"
     torch.save(sd, path)
     return path
+
+
+def torchvision_stand_in() -> None:
+    """An empty `torchvision` for modules that import it at load time and never call it here
+    (spandrel's DAT/SwinIR, ComfyUI's cosmos model): torchvision cannot install beside the
+    pinned CPU torch. A real torchvision, when there is one, is left alone."""
+    import types
+
+    try:
+        import torchvision  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    from importlib.machinery import ModuleSpec
+
+    tv = types.ModuleType("torchvision")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    fn = types.ModuleType("torchvision.transforms.functional")
+    for m in (tv, tv.transforms, fn):
+        m.__spec__ = ModuleSpec(m.__name__, None)
+    fn.InterpolationMode = fn.rotate = fn.normalize = None
+    tv.transforms.functional = fn
+    sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms,
+                        "torchvision.transforms.functional": fn})  # fmt: skip

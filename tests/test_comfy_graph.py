@@ -48,6 +48,12 @@ CASES = {
                           "init_image_size": [1000, 1000]}),
     "easycache": ("dev", {"cache": "easycache", "cache_threshold": 0.3,
                           "cache_range": [0.2, 0.9]}),
+    "redux": ("dev", {"redux_images": [{"file": "a.png", "strength": 0.8},
+                                       {"file": "b.png", "strength": 1.0}],
+                      "redux_strength_type": "attn_bias", "redux_crop": "none"}),
+    "redux + kontext": ("kontext", {"guidance": 2.5, "reference_scale": "kontext",
+                                    "reference_images": [{"file": "a.png"}],
+                                    "redux_images": [{"file": "b.png", "strength": 1.0}]}),
 }  # fmt: skip
 
 
@@ -172,6 +178,9 @@ def comfy_nodes():
     """ComfyUI's node classes, loaded as its main.py loads them (CPU only)."""
     import asyncio
 
+    from .helpers import torchvision_stand_in
+
+    torchvision_stand_in()  # ComfyUI's cosmos model imports it at load time
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     argv, sys.argv = sys.argv, ["main.py", "--cpu"]
     try:

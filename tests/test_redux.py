@@ -22,7 +22,15 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 import mlxflux
 from mlxflux.redux import preprocess
 
-from .helpers import HEIGHT, WIDTH, comfyui, cover_image, generate, run_cli
+from .helpers import (
+    HEIGHT,
+    WIDTH,
+    comfyui,
+    cover_image,
+    generate,
+    run_cli,
+    torchvision_stand_in,
+)
 from .reference import (
     FP32_MAX,
     FP32_MEAN,
@@ -142,6 +150,7 @@ def test_preprocess_matches_comfyuis_clip_preprocess(size, crop):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason=NO_COMFYUI)
 def test_preprocess_is_comfyuis_own_function():
+    torchvision_stand_in()
     (clip_vision,) = comfyui("comfy.clip_vision")
     rng = np.random.default_rng(3)
     image = Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8))
@@ -333,24 +342,6 @@ def test_cli_records_redux_and_comfyuis_graph(redux_folders, tmp_path):
     assert {a["inputs"]["strength_type"] for a in apply} == {"attn_bias"}
 
 
-@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason=NO_COMFYUI)
-def test_comfyuis_nodes_take_the_graphs_inputs(redux_folders, tmp_path):
-    """The graph's node classes and their inputs, as ComfyUI's own nodes.py declares them."""
-    (nodes,) = comfyui("nodes")
-    image = tmp_path / "o.png"
-    cover_image(3, 64, 64).save(image)
-    out = run_cli("gen", "--model", redux_folders[None], "--prompt", "x", "--width", WIDTH,
-                  "--height", HEIGHT, "--steps", 1, "--redux", image, "--output",
-                  tmp_path / "r.png", cwd=tmp_path)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    graph = json.loads(Image.open(tmp_path / "r.png").text["prompt"])
-    for node in graph.values():
-        cls = nodes.NODE_CLASS_MAPPINGS[node["class_type"]]
-        declared = cls.INPUT_TYPES()
-        names = {**declared.get("required", {}), **declared.get("optional", {})}
-        assert set(node["inputs"]) - {"upload"} <= set(names), node
-
-
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -399,3 +390,144 @@ def test_convert_refuses_redux_without_siglip_and_foreign_files(redux_models, fo
     assert out.returncode == 0, out.stderr
     info = run_cli("info", target, "--check")
     assert info.returncode == 0 and "redux" in info.stdout, info.stdout
+
+
+def test_the_studio_takes_redux_uploads_and_no_paths(redux_folders, tmp_path):
+    """POST /api/jobs with "redux" files and their strengths draws what `gen --redux` draws;
+    a path given as a setting is refused (uploads only)."""
+    import io
+    import time
+
+    from starlette.testclient import TestClient
+
+    from mlxflux.serve import Studio, create_app
+
+    image = tmp_path / "original.png"
+    cover_image(7, 64, 64).save(image)
+    studio = Studio(mlxflux.load(redux_folders[None]), tmp_path / "out")
+    settings = {"prompt": "x", "width": WIDTH, "height": HEIGHT, "steps": 2, "seed": 3,
+                "redux_strengths": [0.8], "redux_strength_type": "attn_bias"}  # fmt: skip
+    with TestClient(create_app(studio), base_url="http://127.0.0.1:7860") as c:
+        assert c.get("/api/info").json()["accepts"]["redux"] is True
+        bad = c.post("/api/jobs", data={"settings": json.dumps(
+            {"prompt": "x", "redux_images": [str(image)]})})  # fmt: skip
+        assert bad.status_code == 400 and "unknown redux_images" in bad.json()["error"]
+        upload = [("redux", ("original.png", image.read_bytes(), "image/png"))]
+        two = json.dumps({**settings, "redux_strengths": [1, 2]})
+        bad = c.post("/api/jobs", data={"settings": two}, files=upload)
+        assert bad.status_code == 400 and "one strength per Redux image" in bad.json()["error"]
+        r = c.post(
+            "/api/jobs",
+            data={"settings": json.dumps(settings)},
+            files=[("redux", ("original.png", image.read_bytes(), "image/png"))],
+        )
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        for _ in range(600):
+            job = c.get(f"/api/jobs/{job_id}").json()
+            if job["status"] in ("done", "failed", "cancelled"):
+                break
+            time.sleep(0.1)
+        assert job["status"] == "done", job
+        served = Image.open(io.BytesIO(c.get(job["images"][0]).content))
+    studio.close()
+    cli = run_cli("gen", "--model", redux_folders[None], "--prompt", "x", "--width", WIDTH,
+                  "--height", HEIGHT, "--steps", 2, "--seed", 3, "--redux", f"{image}:0.8",
+                  "--redux-strength-type", "attn_bias", "--output", tmp_path / "cli.png",
+                  cwd=tmp_path)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert np.array_equal(np.asarray(served), np.asarray(Image.open(tmp_path / "cli.png")))
+
+
+# ---- Redux with the other variants: a text-side conditioning beside theirs ----------------
+
+
+def redux_model_folder(models, redux_models, tmp, cls: str):
+    """`models` as the diffusers repo whose model_index.json names `cls`, converted (float32),
+    with Redux added."""
+    from mlxflux.convert import convert
+    from mlxflux.convert.redux import add_redux
+
+    from . import reference
+
+    src = reference.write_diffusers(models, tmp / "src")
+    (src / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    folder = convert([src], tmp / "model", bits=None, dtype="float32", log=lambda m: None)
+    add_redux(folder, *write_redux_files(*redux_models, tmp / "files"), log=lambda m: None)
+    return folder
+
+
+def test_redux_with_kontext_matches_diffusers(redux_models, tmp_path):
+    """Redux (multiply 0.7) on a Kontext model with a reference: FluxKontextPipeline given the
+    prior's embeddings, the image's tokens scaled as StyleModelApply scales them."""
+    from diffusers import FluxKontextPipeline
+
+    from . import reference
+    from .reference import components
+
+    models = reference.make_models(seed=51)
+    pipe = mlxflux.load(redux_model_folder(models, redux_models, tmp_path, "FluxKontextPipeline"))
+    original, look = cover_image(4, WIDTH, HEIGHT), cover_image(12, 56, 56)
+    embeds, pooled = prior_embeds(models, redux_models, [look])
+    txt, _ = comfy_style_apply(embeds[:, :512], [embeds[:, 512:]], [0.7], "multiply")
+    sigmas = mlxflux.sigmas("simple", 3, width=WIDTH, height=HEIGHT, shift=1.15)
+    noise = mlxflux.comfy_noise(17, (1, 16, HEIGHT // 8, WIDTH // 8))
+    from mlxflux.models.latents import pack_latents
+
+    with torch.no_grad():
+        ref = FluxKontextPipeline(**components(models))(
+            image=original, prompt_embeds=txt, pooled_prompt_embeds=pooled, height=HEIGHT,
+            width=WIDTH, num_inference_steps=3, sigmas=sigmas[:-1], guidance_scale=2.5,
+            latents=torch.from_numpy(np.array(pack_latents(mx.array(noise)))),
+            output_type="np", max_area=WIDTH * HEIGHT, _auto_resize=False,
+        ).images  # fmt: skip
+    ours, report = generate(pipe, PROMPT, width=WIDTH, height=HEIGHT, steps=3, seed=17,
+                            t5_padding="max", reference_images=[original],
+                            reference_scale="none", redux_images=[(look, 0.7)],
+                            redux_crop="none")  # fmt: skip
+    mean, worst = compare(ours, ref)
+    print(f"Redux + Kontext: mean {mean:.4f}, max {worst}")
+    assert mean <= FP32_MEAN and worst <= FP32_MAX
+    assert report.settings["reference_images"] and report.settings["redux_images"]
+
+
+def test_redux_with_fill_matches_diffusers(redux_models, tmp_path, monkeypatch):
+    """Redux (attn_bias 0.5) on a Fill model with a mask: FluxFillPipeline given the prior's
+    embeddings and StyleModelApply's attention mask."""
+    from diffusers import FluxFillPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from PIL import ImageDraw
+
+    from . import reference
+    from .reference import components
+
+    # ComfyUI's VAEEncode takes the posterior's mode; diffusers' fill pipeline samples it
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample",
+                        lambda self, generator=None: self.mode())  # fmt: skip
+    models = reference.make_models(seed=62, in_channels=384)
+    pipe = mlxflux.load(redux_model_folder(models, redux_models, tmp_path, "FluxFillPipeline"))
+    original, look = cover_image(5, WIDTH, HEIGHT), cover_image(13, 56, 56)
+    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    ImageDraw.Draw(mask).rectangle((8, 16, 47, 55), fill=255)
+    embeds, pooled = prior_embeds(models, redux_models, [look])
+    txt, attn = comfy_style_apply(embeds[:, :512], [embeds[:, 512:]], [0.5], "attn_bias")
+    n_img = (HEIGHT // 16) * (WIDTH // 16)
+    sigmas = mlxflux.sigmas("simple", 3, width=WIDTH, height=HEIGHT, shift=1.15)
+    noise = mlxflux.comfy_noise(19, (1, 16, HEIGHT // 8, WIDTH // 8))
+    from mlxflux.models.latents import pack_latents
+
+    with torch.no_grad():
+        ref = FluxFillPipeline(**components(models))(
+            prompt_embeds=txt, pooled_prompt_embeds=pooled, image=original, mask_image=mask,
+            height=HEIGHT, width=WIDTH, num_inference_steps=3, sigmas=sigmas[:-1],
+            guidance_scale=30.0, strength=1.0, output_type="np",
+            latents=torch.from_numpy(np.array(pack_latents(mx.array(noise)))),
+            joint_attention_kwargs={"attention_mask": spread_mask(attn, n_img)[:, None]},
+        ).images  # fmt: skip
+    ours, _ = generate(pipe, PROMPT, width=WIDTH, height=HEIGHT, steps=3, seed=19,
+                       t5_padding="max", init_image=original, mask=mask,
+                       redux_images=[(look, 0.5)], redux_strength_type="attn_bias",
+                       redux_crop="none")  # fmt: skip
+    mean, worst = compare(ours, ref)
+    print(f"Redux + Fill: mean {mean:.4f}, max {worst}")
+    assert mean <= FP32_MEAN and worst <= FP32_MAX

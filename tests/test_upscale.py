@@ -9,8 +9,6 @@ not install beside the pinned CPU torch: a stand-in module lets spandrel import;
 architectures that would use it are never loaded here."""
 
 import os
-import sys
-import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,21 +19,14 @@ from PIL import Image
 
 from mlxflux.upscaling import UpscaleError, load_upscaler, tiled, upscale
 
-from .helpers import comfyui
+from .helpers import comfyui, torchvision_stand_in
 
 pytestmark = pytest.mark.reference
 
 
 @pytest.fixture(scope="module")
 def spandrel():
-    if "torchvision" not in sys.modules:
-        tv = types.ModuleType("torchvision")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        fn = types.ModuleType("torchvision.transforms.functional")
-        fn.InterpolationMode = fn.rotate = fn.normalize = None
-        tv.transforms.functional = fn
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms,
-                            "torchvision.transforms.functional": fn})  # fmt: skip
+    torchvision_stand_in()
     import spandrel
 
     return spandrel

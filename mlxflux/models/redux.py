@@ -35,12 +35,11 @@ class ReduxConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"SigLIP hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")  # fmt: skip
-        if self.image_size % self.patch_size:
-            raise ValueError(f"SigLIP image_size {self.image_size} is not a multiple of "
-                             f"patch_size {self.patch_size}")  # fmt: skip
 
     @property
     def tokens(self) -> int:
+        """Patches per image: 27 x 27 = 729 for so400m (384 px in patches of 14, the last 6
+        pixels of each side unused, as its strided convolution leaves them)."""
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod

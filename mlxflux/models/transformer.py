@@ -172,8 +172,8 @@ class DoubleStreamBlock(nn.Module, UsesKernels):
         self.txt_mlp = mlp(d, cfg.mlp_hidden)
 
     def __call__(self, img, txt, img_mod, txt_mod, rope, dtype=None, bias=None):
-        """`dtype`: the matmuls' dtype (default: the streams'); the residual streams keep theirs.
-        `bias`: added to the attention scores over [txt, img] (Redux's attn_bias)."""
+        """`dtype`: the matmuls' dtype (default: the streams'); the residual streams keep theirs;
+        `bias` is added to the attention scores over [txt, img] (Redux's attn_bias)."""
         dt, ke = dtype or img.dtype, self.kernels
         el = ke.elementwise
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _chunks(
@@ -323,19 +323,10 @@ class FluxTransformer(nn.Module):
         ids = np.concatenate([np.zeros((txt_len, 3), img_ids.dtype), img_ids], axis=0)
         return rope_tables(ids, self.config.axes_dim, self.config.theta)
 
-    def trunk(
-        self,
-        img: mx.array,
-        txt: mx.array,
-        cond: Conditioning,
-        rope: tuple[mx.array, mx.array],
-        after_block: Callable[..., None] | None = None,
-        dtype: mx.Dtype | None = None,
-        block_weights=None,
-        first_block=None,
-        step: int = 0,
-        bias: mx.array | None = None,
-    ) -> mx.array:
+    def trunk(self, img: mx.array, txt: mx.array, cond: Conditioning,
+              rope: tuple[mx.array, mx.array], after_block: Callable[..., None] | None = None,
+              dtype: mx.Dtype | None = None, block_weights=None, first_block=None, step: int = 0,
+              bias: mx.array | None = None) -> mx.array:  # fmt: skip
         """img [B, L, in_channels], txt [B, T, context_in_dim] -> velocity [B, L, out_channels]
         in the residual streams' dtype.
 
@@ -364,8 +355,7 @@ class FluxTransformer(nn.Module):
         for i, (block, (img_mod, txt_mod)) in enumerate(
             zip(self.double_blocks, cond.double, strict=True)
         ):
-            run = functools.partial(block, img, txt, img_mod, txt_mod, rope, bias=bias)
-            before = img
+            run, before = functools.partial(block, img, txt, img_mod, txt_mod, rope, bias=bias), img
             with weights(names[i], read_ahead=first_block is None or i > 0):
                 img, txt = self._checked(names[i], lambda d, run=run: run(dtype=d), dt)
                 if after_block:
