@@ -15,7 +15,6 @@ transformer's where their width allows (`model_folder.should_quantize`).
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,7 +27,7 @@ from mlxflux.models.redux import ReduxConfig
 from mlxflux.models.registry import build_model, check_weights
 
 from .errors import ConvertError
-from .hub import snapshot
+from .hub import locate
 
 REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"
 SIGLIP_REPO = "google/siglip-so400m-patch14-384"
@@ -38,22 +37,6 @@ SIGLIP_FILES = ("sigclip_vision_patch14_384.safetensors", "image_encoder/model.s
                 "clip_vision/sigclip_vision_patch14_384.safetensors",
                 "model.safetensors")  # fmt: skip
 HEAD_DIM = 72  # so400m's: 1152 wide, 16 heads (ComfyUI's clip_vision_siglip_384.json)
-
-
-def _locate(source, names: tuple[str, ...], what: str, log) -> Path:
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in names:
-            if (path / name).is_file():
-                return path / name
-        raise ConvertError(f"{path}: holds no {what} file ({', '.join(names)})")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        log(f"downloading {source} from the Hugging Face Hub")
-        patterns = ["*.json", *names]
-        return _locate(snapshot(str(source), patterns), names, what, log)
-    raise ConvertError(f"{path}: no such file or folder (nor a Hugging Face repo id)")
 
 
 def find_redux(sources) -> tuple[Path, Path] | None:
@@ -87,8 +70,8 @@ def read_redux(redux_source, siglip_source, log=print) -> tuple[dict, dict, list
     if redux_source is None:
         raise ConvertError("--siglip: give --redux too (flux1-redux-dev.safetensors, or "
                            f"{REDUX_REPO}): SigLIP alone conditions nothing")  # fmt: skip
-    redux_path = _locate(redux_source, REDUX_FILES, "Redux", log)
-    siglip_path = _locate(siglip_source, SIGLIP_FILES, "SigLIP", log)
+    redux_path = locate(redux_source, REDUX_FILES, "Redux", log)
+    siglip_path = locate(siglip_source, SIGLIP_FILES, "SigLIP", log)
     raw = _load(redux_path)
     if set(raw) != {"redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias"}:
         listed = ", ".join(sorted(raw)[:4])

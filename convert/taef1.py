@@ -41,8 +41,8 @@ from mlxflux.model_folder import (
 from mlxflux.models.registry import build_model, check_weights
 from mlxflux.models.taef1 import TAEF1Config
 
+from . import hub
 from .errors import ConvertError
-from .hub import snapshot
 from .pth_io import read_pth
 
 DIFFUSERS_REPO = "madebyollin/taef1"
@@ -54,20 +54,8 @@ _LAYER = re.compile(r"^(?:taesd_decoder\.|decoder\.)?(layers\.)?(\d+)\.(.+)$")
 def locate(source: str | os.PathLike, log=print) -> Path:
     """The decoder's file: `source` itself, the file in a folder (ComfyUI's models/ or
     vae_approx/, a diffusers download), or downloaded when `source` is a repo id."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for where in (path, path / "vae_approx"):
-            for name in FILES:
-                if (where / name).is_file():
-                    return where / name
-        raise ConvertError(f"{path}: holds none of {', '.join(FILES)} (nor vae_approx/ with one)")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        log(f"downloading {source} from the Hugging Face Hub")
-        folder = snapshot(str(source), ["config.json", *FILES])
-        return locate(folder)
-    raise ConvertError(f"{path}: no such file or folder (nor a Hugging Face repo id)")
+    names = (*FILES, *(f"vae_approx/{n}" for n in FILES))
+    return hub.locate(source, names, "TAEF1 decoder", log)
 
 
 def find_taef1(sources) -> Path | None:

@@ -3,6 +3,7 @@
 Names follow `clip_l.safetensors` without its `text_model.` prefix (transformers 5 layout).
 """
 
+import math
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
@@ -10,6 +11,16 @@ import mlx.nn as nn
 
 from .config import known_keys, strict_from_dict
 from .layers import linear
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """transformers' gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+# transformers' names; SigLIP (`models.redux`) shares these layers with gelu_pytorch_tanh
+ACTIVATIONS = {"quick_gelu": lambda h: h * mx.sigmoid(1.702 * h), "gelu": nn.gelu,
+               "gelu_pytorch_tanh": gelu_tanh}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -29,7 +40,7 @@ class CLIPConfig:
                 f"CLIP hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}"
             )
-        if self.hidden_act not in ("quick_gelu", "gelu"):
+        if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported CLIP activation {self.hidden_act!r}")
 
     @classmethod
@@ -55,7 +66,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
         b, n, d = x.shape
 
         def heads(t):
@@ -75,12 +86,13 @@ class MLP(nn.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = linear(self.fc1, x)
-        h = h * mx.sigmoid(1.702 * h) if self.act == "quick_gelu" else nn.gelu(h)
-        return linear(self.fc2, h)
+        return linear(self.fc2, ACTIVATIONS[self.act](linear(self.fc1, x)))
 
 
 class EncoderLayer(nn.Module):
+    """Pre-norm attention and MLP, as CLIP's and SigLIP's (`cfg`: any config with CLIP's
+    field names)."""
+
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.self_attn = Attention(cfg)
@@ -88,7 +100,7 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 

@@ -8,12 +8,12 @@ the google/siglip-so400m-patch14-384 repo, Redux's image_encoder folder), `redux
 `redux_down.*` as flux1-redux-dev.safetensors.
 """
 
-import math
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .clip import EncoderLayer
 from .config import known_keys, strict_from_dict
 from .layers import linear
 
@@ -30,6 +30,7 @@ class ReduxConfig:
     layer_norm_eps: float = 1e-6
     context_dim: int = 4096  # T5's width: what Redux's tokens join
     redux_dim: int = 12288  # redux_up's output (3 x context_dim in BFL's file)
+    hidden_act = "gelu_pytorch_tanh"  # SigLIP's (not a field: the files all use it)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -53,55 +54,6 @@ class ReduxConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def gelu_tanh(x: mx.array) -> mx.array:
-    """transformers' gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ReduxConfig):
-        super().__init__()
-        d = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        b, n, d = x.shape
-
-        def heads(t):
-            return t.reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = (heads(linear(p, x)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5)
-        return linear(self.out_proj, out.transpose(0, 2, 1, 3).reshape(b, n, d))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ReduxConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return linear(self.fc2, gelu_tanh(linear(self.fc1, x)))
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ReduxConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
 
 
 class Embeddings(nn.Module):
