@@ -166,13 +166,15 @@ def cover_image(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Im
     return Image.fromarray((img * 255).clip(0, 255).astype(np.uint8))
 
 
-def small_model(out: Path, variant: str = "dev", bits: int | None = None, seed: int = 0) -> Path:
+def small_model(out: Path, variant: str = "dev", bits: int | None = None, seed: int = 0,
+                redux: bool = False) -> Path:  # fmt: skip
     """A small random-weight model folder (`mlxflux.convert.random_model`, float32 storage),
     made in MLX alone: the model of the tests that need no reference implementation."""
     from mlxflux.convert.random_model import make_random_model
 
     return make_random_model(out, size="small", variant=variant, bits=bits, dtype="float32",
-                             seed=seed, tokenizers=tokenizer_dir(), log=lambda m: None)  # fmt: skip
+                             seed=seed, tokenizers=tokenizer_dir(), redux=redux,
+                             log=lambda m: None)  # fmt: skip
 
 
 def write_lora(path: Path, layers: dict[str, tuple[int, int]], seed: int, rank: int = 4) -> Path:

@@ -484,3 +484,49 @@ def test_a_gallery_picture_is_upscaled_for_print(tmp_path, monkeypatch):
     assert any(s.startswith("denoise · step ") for s in states), states
     (png,) = [p for p in studio.output.glob("*-upscaled-2x.png")]
     assert png.stat().st_size > 1000
+
+
+def test_redux_images_go_from_the_page_with_their_strength(tmp_path, monkeypatch):
+    """A model with Redux: the page offers Redux images (hidden for one without), and a job
+    with one at strength 0.7, attn_bias, is drawn and recorded so."""
+    import json
+
+    from playwright.sync_api import expect, sync_playwright
+
+    assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    look = tmp_path / "look.png"
+    cover_image(8, 120, 90).save(look)
+    url, studio, srv, thread = serve(small_model(tmp_path / "model", seed=93, redux=True), tmp_path)
+    try:
+        with sync_playwright() as p:
+            browser, page = browser_page(p)
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            expect(page.locator("#drop-redux")).to_be_visible()
+            page.fill("#prompt", "a vinyl sleeve like this one")
+            page.fill("#width", "96")
+            page.fill("#height", "64")
+            page.fill("#steps", "2")
+            page.fill("#seeds", "4")
+            page.set_input_files("#redux", str(look))
+            expect(page.locator("#thumbs-redux img")).to_have_count(1)
+            page.fill("#redux_strength", "0.7")
+            page.select_option("#redux_strength_type", "attn_bias")
+            page.click("#generate")
+            job = page.locator(".job").first
+            expect(job).to_have_class("job done", timeout=120_000)
+            page.screenshot(path=str(tmp_path / "redux.png"), full_page=True)
+            assert errors == []
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        studio.close()
+    (png,) = list(studio.output.glob("*.png"))
+    from PIL import Image
+
+    meta = json.loads(Image.open(png).text["mlxflux"])
+    assert [(r["file"], r["strength"]) for r in meta["redux_images"]] == [("look.png", 0.7)]
+    assert meta["redux_strength_type"] == "attn_bias"
