@@ -169,7 +169,7 @@ class GenerationRequest:
         "new compositions; the prompt steers): IMAGE[:STRENGTH], strength 0-10 [1]. Repeat to "
         "mix several, as chained StyleModelApply nodes. Needs Redux in the model folder "
         "(mlxflux convert --redux ... --siglip ...); any dev-shaped model, Kontext and Fill too.",
-        cli={"multiple": True},
+        cli={"multiple": True, "metavar": "IMAGE[:STRENGTH]"},
     )  # fmt: skip
     redux_strength_type: str = param(
         "multiply", _choice(REDUX_STRENGTH_TYPES), label="Redux strength type",
