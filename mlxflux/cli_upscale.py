@@ -28,16 +28,13 @@ class Upscaling:
     scale: float | None  # as asked; None: the model's own
 
     @classmethod
-    def open(cls, model_file: Path, scale: float | None, flag: str = "--model") -> "Upscaling":
-        """The model read and checked: Failure in one line, naming `flag`, before any stage."""
+    def open(cls, model_file: Path, scale: float | None) -> "Upscaling":
+        """The model read and checked; UpscaleError in one line (a front end names its field)."""
         from .upscaling import UpscaleError, load_upscaler
 
-        try:
-            model = load_upscaler(model_file)
-        except UpscaleError as e:
-            raise Failure(f"{flag}: {e}") from None
+        model = load_upscaler(model_file)
         if scale is not None and scale > model.scale:
-            raise Failure(f"{flag}: scale {scale:g} is over {model.name}'s own {model.scale}x")
+            raise UpscaleError(f"scale {scale:g} is over {model.name}'s own {model.scale}x")
         digest = hashlib.sha256(Path(model_file).expanduser().read_bytes()).hexdigest()
         return cls(model, digest, scale)
 
@@ -47,9 +44,13 @@ class Upscaling:
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         """The size a width x height picture comes out at."""
-        if self.scale is None or self.scale == self.model.scale:
-            return width * self.model.scale, height * self.model.scale
-        return round(width * self.scale), round(height * self.scale)
+        from .upscaling import output_size
+
+        return output_size(width, height, self.model, self.scale)
+
+    def name(self, source: str) -> str:
+        """The upscaled picture's file name: NAME-upscaled-Nx.png of a source's file name."""
+        return f"{Path(source).stem}-upscaled-{self.factor:g}x.png"
 
     def record(self, picture) -> dict:
         m = self.model
@@ -116,6 +117,22 @@ class Refining:
         return out, job.job.report.settings
 
 
+def open_upscaling(model_file: Path, scale: float | None, flag: str = "--model") -> Upscaling:
+    """`Upscaling.open`, refused as a CLI refuses: one line naming `flag`, exit 2."""
+    from .upscaling import UpscaleError
+
+    try:
+        return Upscaling.open(model_file, scale)
+    except UpscaleError as e:
+        raise Failure(f"{flag}: {e}") from None
+
+
+def refine_steps(steps: int, denoise: float) -> int:
+    """A refine's steps per tile when none are given: `steps` x `denoise`, rounded up (the
+    part of a full schedule of `steps` that image to image at `denoise` redraws; 20 x 0.3 = 6)."""
+    return max(1, math.ceil(steps * denoise - 1e-9))
+
+
 def refine_request(settings: dict, denoise: float, steps: int | None = None):
     """The request every picture is refined with: `settings` (the request's names: prompt,
     seed, ...; an earlier PNG's under the flags given) at `denoise`; `steps` as given, else
@@ -128,7 +145,7 @@ def refine_request(settings: dict, denoise: float, steps: int | None = None):
                             "has one (mlxflux's own PNGs carry theirs)", "refine")  # fmt: skip
     settings = {k: v for k, v in settings.items() if not k.startswith("cache")}  # no step cache
     if steps is None:
-        steps = max(1, math.ceil(settings.get("steps", DEFAULT_STEPS) * denoise - 1e-9))
+        steps = refine_steps(settings.get("steps", DEFAULT_STEPS), denoise)
     settings.update(steps=steps, denoise=denoise, init_image=blank(64, 64))
     return resolve(settings)
 
@@ -221,7 +238,7 @@ def upscale(images, model_file, scale, output, tile, refine, refine_tile, model_
     """
     from .pixels import Picture
 
-    up = Upscaling.open(model_file, scale)
+    up = open_upscaling(model_file, scale)
     try:
         pictures = [Picture.of(path, "image") for path in images]  # all opened before any run
     except SettingsError as e:
@@ -240,7 +257,7 @@ def upscale(images, model_file, scale, output, tile, refine, refine_tile, model_
     click.echo(f"{up.model.name}: {up.model.architecture}, {up.model.scale}x; final "
                f"{up.factor:g}x", err=True)  # fmt: skip
     for picture, path, refiner in zip(pictures, images, refines, strict=True):
-        target = _target(output, path, up.factor, len(images))
+        target = _target(output, up.name(path.name), len(images))
         click.echo(str(upscale_one(picture, up, refiner, target, tile, refine_tile)))
 
 
@@ -252,7 +269,7 @@ def upscale_one(picture, up: Upscaling, refiner: Refining | None, target: Path, 
     try:
         image = up.run(picture, tile)
         if refiner is not None:
-            name = f"{Path(picture.name).stem}-upscaled-{up.factor:g}x.png"
+            name = up.name(picture.name)
             image, generation = refiner.run(image, name, refine_tile, seed)
     except KeyboardInterrupt:
         raise Failure(f"interrupted: {picture.name} not written") from None
@@ -304,11 +321,11 @@ def gen_stages(pipe, request, spec: str | None, denoise: float | None, steps: in
         if denoise is not None:
             raise Failure("--refine: give --upscale MODEL too (it refines the upscaled picture)")
         return None, None
-    up = Upscaling.open(*parse_upscale(spec), flag="--upscale")
+    up = open_upscaling(*parse_upscale(spec), flag="--upscale")
     if denoise is None:
         return up, None
     if steps is None:
-        steps = max(1, math.ceil(request.steps * denoise - 1e-9))
+        steps = refine_steps(request.steps, denoise)
     refine = replace(request, seeds=request.seeds[:1], steps=steps, denoise=denoise,
                      init_image=blank(64, 64),
                      noise=None, cache="none", cache_threshold=None, cache_range=None,
@@ -326,7 +343,7 @@ def upscale_written(written: list[Path], seeds: list[int], up: Upscaling,
     out = []
     for path, seed in zip(written, seeds, strict=True):
         picture = Picture.of(path, "image")
-        target = path.with_name(f"{path.stem}-upscaled-{up.factor:g}x.png")
+        target = path.with_name(up.name(path.name))
         out.append(upscale_one(picture, up, refiner, target, 512, REFINE_TILE, seed))
         click.echo(str(out[-1]))
     return out
@@ -368,8 +385,7 @@ def blank(width: int, height: int):
     return Image.new("RGB", (width, height))
 
 
-def _target(output: Path | None, source: Path, factor: float, count: int) -> Path:
-    name = f"{source.stem}-upscaled-{factor:g}x.png"
+def _target(output: Path | None, name: str, count: int) -> Path:
     if output is None:
         return Path(name)
     if count > 1 or output.is_dir() or output.suffix.lower() != ".png":

@@ -55,3 +55,12 @@ class NonFiniteError(MlxfluxError, ArithmeticError):
         )
         super().__init__(f"non-finite values (NaN/inf) in the {where} in {precision}; {hint}")
         self.stage, self.step = stage, step
+
+
+def check_finite(x, stage: str, precision: str, step=None, steps=None) -> None:
+    """Raise NonFiniteError unless every value of the MLX array x is finite (one reduction,
+    one sync): each stage's output is checked, so an overflow never becomes a black PNG."""
+    import mlx.core as mx
+
+    if not mx.all(mx.isfinite(x)).item():
+        raise NonFiniteError(stage, step, steps, precision)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import EasyCache, FirstBlock
-from .errors import NonFiniteError, SettingsError
+from .errors import SettingsError, check_finite
 from .lora import LoraSet, layer_shapes, read_loras
 from .memory_plan import Plan, make_plan
 from .models.transformer import is_modulation_key
@@ -141,8 +141,7 @@ class Job:
         with progress.units(layers * len(pictures)):
             tokens = encode(encoder, pictures, request.redux_crop, progress.advance)
         for t in tokens:
-            if not mx.all(mx.isfinite(t)).item():
-                raise NonFiniteError("vision (Redux)", None, None, pipe.precision)
+            check_finite(t, "vision (Redux)", pipe.precision)
         stage.bytes_read = pipe.group_bytes("redux")
         del encoder
         strengths = [s for _, s in request.redux_images]

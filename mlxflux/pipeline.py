@@ -25,7 +25,7 @@ from . import kernels as kernel_choice
 from . import progress
 from .blocks import BlockWeights, StreamedBlocks
 from .cache import EasyCache, FirstBlock
-from .errors import NonFiniteError, SettingsError
+from .errors import SettingsError, check_finite
 from .lora import LoraSet
 from .memory_plan import DECODE_BUDGET, parse_budget, tensor_bytes
 from .model_folder import DTYPES, check_folder, read_manifest
@@ -41,12 +41,6 @@ from .tokenizers import CLIPTokenizer, T5Tokenizer
 from .variants import Conditioning, variant_of
 
 PRECISIONS = DTYPES  # compute dtypes: the same names as the folder's storage dtypes
-
-
-def check_finite(x: mx.array, stage: str, precision: str, step=None, steps=None) -> None:
-    """Raise NonFiniteError unless every value of x is finite (one reduction, one sync)."""
-    if not mx.all(mx.isfinite(x)).item():
-        raise NonFiniteError(stage, step, steps, precision)
 
 
 def denoise_step(model, x, txt, cond: Modulation, rope, sigma: float, sigma_next: float,

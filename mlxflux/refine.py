@@ -25,11 +25,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .errors import SettingsError
+from .errors import SettingsError, check_finite
 from .job import Job, _load_trunk, _trunk_key
 from .models.latents import image_ids, pack_latents, unpack_latents
 from .noise import comfy_noise
-from .pipeline import check_finite, denoise_step
+from .pipeline import denoise_step
 from .pixels import Picture, cover, size_of, unit_pixels
 from .report import Stage
 from .request import GenerationRequest

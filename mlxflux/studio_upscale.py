@@ -66,7 +66,7 @@ class UpscaleJob:
 
         image = self.up.run(self.picture, 512, on_tile=tiles)
         if self.refine is not None:
-            name = f"{Path(self.picture.name).stem}-upscaled-{self.up.factor:g}x.png"
+            name = self.up.name(self.picture.name)
             refine = prepare_refine(self.pipe, image, self.refine, name, TILE)
             refine.job.report.on_stage = report.on_stage
             refine.job.report.on_progress = report.on_progress
@@ -78,7 +78,7 @@ class UpscaleJob:
     def save(self, image, folder: Path) -> Path:
         from .cli_upscale import write_upscaled
 
-        name = f"{Path(self.picture.name).stem}-upscaled-{self.up.factor:g}x.png"
+        name = self.up.name(self.picture.name)
         return write_upscaled(image, self.picture, self.up, self.generation, folder / name)
 
 
@@ -86,12 +86,11 @@ def prepare_upscale(studio, raw) -> UpscaleJob:
     """The job of a POST /api/upscale body: {"image": a gallery PNG's name, "model": an upscale
     model's name, "scale": at most the model's [its own], "refine": a denoise in (0, 1] or
     null}. BadRequest with one line, naming the field, when it cannot run."""
-    from click import ClickException
-
     from .cli_upscale import Upscaling, blank, refine_request
     from .pixels import MAX_PIXELS, Picture
     from .png_settings import read_png_settings
     from .refine import TILE, prepare_refine
+    from .upscaling import UpscaleError
 
     if not isinstance(raw, dict):
         raise BadRequest("a JSON object: image, model, scale, refine")
@@ -107,9 +106,9 @@ def prepare_upscale(studio, raw) -> UpscaleJob:
     if denoise is not None and not 0 < denoise <= 1:
         raise BadRequest(f"Refine: {denoise:g} is not a denoise in (0, 1]", "refine")
     try:
-        up = Upscaling.open(model, scale, "Upscale model")
-    except ClickException as e:
-        raise BadRequest(e.format_message().replace(str(model), model.name), "model") from None
+        up = Upscaling.open(model, scale)
+    except UpscaleError as e:
+        raise BadRequest(f"Upscale model: {e}".replace(str(model), model.name), "model") from None
     try:
         picture = Picture.of(path, "image")
     except SettingsError as e:

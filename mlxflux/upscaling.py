@@ -349,6 +349,14 @@ def tiled(x: np.ndarray, fn, scale: int, tile: int = TILE, overlap: int = OVERLA
     return out / div
 
 
+def output_size(width: int, height: int, model: Upscaler, scale: float | None) -> tuple[int, int]:
+    """The size `upscale` makes of a width x height picture: the model's factor, or `scale`
+    (rounded, as ImageScaleBy's Lanczos resize)."""
+    if scale is None or scale == model.scale:
+        return width * model.scale, height * model.scale
+    return round(width * scale), round(height * scale)
+
+
 def upscale(image, model: str | Path | Upscaler, scale: float | None = None, tile: int = TILE,
             overlap: int = OVERLAP, on_tile=None):  # fmt: skip
     """The picture (PIL, or a path) upscaled by the model (a file or a loaded `Upscaler`), as
@@ -371,6 +379,5 @@ def upscale(image, model: str | Path | Upscaler, scale: float | None = None, til
     out = np.clip(tiled(x, run, model.scale, tile, overlap, on_tile), 0, 1)
     result = Image.fromarray((out * 255).astype(np.uint8))  # SaveImage truncates
     if scale is not None and scale != model.scale:
-        size = (round(image.width * scale), round(image.height * scale))
-        result = result.resize(size, Image.LANCZOS)
+        result = result.resize(output_size(image.width, image.height, model, scale), Image.LANCZOS)
     return result
