@@ -26,6 +26,7 @@ from mlxflux.model_folder import file_sha256
 from mlxflux.models.redux import ReduxConfig
 from mlxflux.models.registry import build_model, check_weights
 
+from .component import add_component
 from .errors import ConvertError
 from .hub import locate
 
@@ -142,10 +143,8 @@ def _record(path: Path, loader: str) -> dict:
 
 
 def add_redux(folder: str | os.PathLike, redux, siglip, log=print) -> Path:
-    """Add (or replace) the Redux encoder in an existing model folder, atomically (as
-    `convert.taef1.add_taef1` adds the preview decoder)."""
-    from .taef1 import add_component
-
+    """Add (or replace) the Redux encoder in an existing model folder, atomically
+    (`convert.component.add_component`)."""
     config, weights, records = read_redux(redux, siglip, log)
     add_component(folder, "redux", config, weights, records, log)
     log(f"added Redux's image encoder ({records[0]['name']} + {records[1]['name']}) to {folder}")

@@ -179,7 +179,7 @@ def test_add_taef1_is_atomic_recorded_and_keeps_the_pictures_identity(tmp_path):
 
 
 def test_a_failed_addition_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
-    from mlxflux.convert import taef1
+    from mlxflux.convert import component
 
     folder = small_model(tmp_path / "m", seed=1)
     manifest = (folder / MANIFEST).read_bytes()
@@ -188,7 +188,7 @@ def test_a_failed_addition_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     def broken(*args, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(taef1, "write_component", broken)
+    monkeypatch.setattr(component, "write_component", broken)
     with pytest.raises(OSError, match="No space"):
         add_taef1(folder, decoder, log=lambda m: None)
     assert (folder / MANIFEST).read_bytes() == manifest and not (folder / "taef1").exists()
