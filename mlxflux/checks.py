@@ -92,14 +92,22 @@ def parse_lora(spec) -> tuple[Path, float, float]:
     given."""
     text, numbers = str(spec), []
     while len(numbers) < 2:
-        head, sep, tail = text.rpartition(":")
-        if not sep or not is_number(tail):
+        text, number = split_number(text)
+        if number is None:
             break  # a colon in the file name: the rest is the path
-        numbers.insert(0, float(tail))
-        text = head
+        numbers.insert(0, float(number))
     if not numbers:
         return Path(spec), 1.0, 1.0
     return Path(text), numbers[0], numbers[-1]
+
+
+def split_number(text: str) -> tuple[str, str | None]:
+    """NAME:NUMBER -> (NAME, NUMBER); any other text -> (text, None). A colon that is not
+    followed by a number is the name's own (a:b.png, C:\\covers)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and is_number(tail):
+        return head, tail
+    return text, None
 
 
 def is_number(value) -> bool:
@@ -151,9 +159,8 @@ def _redux_images(value, name):
     for item in value:
         strength = 1.0
         if isinstance(item, str):
-            path, sep, tail = item.rpartition(":")
-            if sep and path and is_number(tail):
-                item, strength = path, tail
+            item, number = split_number(item)
+            strength = strength if number is None else number
         elif isinstance(item, (tuple, list)):
             if len(item) != 2:
                 raise SettingsError(f"{item!r} is not (image, strength)", name)

@@ -3,7 +3,6 @@ UpscaleModelLoader -> ImageUpscaleWithModel draws them (`mlxflux.upscaling`), th
 --refine, given real detail back by FLUX over tiles (`mlxflux.refine`). `gen --upscale` runs
 the same after its own pictures (`Upscaling`, `Refining`)."""
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, replace
@@ -30,13 +29,13 @@ class Upscaling:
     @classmethod
     def open(cls, model_file: Path, scale: float | None) -> "Upscaling":
         """The model read and checked; UpscaleError in one line (a front end names its field)."""
+        from .model_folder import file_sha256
         from .upscaling import UpscaleError, load_upscaler
 
         model = load_upscaler(model_file)
         if scale is not None and scale > model.scale:
             raise UpscaleError(f"scale {scale:g} is over {model.name}'s own {model.scale}x")
-        digest = hashlib.sha256(Path(model_file).expanduser().read_bytes()).hexdigest()
-        return cls(model, digest, scale)
+        return cls(model, file_sha256(Path(model_file).expanduser()), scale)
 
     @property
     def factor(self) -> float:
@@ -302,15 +301,15 @@ def write_upscaled(image, picture, up: Upscaling, generation: dict | None, targe
 
 def parse_upscale(spec: str) -> tuple[Path, float | None]:
     """`gen --upscale MODEL[:SCALE]`: the model file and the scale, if given."""
-    from .request import is_number
+    from .request import split_number
 
-    path, sep, tail = spec.rpartition(":")
-    if sep and path and is_number(tail):
-        scale = float(tail)
-        if not 0 < scale <= 16:
-            raise Failure(f"--upscale: scale {tail} must be above 0 and at most 16")
-        return Path(path), scale
-    return Path(spec), None
+    path, tail = split_number(spec)
+    if tail is None:
+        return Path(spec), None
+    scale = float(tail)
+    if not 0 < scale <= 16:
+        raise Failure(f"--upscale: scale {tail} must be above 0 and at most 16")
+    return Path(path), scale
 
 
 def gen_stages(pipe, request, spec: str | None, denoise: float | None, steps: int | None,

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 import numpy as np
 
 from .cache import DEFAULTS, METHODS
-from .checks import (  # noqa: F401 - parse_lora, is_number: the request's parsers
+from .checks import (  # noqa: F401 - parse_lora, is_number, split_number: the request's parsers
     MAX_SEED,
     NO_PROMPT,
     _choice,
@@ -33,6 +33,7 @@ from .checks import (  # noqa: F401 - parse_lora, is_number: the request's parse
     _whole,
     is_number,
     parse_lora,
+    split_number,
 )
 from .errors import SettingsError
 from .pixels import Picture

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SettingsError
-from .request import is_number, label_of
+from .request import is_number, label_of, split_number
 
 MAX_LORA_BYTES = 2 << 30  # an uploaded LoRA: FLUX LoRAs run from 20 MB to ~1.3 GB
 LORA_SUFFIXES = (".safetensors",)
@@ -93,8 +93,8 @@ class LoraLibrary:
             if isinstance(item, dict):
                 item = [item.get("name"), item.get("scale", 1.0)]
             if isinstance(item, str):
-                name, sep, tail = item.rpartition(":")
-                item = [name, tail] if sep and is_number(tail) else [item, 1.0]
+                name, scale = split_number(item)
+                item = [name, 1.0 if scale is None else scale]
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                 raise BadRequest(f"{label_of('loras')}: each is a name, NAME:SCALE or "
                                  "[name, scale]", "loras")  # fmt: skip
