@@ -9,6 +9,7 @@ runs it on its worker. `Job.run` is the stages, for every seed, on the pipeline'
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -27,6 +28,15 @@ from .report import Report, Stage
 from .request import DEFAULT_SIZE, GenerationRequest
 from .sampling import auto_shift, img2img_sigmas, noise_scaling
 from .variants import Conditioning, Inputs, open_inputs
+
+
+@dataclass
+class Trunk:
+    """What the denoise stage's steps use (`Job.transformer_stages`)."""
+
+    model: object  # the transformer, every weight in place or its blocks streamed
+    cond: object  # the modulation vectors of every step
+    blocks: object = None  # the blocks' weights (`Pipeline.blocks`)
 
 
 @dataclass
@@ -63,31 +73,22 @@ class Job:
         without it). Ctrl-C while denoising stops after the current step; the seeds already
         denoised are still decoded and yielded, then KeyboardInterrupt is raised again. The
         report gains `images`: per-seed seconds."""
-        pipe, request, report, plan = self.pipe, self.request, self.report, self.plan
+        pipe, request, report = self.pipe, self.request, self.report
         # float16: the blocks and VAE stages that overflowed it and ran again in float32
         fallbacks = report.settings.setdefault("float32_fallbacks", [])
         redux = Conditioning()
         if request.redux_images:
             with Stage(report, "vision") as stage:
                 redux = self._vision(stage)
-        with Stage(report, "text") as stage:
-            txt, pooled = pipe.encode_text(request.prompt, request.t5_padding,
-                                           "text" in plan.streamed, stage,
-                                           request.prompt_syntax, self.loras)  # fmt: skip
+        txt, pooled = self.text_stage()
         latent, extra = None, Conditioning()
         if request.init_image is not None or self.inputs.encodes:
             with Stage(report, "encode"):
                 latent, extra = self._encode(fallbacks)
         extra = extra + redux  # the Redux tokens join the prompt's
-        with Stage(report, "modulation") as stage:
-            model, cond = pipe.modulation(pooled, self.sigma_list, request.guidance, self.loras)
-            stage.bytes_read = pipe.group_bytes("transformer", "modulation")
-            del pooled
         done, interrupted = [], None
-        with Stage(report, "denoise") as stage:
-            model = _load_trunk(pipe, model)
-            blocks = pipe.blocks(model, "transformer", model.block_names(),
-                                 "denoise" in plan.streamed, _trunk_key)  # fmt: skip
+        with self.transformer_stages(pooled, fallbacks) as trunk:
+            del pooled
             previewer = self._previewer() if on_preview is not None else None
             for index, seed in enumerate(request.seeds):
                 noise = request.noise
@@ -101,8 +102,9 @@ class Job:
                 on_x0 = previewer and (lambda i, n, x0, index=index, p=previewer: on_preview(
                     index, i, n, p(x0)))  # fmt: skip
                 try:
-                    latent_out = pipe.denoise(model, cond, txt, noise, self.sigma_list, steps,
-                                              blocks, extra, cache, on_x0)  # fmt: skip
+                    latent_out = pipe.denoise(trunk.model, trunk.cond, txt, noise,
+                                              self.sigma_list, steps, trunk.blocks, extra,
+                                              cache, on_x0)  # fmt: skip
                     done.append((seed, latent_out))
                 except KeyboardInterrupt as e:  # between steps: keep what is finished
                     interrupted = e
@@ -110,11 +112,7 @@ class Job:
                 report.images.append({"seed": seed, "denoise_seconds": _since(start)})
                 if cache is not None:
                     report.record_cache(vars(cache.counts))
-            blocks.done()
-            stage.bytes_read = pipe.read_bytes(blocks, "transformer", "trunk")
-            stage.read_wait_seconds = blocks.wait_seconds
-            fallbacks.extend(sorted(model.float32_blocks))
-            del model, cond, txt, blocks, extra, previewer
+            del txt, extra, previewer
         if done:
             with Stage(report, "decode") as stage:
                 ae = pipe.load("vae")
@@ -127,6 +125,38 @@ class Job:
                 del ae, done
         if interrupted is not None:
             raise interrupted
+
+    def text_stage(self) -> tuple[mx.array, mx.array]:
+        """The text stage: the prompt's (T5 tokens, CLIP's pooled vector)."""
+        pipe, request = self.pipe, self.request
+        with Stage(self.report, "text") as stage:
+            return pipe.encode_text(request.prompt, request.t5_padding,
+                                    "text" in self.plan.streamed, stage,
+                                    request.prompt_syntax, self.loras)  # fmt: skip
+
+    @contextmanager
+    def transformer_stages(self, pooled: mx.array, fallbacks: list) -> Iterator["Trunk"]:
+        """The modulation stage, then the denoise stage around the caller's steps: yields a
+        `Trunk` (the whole transformer, the schedule's modulation vectors, its blocks' weights,
+        resident or streamed). After the steps it records what was read and which blocks fell
+        back to float32, and lets go of all three before the stage's memory is measured (the
+        caller keeps no reference of its own)."""
+        pipe = self.pipe
+        with Stage(self.report, "modulation") as stage:
+            model, cond = pipe.modulation(pooled, self.sigma_list, self.request.guidance,
+                                          self.loras)  # fmt: skip
+            stage.bytes_read = pipe.group_bytes("transformer", "modulation")
+        with Stage(self.report, "denoise") as stage:
+            trunk = Trunk(_load_trunk(pipe, model), cond)
+            del model, cond
+            trunk.blocks = pipe.blocks(trunk.model, "transformer", trunk.model.block_names(),
+                                       "denoise" in self.plan.streamed, _trunk_key)  # fmt: skip
+            yield trunk
+            trunk.blocks.done()
+            stage.bytes_read = pipe.read_bytes(trunk.blocks, "transformer", "trunk")
+            stage.read_wait_seconds = trunk.blocks.wait_seconds
+            fallbacks.extend(sorted(trunk.model.float32_blocks))
+            trunk.model = trunk.cond = trunk.blocks = None
 
     def _vision(self, stage) -> Conditioning:
         """The vision stage: each Redux image's tokens (SigLIP, then Redux's projection), as

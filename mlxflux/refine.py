@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import SettingsError, check_finite
-from .job import Job, _load_trunk, _trunk_key
+from .job import Job
 from .models.latents import image_ids, pack_latents, unpack_latents
 from .noise import comfy_noise
 from .pipeline import denoise_step
@@ -74,30 +74,17 @@ class Refine:
         """The refined picture; `on_step(done, total)` after every tile's step (total: steps x
         tiles). Ctrl-C raises KeyboardInterrupt between two tiles' steps."""
         job = self.job
-        pipe, request, report, plan = job.pipe, job.request, job.report, job.plan
+        pipe, request, report = job.pipe, job.request, job.report
         fallbacks = report.settings.setdefault("float32_fallbacks", [])
-        with Stage(report, "text") as stage:
-            txt, pooled = pipe.encode_text(request.prompt, request.t5_padding,
-                                           "text" in plan.streamed, stage,
-                                           request.prompt_syntax, job.loras)  # fmt: skip
+        txt, pooled = job.text_stage()
         with Stage(report, "encode") as stage:
             latent = pipe.encode_image(unit_pixels(self.image), request.tiled_decode,
                                        fallbacks=fallbacks)  # fmt: skip
             stage.bytes_read = pipe.group_bytes("vae")
-        with Stage(report, "modulation") as stage:
-            model, cond = pipe.modulation(pooled, job.sigma_list, request.guidance, job.loras)
-            stage.bytes_read = pipe.group_bytes("transformer", "modulation")
+        with job.transformer_stages(pooled, fallbacks) as trunk:
             del pooled
-        with Stage(report, "denoise") as stage:
-            model = _load_trunk(pipe, model)
-            blocks = pipe.blocks(model, "transformer", model.block_names(),
-                                 "denoise" in plan.streamed, _trunk_key)  # fmt: skip
-            x = self._denoise(model, cond, txt, latent, blocks, on_step)
-            blocks.done()
-            stage.bytes_read = pipe.read_bytes(blocks, "transformer", "trunk")
-            stage.read_wait_seconds = blocks.wait_seconds
-            fallbacks.extend(sorted(model.float32_blocks))
-            del model, cond, txt, blocks
+            x = self._denoise(trunk.model, trunk.cond, txt, latent, trunk.blocks, on_step)
+            del txt
         with Stage(report, "decode") as stage:
             ae = pipe.load("vae")
             stage.bytes_read = pipe.group_bytes("vae")
