@@ -34,7 +34,7 @@ def make(out: Path) -> None:
     from safetensors.numpy import save_file
 
     from mlxflux.convert import convert
-    from tests import tiny
+    from tests import reference as tiny
 
     out.mkdir(parents=True, exist_ok=True)
 
