@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from .helpers import cover_image, small_model, tiny_upscaler
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def serve(folder, tmp, upscale_dir=None):
-    """`mlxflux serve`'s app over `folder` on a free port, in a thread: (url, studio, server)."""
+@contextmanager
+def served(folder, tmp, upscale_dir=None):
+    """`mlxflux serve`'s app over `folder` on a free port, in a thread: yields (url, studio);
+    after, the server stops and the studio closes."""
     studio = Studio(mlxflux.load(folder), tmp / "out", upscale_dir=upscale_dir)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,26 +35,39 @@ def serve(folder, tmp, upscale_dir=None):
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    start = time.time()
-    while not srv.started:
-        assert time.time() - start < 30, "the server did not start"
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", studio, srv, thread
+    try:
+        start = time.time()
+        while not srv.started:
+            assert time.time() - start < 30, "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", studio
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        studio.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
-    url, studio, srv, thread = serve(small_model(tmp / "model", seed=91), tmp)
-    yield url, studio, tmp
-    srv.should_exit = True
-    thread.join(10)
+    with served(small_model(tmp / "model", seed=91), tmp) as (url, studio):
+        yield url, studio, tmp
 
 
 def browser_page(p):
+    """Headless Chromium: (browser, its page, the page's uncaught errors as they come)."""
     args = ["--no-sandbox", "--disable-gpu"]
     browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-    return browser, browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return browser, page, errors
+
+
+def fill(page, **fields) -> None:
+    """The form's fields by id: fill(page, width=96) types "96" into #width."""
+    for name, value in fields.items():
+        page.fill(f"#{name}", str(value))
 
 
 def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
@@ -65,9 +81,7 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
     original = tmp_path / "interstellar-original.png"
     cover_image(4, 96, 64).save(original)
     with sync_playwright() as p:
-        browser, page = browser_page(p)
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page, errors = browser_page(p)
         page.goto(url)
         expect(page.locator("#model")).to_contain_text("FLUX.1 dev")
         expect(page.locator("#preset option")).to_have_count(4)  # none + book, vinyl, dvd
@@ -75,12 +89,15 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
         # a Kontext reference needs a Kontext model: the page does not offer it for dev
         expect(page.locator("#drop-reference")).to_be_hidden()
 
-        page.fill("#prompt", "a DVD cover, a black hole with a golden disk")
-        page.fill("#width", "96")
-        page.fill("#height", "64")
-        page.fill("#steps", "3")
-        page.fill("#seeds", "7")
-        page.fill("#denoise", "0.8")
+        fill(
+            page,
+            prompt="a DVD cover, a black hole with a golden disk",
+            width=96,
+            height=64,
+            steps=3,
+            seeds=7,
+            denoise=0.8,
+        )
         page.set_input_files("#init_image", str(original))
         page.click("#generate")
         job = page.locator(".job").first
@@ -105,9 +122,7 @@ def test_the_page_in_headless_chromium(server, tmp_path, monkeypatch):
         expect(page.locator("#steps")).to_have_value("3")
 
         # a long job: its progress shows, then cancel stops it and writes nothing
-        page.fill("#steps", "150")
-        page.fill("#width", "512")
-        page.fill("#height", "512")
+        fill(page, steps=150, width=512, height=512)
         page.set_input_files("#init_image", [])
         page.fill("#denoise", "")
         page.click("#generate")
@@ -168,25 +183,25 @@ def test_the_job_card_shows_the_cover_forming_then_the_result(tmp_path, monkeypa
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     folder = small_model(tmp_path / "model", seed=94)
     add_taef1(folder, write_taef1(tmp_path / "taef1_decoder.safetensors", seed=5), log=print)
-    url, studio, srv, thread = serve(folder, tmp_path)
-    original = tmp_path / "original.png"
-    cover_image(8, 192, 128).save(original)
-    try:
+    with served(folder, tmp_path) as (url, studio):
+        original = tmp_path / "original.png"
+        cover_image(8, 192, 128).save(original)
         with sync_playwright() as p:
-            browser, page = browser_page(p)
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            browser, page, errors = browser_page(p)
             page.goto(url)
             expect(page.locator("#preview option")).to_have_count(
                 4
             )  # auto, latent2rgb, taef1, none
             page.evaluate(WATCH)
-            page.fill("#prompt", "an album cover forming")
-            page.fill("#width", "192")
-            page.fill("#height", "128")
-            page.fill("#steps", "12")
-            page.fill("#seeds", "11")
-            page.fill("#denoise", "0.9")
+            fill(
+                page,
+                prompt="an album cover forming",
+                width=192,
+                height=128,
+                steps=12,
+                seeds=11,
+                denoise=0.9,
+            )
             page.set_input_files("#init_image", str(original))
             page.click("#generate")
             job = page.locator(".job").first
@@ -200,9 +215,6 @@ def test_the_job_card_shows_the_cover_forming_then_the_result(tmp_path, monkeypa
             page.wait_for_function("() => window.seen.some(s => s.src.startsWith('/api/images/'))")
             seen = page.evaluate("window.seen")
             browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(10)
     previews = [s for s in seen if "/preview?" in s["src"]]
     print(f"{len(previews)} previews seen, then {seen[-1]['src']}")
     assert len(previews) >= 3 and all(s["w"] == 192 for s in previews)  # taef1: full size
@@ -224,28 +236,22 @@ def test_a_kontext_model_takes_a_reference_on_the_page(tmp_path, monkeypatch):
     assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     folder = small_model(tmp_path / "model", variant="kontext", seed=92)
-    url, studio, srv, thread = serve(folder, tmp_path)
-    reference = tmp_path / "original.png"
-    cover_image(6, 64, 48).save(reference)
-    try:
+    with served(folder, tmp_path) as (url, studio):
+        reference = tmp_path / "original.png"
+        cover_image(6, 64, 48).save(reference)
         with sync_playwright() as p:
-            browser, page = browser_page(p)
+            browser, page, _ = browser_page(p)
             page.goto(url)
             expect(page.locator("#model")).to_contain_text("FLUX.1 Kontext dev")
             expect(page.locator("#drop-reference")).to_be_visible()
             expect(page.locator("#drop-control_image")).to_be_hidden()
-            page.fill("#prompt", "the same cover as a concrete poster")
-            page.fill("#steps", "2")
-            page.fill("#seeds", "3")
+            fill(page, prompt="the same cover as a concrete poster", steps=2, seeds=3)
             page.set_input_files("#reference", str(reference))
             page.select_option("#reference_scale", "none")
             page.click("#generate")
             expect(page.locator(".job").first).to_have_class("job done", timeout=120_000)
             expect(page.locator("#result figcaption").first).to_have_text("reference")
             browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(10)
     (png,) = studio.output.glob("*.png")
     meta = json.loads(Image.open(png).text["mlxflux"])
     # no size given: the reference's own (64x48), as the CLI does; Kontext's guidance
@@ -281,45 +287,40 @@ def test_another_site_can_neither_use_nor_read_the_studio(tmp_path, monkeypatch)
 
     assert CHROMIUM, "apt-get install chromium (CI does): the page is tested in a real browser"
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    url, studio, srv, thread = serve(small_model(tmp_path / "model", seed=93), tmp_path)
-    port = url.rsplit(":", 1)[1]
-    (studio.output / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "index.html").write_text(EVIL.format(studio=url))
-    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(site))  # noqa: E731
-    evil = socketserver.TCPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=evil.serve_forever, daemon=True).start()
-    try:
-        with sync_playwright() as p:
-            args = ["--no-sandbox", "--disable-gpu",
-                    "--host-resolver-rules=MAP rebind.test 127.0.0.1"]  # fmt: skip
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
-            expect(page.locator("#read")).to_contain_text("blocked", timeout=30_000)
-            page.wait_for_timeout(1000)  # the form's POST has landed by now
-            assert studio.jobs == {}  # nothing was queued
-            assert "secret.png" not in page.locator("#read").text_content()
-            # DNS rebinding: the attacker's name, now 127.0.0.1, is not a name of the studio
-            for path in ("/", "/api/jobs", "/api/images", "/api/images/secret.png"):
-                r = page.goto(f"http://rebind.test:{port}{path}")
-                assert r.status == 403, (path, r.status)
-                assert "secret.png" not in page.content()
-            # the studio's own page keeps working
-            page.goto(url)
-            expect(page.locator("#model")).to_contain_text("FLUX.1 dev")
-            page.fill("#prompt", "its own page")
-            page.fill("#width", "32")
-            page.fill("#height", "32")
-            page.fill("#steps", "1")
-            page.click("#generate")
-            expect(page.locator(".job").first).to_have_class("job done", timeout=120_000)
-            browser.close()
-    finally:
-        evil.shutdown()
-        srv.should_exit = True
-        thread.join(10)
+    with served(small_model(tmp_path / "model", seed=93), tmp_path) as (url, studio):
+        port = url.rsplit(":", 1)[1]
+        (studio.output / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "index.html").write_text(EVIL.format(studio=url))
+        handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(site))  # noqa: E731
+        evil = socketserver.TCPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        try:
+            with sync_playwright() as p:
+                args = ["--no-sandbox", "--disable-gpu",
+                        "--host-resolver-rules=MAP rebind.test 127.0.0.1"]  # fmt: skip
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
+                expect(page.locator("#read")).to_contain_text("blocked", timeout=30_000)
+                page.wait_for_timeout(1000)  # the form's POST has landed by now
+                assert studio.jobs == {}  # nothing was queued
+                assert "secret.png" not in page.locator("#read").text_content()
+                # DNS rebinding: the attacker's name, now 127.0.0.1, is not a name of the studio
+                for path in ("/", "/api/jobs", "/api/images", "/api/images/secret.png"):
+                    r = page.goto(f"http://rebind.test:{port}{path}")
+                    assert r.status == 403, (path, r.status)
+                    assert "secret.png" not in page.content()
+                # the studio's own page keeps working
+                page.goto(url)
+                expect(page.locator("#model")).to_contain_text("FLUX.1 dev")
+                fill(page, prompt="its own page", width=32, height=32, steps=1)
+                page.click("#generate")
+                expect(page.locator(".job").first).to_have_class("job done", timeout=120_000)
+                browser.close()
+        finally:
+            evil.shutdown()
     assert [j.job.request.prompt for j in studio.jobs.values()] == ["its own page"]
 
 
@@ -351,9 +352,7 @@ def test_the_studio_a_comfyui_designer_expects(server, tmp_path, monkeypatch):
     original = tmp_path / "vinyl-original.png"
     cover_image(6, 320, 320).save(original)
     with sync_playwright() as p:
-        browser, page = browser_page(p)
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page, errors = browser_page(p)
         page.goto(url)
         expect(page.locator("#preset option")).to_have_count(4)
         page.select_option("#preset", "dvd")
@@ -443,17 +442,14 @@ def test_a_gallery_picture_is_upscaled_for_print(tmp_path, monkeypatch):
     models = tmp_path / "upscale_models"
     models.mkdir()
     tiny_upscaler(models)
-    url, studio, srv, thread = serve(small_model(tmp_path / "model", seed=92), tmp_path, models)
-    try:
+    with served(small_model(tmp_path / "model", seed=92), tmp_path, models) as (url, studio):
         entry = studio.submit({"prompt": "a vinyl sleeve, a red moon", "width": 96,
                                "height": 64, "steps": 4, "seed": 5}, {})  # fmt: skip
         while entry.status not in ("done", "failed", "cancelled"):
             time.sleep(0.05)
         assert entry.status == "done", entry.error
         with sync_playwright() as p:
-            browser, page = browser_page(p)
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            browser, page, errors = browser_page(p)
             page.goto(url)
             page.evaluate(WATCH_STATES)
             page.locator("#gallery img").first.click()
@@ -475,10 +471,6 @@ def test_a_gallery_picture_is_upscaled_for_print(tmp_path, monkeypatch):
             states = page.evaluate("window.states")
             assert errors == []
             browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(10)
-        studio.close()
     print("\n".join(states))
     assert any(s.startswith("upscale · ") for s in states), states
     assert any(s.startswith("denoise · step ") for s in states), states
@@ -497,33 +489,22 @@ def test_redux_images_go_from_the_page_with_their_strength(tmp_path, monkeypatch
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     look = tmp_path / "look.png"
     cover_image(8, 120, 90).save(look)
-    url, studio, srv, thread = serve(small_model(tmp_path / "model", seed=93, redux=True), tmp_path)
-    try:
-        with sync_playwright() as p:
-            browser, page = browser_page(p)
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url)
-            expect(page.locator("#drop-redux")).to_be_visible()
-            page.fill("#prompt", "a vinyl sleeve like this one")
-            page.fill("#width", "96")
-            page.fill("#height", "64")
-            page.fill("#steps", "2")
-            page.fill("#seeds", "4")
-            page.set_input_files("#redux", str(look))
-            expect(page.locator("#thumbs-redux img")).to_have_count(1)
-            page.fill("#redux_strength", "0.7")
-            page.select_option("#redux_strength_type", "attn_bias")
-            page.click("#generate")
-            job = page.locator(".job").first
-            expect(job).to_have_class("job done", timeout=120_000)
-            page.screenshot(path=str(tmp_path / "redux.png"), full_page=True)
-            assert errors == []
-            browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(10)
-        studio.close()
+    folder = small_model(tmp_path / "model", seed=93, redux=True)
+    with served(folder, tmp_path) as (url, studio), sync_playwright() as p:
+        browser, page, errors = browser_page(p)
+        page.goto(url)
+        expect(page.locator("#drop-redux")).to_be_visible()
+        fill(page, prompt="a vinyl sleeve like this one", width=96, height=64, steps=2, seeds=4)
+        page.set_input_files("#redux", str(look))
+        expect(page.locator("#thumbs-redux img")).to_have_count(1)
+        page.fill("#redux_strength", "0.7")
+        page.select_option("#redux_strength_type", "attn_bias")
+        page.click("#generate")
+        job = page.locator(".job").first
+        expect(job).to_have_class("job done", timeout=120_000)
+        page.screenshot(path=str(tmp_path / "redux.png"), full_page=True)
+        assert errors == []
+        browser.close()
     (png,) = list(studio.output.glob("*.png"))
     from PIL import Image
 
